@@ -1,0 +1,3 @@
+from fastar.cli import main
+
+raise SystemExit(main())

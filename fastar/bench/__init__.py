@@ -1,0 +1,107 @@
+"""Benchmark tables: every op family's kernel against its reference.
+
+``python -m fastar bench [FAMILY ...]`` runs the families, prints one markdown
+table per family and saves ``<family>-<device>.json`` and ``.md`` under the output
+folder, with the machine and the exact command. Each family module exposes
+``run(device, quick) -> list[dict]`` (one dict per row) and ``COLUMNS``.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+# family name -> module path; each later family adds itself here.
+FAMILIES = {
+    "masked_conv": "fastar.bench.masked_conv",
+}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _git_rev() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def save(family: str, device: str, rows: list[dict], columns: list[str], out_dir: str, notes: str = "") -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"family": family, "device": device, "machine": machine(), "git": _git_rev(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    base = os.path.join(out_dir, f"{family}-{device}")
+    for path, text in ((base + ".json", json.dumps({"meta": meta, "rows": rows}, indent=2)),
+                       (base + ".md", f"# {family} on {device}\n\n"
+                                      f"Machine: {meta['machine']}\n\nCommand: `{meta['command']}` "
+                                      f"(git {meta['git']}, {meta['date']})\n\n"
+                                      + (notes + "\n\n" if notes else "")
+                                      + markdown_table(rows, columns) + "\n")):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return base
+
+
+def main(families=None, out_dir="benchmarks/results", quick=False, device=None, threads=None) -> int:
+    families = list(families or FAMILIES)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown benchmark family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+    if device is None:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no GPU is visible to torch")
+        devices = [device]
+    if threads:
+        torch.set_num_threads(threads)
+    for fam in families:
+        mod = importlib.import_module(FAMILIES[fam])
+        for dev in devices:
+            print(f"\n## {fam} on {dev} ({machine()['gpu'] if dev.startswith('cuda') else machine()['cpu']}, "
+                  f"{torch.get_num_threads()} threads)", flush=True)
+            rows = mod.run(dev, quick)
+            print(markdown_table(rows, mod.COLUMNS), flush=True)
+            path = save(fam, dev.split(":")[0] + ("-quick" if quick else ""), rows, mod.COLUMNS, out_dir,
+                        getattr(mod, "NOTES", ""))
+            print(f"saved {path}.json and .md", flush=True)
+    return 0

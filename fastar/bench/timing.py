@@ -1,0 +1,70 @@
+"""Timing and memory measurement shared by every benchmark family.
+
+CPU: wall clock (perf_counter) around each call, median of many, fixed thread count.
+CUDA: CUDA events after warm-up, median of many. Peak memory: the CUDA caching
+allocator's high-water mark on GPU; on CPU the profiler's allocation trace.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, *, warmup: int = 3, repeat: int = 20, min_seconds: float = 0.0) -> dict:
+    """Median / min / p90 milliseconds of ``fn()`` over `repeat` timed calls after `warmup` calls."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - start_all) < min_seconds:
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * repeat:
+            break
+    times.sort()
+    return {"median_ms": statistics.median(times), "min_ms": times[0],
+            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))], "n": len(times)}
+
+
+def peak_memory_bytes(fn, device) -> int | None:
+    """Peak bytes allocated by ``fn()`` above what was live before it (None if not measurable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.events() if e.name == "[memory]"]
+        events.sort(key=lambda e: e.time_range.start)
+        live = peak = 0
+        for e in events:
+            live += e.cpu_memory_usage
+            peak = max(peak, live)
+        return peak
+    except Exception:  # profiler unavailable in this build: report nothing rather than a wrong number
+        return None

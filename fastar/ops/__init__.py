@@ -1,0 +1,4 @@
+"""fastar ops: each public function runs a compiled kernel or its pure-PyTorch ``*_ref`` twin."""
+from fastar.ops.masked_conv import masked_conv2d, masked_conv2d_ref
+
+__all__ = ["masked_conv2d", "masked_conv2d_ref"]

@@ -1,0 +1,123 @@
+"""Masked 2-D convolution: the op family behind PixelCNN-style layers.
+
+``masked_conv2d(x, weight, bias, mask, padding, dilation)`` computes exactly::
+
+    F.conv2d(x, weight * mask, bias, stride=1, padding=padding, dilation=dilation)
+
+Shapes: x (N, C_in, H, W) in any memory layout (contiguous, channels-last, strided);
+weight and mask (C_out, C_in, kH, kW); bias (C_out,) or None; the result is
+(N, C_out, H + 2*pad_h - dil_h*(kH-1), W + 2*pad_w - dil_w*(kW-1)), contiguous.
+``padding=None`` means "same" padding, ``dil*(k-1)//2`` per side.
+
+The mask is a constant (bool or floating; it is not differentiated). Kernels skip
+the taps the mask zeroes for every channel pair (about half of a causal mask).
+Devices and dtypes: CPU kernel float32/float64; CUDA kernel float32, float64,
+float16, bfloat16 (half precision accumulates in float32). Other dtypes run on the
+reference under the "auto" backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastar import _backend
+from fastar.ops._common import check_same_device, check_tensor, pair
+
+__all__ = ["masked_conv2d", "masked_conv2d_ref"]
+
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+def _check_args(op, x, weight, bias, mask, padding, dilation):
+    check_tensor(op, "x", x, dim=4, layout="(N, C_in, H, W)")
+    check_tensor(op, "weight", weight, dim=4, layout="(out, in, kH, kW)")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{op}: mask must have the weight's shape {list(weight.shape)}, got {list(mask.shape)}")
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise TypeError(f"{op}: mask must be bool or floating-point, got {mask.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, dim=1, layout="(out,)")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: bias must have length {weight.shape[0]} (out channels), got {bias.shape[0]}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: bias dtype {bias.dtype} must match x dtype {x.dtype}")
+    check_same_device(op, x=x, weight=weight, bias=bias, mask=mask)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: x has {x.shape[1]} input channels but weight expects {weight.shape[1]} "
+                         f"(weight shape {list(weight.shape)})")
+    dilation = pair(dilation, "dilation", op)
+    if min(dilation) < 1:
+        raise ValueError(f"{op}: dilation must be at least 1, got {dilation}")
+    kh, kw = weight.shape[2], weight.shape[3]
+    if padding is None:
+        padding = (dilation[0] * (kh - 1) // 2, dilation[1] * (kw - 1) // 2)
+    padding = pair(padding, "padding", op)
+    if min(padding) < 0:
+        raise ValueError(f"{op}: padding must be non-negative, got {padding}")
+    h_out = x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1)
+    w_out = x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"{op}: the {kh}x{kw} kernel with dilation {dilation} does not fit the padded "
+                         f"{x.shape[2]}x{x.shape[3]} input (padding {padding})")
+    return list(padding), list(dilation)
+
+
+def masked_conv2d_ref(x, weight, bias, mask, padding=None, dilation=1):
+    """Reference: ``F.conv2d(x, weight * mask, bias, 1, padding, dilation)`` (any device and dtype)."""
+    padding, dilation = _check_args("masked_conv2d_ref", x, weight, bias, mask, padding, dilation)
+    return F.conv2d(x, weight * mask.to(weight.dtype), bias, 1, padding, dilation)
+
+
+def masked_conv2d(x, weight, bias, mask, padding=None, dilation=1):
+    """Masked convolution ``conv2d(x, weight * mask, bias)`` that skips fully masked taps.
+
+    x: (N, C_in, H, W); weight, mask: (C_out, C_in, kH, kW); bias: (C_out,) or None;
+    padding: int, pair or None ("same"); dilation: int or pair. Returns
+    (N, C_out, H_out, W_out), contiguous. Differentiable in x, weight and bias.
+    Runs the compiled kernel or the reference according to :func:`fastar.set_backend`.
+    """
+    padding, dilation = _check_args("masked_conv2d", x, weight, bias, mask, padding, dilation)
+    if _backend.use_kernel("masked_conv2d", x.device, x.dtype, KERNEL_DTYPES):
+        return torch.ops.fastar.masked_conv2d(x, weight, bias, mask, padding, dilation)
+    return F.conv2d(x, weight * mask.to(weight.dtype), bias, 1, padding, dilation)
+
+
+if _backend.C_LOADED:
+
+    def _out_shape(x, weight, padding, dilation):
+        n, _, h, w = x.shape
+        c_out, _, kh, kw = weight.shape
+        return (n, c_out, h + 2 * padding[0] - dilation[0] * (kh - 1), w + 2 * padding[1] - dilation[1] * (kw - 1))
+
+    @torch.library.register_fake("fastar::masked_conv2d")
+    def _masked_conv2d_fake(x, weight, bias, mask, padding, dilation):
+        return x.new_empty(_out_shape(x, weight, padding, dilation))
+
+    @torch.library.register_fake("fastar::masked_conv2d_backward")
+    def _masked_conv2d_backward_fake(grad_out, x, weight, mask, padding, dilation, output_mask):
+        gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
+        gw = weight.new_empty(weight.shape) if output_mask[1] else x.new_empty(0)
+        gb = grad_out.new_empty(weight.shape[0]) if output_mask[2] else x.new_empty(0)
+        return gx, gw, gb
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, mask, padding, dilation = inputs
+        ctx.save_for_backward(x, weight, mask)
+        ctx.has_bias = bias is not None
+        ctx.padding, ctx.dilation = padding, dilation
+
+    def _backward(ctx, grad):
+        x, weight, mask = ctx.saved_tensors
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.fastar.masked_conv2d_backward(
+            grad.contiguous(), x, weight, mask, ctx.padding, ctx.dilation, need)
+        return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None, None, None)
+
+    torch.library.register_autograd("fastar::masked_conv2d", _backward, setup_context=_setup_context)
