@@ -1,0 +1,44 @@
+"""Shared test fixtures: the device parametrisation and the per-dtype tolerance table."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastar
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# One table of tolerances for kernel-vs-reference comparisons, by dtype.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
+
+
+def tol(dtype, scale: float = 1.0) -> dict:
+    t = TOLERANCES[dtype]
+    return dict(rtol=t["rtol"] * scale, atol=t["atol"] * scale)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    prev = fastar.get_backend()
+    yield
+    fastar.set_backend(prev)
+
+
+def requires_kernel(op: str, device) -> None:
+    """Skip (with the reason) when the compiled kernel for `op` is not built for `device`."""
+    from fastar import _backend
+
+    kernels = _backend.CUDA_KERNELS if torch.device(device).type == "cuda" else _backend.CPU_KERNELS
+    if op not in kernels:
+        pytest.skip(f"fastar._C has no {torch.device(device).type} kernel for {op} "
+                    f"(compiled: {_backend.C_LOADED}, {_backend.C_LOAD_ERROR or ''})")
