@@ -59,11 +59,13 @@ def peak_memory_bytes(fn, device) -> int | None:
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-        events = [e for e in prof.events() if e.name == "[memory]"]
+        # Each op event carries the bytes it allocated net of what it freed ("self"); frees made outside
+        # any op come as "[memory]" events. Replaying them in time order gives the live-bytes curve.
+        events = [e for e in prof.events() if e.self_cpu_memory_usage]
         events.sort(key=lambda e: e.time_range.start)
         live = peak = 0
         for e in events:
-            live += e.cpu_memory_usage
+            live += e.self_cpu_memory_usage
             peak = max(peak, live)
         return peak
     except Exception:  # profiler unavailable in this build: report nothing rather than a wrong number
