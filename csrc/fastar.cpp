@@ -28,4 +28,18 @@ TORCH_LIBRARY(fastar, m) {
   m.def(
       "masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask, "
       "int[2] padding, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- dilated causal queues (fastar/ops/wavenet.py) ----
+  // One decoding step of a dilated causal conv1d: y = bias + sum_j weight[:, :, j] @ x_{t-(k-1-j)d};
+  // state (B, C_in, (k-1)*d) is a ring buffer (x_s in slot s mod (k-1)d) updated in place.
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor(a!) state, Tensor weight, Tensor? bias, int dilation, "
+      "Tensor position) -> Tensor");
+  // One generation step of a whole softmax WaveNet (layers, head, sampling); the step index
+  // is read from (and incremented in) the device tensor `position`, so it graph-captures.
+  m.def(
+      "wavenet_step(Tensor(a!) samples, Tensor(b!) queues, Tensor(c!) position, Tensor(d!) logits, "
+      "Tensor noise, Tensor? cond, Tensor in_w, Tensor in_b, Tensor conv_w, Tensor conv_b, "
+      "Tensor res_skip_w, Tensor res_skip_b, Tensor out1_w, Tensor out1_b, Tensor out2_w, Tensor out2_b, "
+      "int[] dilations, int num_prime, float temperature, int start) -> ()");
 }

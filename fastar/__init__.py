@@ -3,5 +3,6 @@ from fastar._version import __version__
 from fastar._backend import backend, get_backend, set_backend
 from fastar._info import info
 from fastar import data, masks, ops, nn
+from fastar import models
 
-__all__ = ["__version__", "backend", "get_backend", "set_backend", "info", "data", "masks", "ops", "nn"]
+__all__ = ["__version__", "backend", "get_backend", "set_backend", "info", "data", "masks", "ops", "nn", "models"]

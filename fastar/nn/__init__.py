@@ -1,4 +1,5 @@
 """Drop-in ``nn.Module`` layers built on fastar ops."""
 from fastar.nn.masked_conv import MaskedConv2d
+from fastar.nn.causal_conv import CausalConv1d
 
-__all__ = ["MaskedConv2d"]
+__all__ = ["MaskedConv2d", "CausalConv1d"]

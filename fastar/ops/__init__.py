@@ -1,5 +1,7 @@
 """fastar ops: each public function runs a compiled kernel or its pure-PyTorch ``*_ref`` twin."""
 from fastar.ops.masked_conv import masked_conv2d, masked_conv2d_ref
 from fastar.ops.mixture import categorical_sample, categorical_sample_ref
+from fastar.ops.wavenet import causal_conv1d_update, causal_conv1d_update_ref, wavenet_step, wavenet_step_ref
 
-__all__ = ["masked_conv2d", "masked_conv2d_ref", "categorical_sample", "categorical_sample_ref"]
+__all__ = ["masked_conv2d", "masked_conv2d_ref", "categorical_sample", "categorical_sample_ref",
+           "causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref"]

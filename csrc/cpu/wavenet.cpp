@@ -1,0 +1,486 @@
+// CPU kernels of the dilated-causal-queue family (see fastar/ops/wavenet.py for the contract).
+//
+// causal_conv1d_update: one decoding step of a dilated conv1d on a ring-buffer state.
+// wavenet_step: one generation step of a whole softmax WaveNet in one fused loop.
+//
+// Design of wavenet_step. At batch 1 a step is ~0.9M multiply-adds against ~3.5 MB of
+// float32 weights, so it is bound by how fast the weights stream from cache, not by
+// arithmetic. The weights therefore come pre-packed as (in, out) matrices: y += x_i * W[i, :]
+// streams each row once, contiguously, and the output tile stays in registers (8 AVX2
+// vectors at batch 1, a 4-row x 2-vector tile for larger batches). The batch is cut into
+// chunks that run on separate threads (at::parallel_for); inside a chunk every GEMV walks
+// the output tiles outermost, so one tile's weight panel (K x 16 floats) stays in L1 while
+// all rows of the chunk pass over it: the weights are read from L2/L3 once per chunk and
+// step, whatever the batch.
+// Gates use a vectorised exp (Cephes polynomial, ~2 ulp) in float32 and std::tanh/std::exp
+// in float64. Sampling follows categorical_sample's contract: inverse CDF of softmax(logits /
+// temperature) on the step's uniform, clamped to the last category of non-zero probability.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FASTAR_X86 1
+#endif
+
+#include "wavenet.h"
+
+namespace fastar {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// causal_conv1d_update
+
+template <typename T>
+void conv_update_rows(const T* x, T* state, const T* w, const T* bias, T* y, const ConvUpdateShape& s, int64_t pos,
+                      int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* xb = x + b * s.C_in;
+    T* st = state + b * s.C_in * s.N;
+    T* yb = y + b * s.C_out;
+    for (int64_t o = 0; o < s.C_out; ++o) {
+      const T* wo = w + o * s.C_in * s.k;
+      T acc = bias ? bias[o] : T(0);
+      for (int64_t c = 0; c < s.C_in; ++c) {
+        const T* wc = wo + c * s.k;
+        const T* sc = st + c * s.N;
+        for (int64_t j = 0; j + 1 < s.k; ++j) {
+          int64_t slot = (pos - (s.k - 1 - j) * s.dilation) % s.N;
+          if (slot < 0) slot += s.N;
+          acc += wc[j] * sc[slot];
+        }
+        acc += wc[s.k - 1] * xb[c];
+      }
+      yb[o] = acc;
+    }
+    if (s.N > 0) {
+      const int64_t slot = pos % s.N;
+      for (int64_t c = 0; c < s.C_in; ++c) st[c * s.N + slot] = xb[c];
+    }
+  }
+}
+
+at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, at::Tensor& state, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias, int64_t dilation,
+                                    const at::Tensor& position) {
+  const auto s = check_causal_conv1d_update("causal_conv1d_update", x, state, weight, bias, dilation, position);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "causal_conv1d_update: the CPU kernel supports float32 and float64, got ", x.scalar_type());
+  const int64_t pos = position.item<int64_t>();
+  TORCH_CHECK(pos >= 0, "causal_conv1d_update: position must be non-negative, got ", pos);
+  auto y = at::empty({s.B, s.C_out}, x.options());
+  if (s.B == 0) return y;
+  const auto xc = x.contiguous();
+  const auto wc = weight.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto bc = has_bias ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_update_cpu", [&] {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.C_in * s.C_out * s.k));
+    at::parallel_for(0, s.B, grain, [&](int64_t b0, int64_t b1) {
+      conv_update_rows<scalar_t>(xc.data_ptr<scalar_t>(), state.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                                 has_bias ? bc.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), s, pos, b0,
+                                 b1);
+    });
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------
+// wavenet_step: GEMV / gate primitives
+
+// y[b*ldy + o] += sum_i x[b*ldx + i] * W[i*ldw + o] for b < nb, o in [o0, o1).
+template <typename T>
+void gemv_generic(const T* W, int64_t ldw, int64_t K, int64_t o0, int64_t o1, const T* x, int64_t ldx, T* y,
+                  int64_t ldy, int64_t nb) {
+  for (int64_t b = 0; b < nb; ++b) {
+    T* yb = y + b * ldy;
+    const T* xb = x + b * ldx;
+    for (int64_t i = 0; i < K; ++i) {
+      const T xi = xb[i];
+      const T* wr = W + i * ldw;
+      for (int64_t o = o0; o < o1; ++o) yb[o] += xi * wr[o];
+    }
+  }
+}
+
+template <typename T>
+void gate_generic(const T* a, int64_t D, T* z) {
+  for (int64_t c = 0; c < D; ++c) z[c] = std::tanh(a[c]) * (T(1) / (T(1) + std::exp(-a[D + c])));
+}
+
+#ifdef FASTAR_X86
+template <int NB, int OV>
+__attribute__((target("avx2,fma"))) inline void tile_avx2(const float* W, int64_t ldw, int64_t K, const float* x,
+                                                           int64_t ldx, float* y, int64_t ldy) {
+  __m256 acc[NB][OV];
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < OV; ++v) acc[b][v] = _mm256_loadu_ps(y + b * ldy + 8 * v);
+  for (int64_t i = 0; i < K; ++i) {
+    const float* wr = W + i * ldw;
+    __m256 w[OV];
+    for (int v = 0; v < OV; ++v) w[v] = _mm256_loadu_ps(wr + 8 * v);
+    for (int b = 0; b < NB; ++b) {
+      const __m256 xb = _mm256_broadcast_ss(x + b * ldx + i);
+      for (int v = 0; v < OV; ++v) acc[b][v] = _mm256_fmadd_ps(xb, w[v], acc[b][v]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < OV; ++v) _mm256_storeu_ps(y + b * ldy + 8 * v, acc[b][v]);
+}
+
+template <int OV>
+__attribute__((target("avx2,fma"))) inline void rows_avx2(const float* W, int64_t ldw, int64_t K, const float* x,
+                                                           int64_t ldx, float* y, int64_t ldy, int64_t nb) {
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4) tile_avx2<4, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
+  for (; b < nb; ++b) tile_avx2<1, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
+}
+
+__attribute__((target("avx2,fma"))) void gemv_avx2(const float* W, int64_t ldw, int64_t K, int64_t o0, int64_t o1,
+                                                    const float* x, int64_t ldx, float* y, int64_t ldy, int64_t nb) {
+  int64_t o = o0;
+  if (nb == 1) {
+    for (; o + 64 <= o1; o += 64) tile_avx2<1, 8>(W + o, ldw, K, x, ldx, y + o, ldy);
+  }
+  for (; o + 16 <= o1; o += 16) rows_avx2<2>(W + o, ldw, K, x, ldx, y + o, ldy, nb);
+  for (; o + 8 <= o1; o += 8) rows_avx2<1>(W + o, ldw, K, x, ldx, y + o, ldy, nb);
+  if (o < o1) gemv_generic<float>(W, ldw, K, o, o1, x, ldx, y, ldy, nb);
+}
+
+// exp for float32 lanes: range reduction by ln 2 and Cephes' degree-6 polynomial.
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) void gate_avx2(const float* a, int64_t D, float* z) {
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+  int64_t c = 0;
+  for (; c + 8 <= D; c += 8) {
+    const __m256 f = _mm256_loadu_ps(a + c), g = _mm256_loadu_ps(a + D + c);
+    // tanh(f) = 2 / (1 + exp(-2f)) - 1; sigmoid(g) = 1 / (1 + exp(-g)).
+    const __m256 th = _mm256_sub_ps(
+        _mm256_div_ps(two, _mm256_add_ps(one, exp_avx2(_mm256_mul_ps(f, _mm256_set1_ps(-2.0f))))), one);
+    const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(z + c, _mm256_mul_ps(th, sg));
+  }
+  for (; c < D; ++c) z[c] = std::tanh(a[c]) * (1.0f / (1.0f + std::exp(-a[D + c])));
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+template <typename T>
+struct Prims {
+  void (*gemv)(const T*, int64_t, int64_t, int64_t, int64_t, const T*, int64_t, T*, int64_t, int64_t);
+  void (*gate)(const T*, int64_t, T*);
+};
+
+template <typename T>
+Prims<T> pick_prims() {
+  return {gemv_generic<T>, gate_generic<T>};
+}
+
+#ifdef FASTAR_X86
+template <>
+Prims<float> pick_prims<float>() {
+  if (cpu_has_avx2_fma()) return {gemv_avx2, gate_avx2};
+  return {gemv_generic<float>, gate_generic<float>};
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// wavenet_step: the fused step
+
+template <typename T>
+struct StepArgs {
+  const StepShape* s;
+  int64_t p;
+  int64_t num_prime, start;
+  double temperature;
+  int64_t* samples;
+  T* queues;
+  T* logits;
+  const void* noise;
+  bool noise_double;
+  const T* cond;
+  const T *in_w, *in_b, *conv_w, *conv_b, *rs_w, *rs_b, *o1_w, *o1_b, *o2_w, *o2_b;
+  const int64_t* dil;
+  Prims<T> prim;
+};
+
+// Per-row scratch, contiguous per row so every stage is a strided GEMV.
+template <typename T>
+struct Scratch {
+  std::vector<T> h, a, z, skip, y1;
+  void resize(const StepShape& s, int64_t nb) {
+    h.assign(nb * s.R, T(0));
+    a.assign(nb * 2 * s.D, T(0));
+    z.assign(nb * s.D, T(0));
+    skip.assign(nb * s.S, T(0));
+    y1.assign(nb * s.S, T(0));
+  }
+};
+
+// Inverse-CDF categorical draw of one row of logits (categorical_sample's contract).
+template <typename T>
+int64_t sample_row(const T* lg, int64_t A, double temperature, double u) {
+  if (temperature == 0.0) return static_cast<int64_t>(std::max_element(lg, lg + A) - lg);
+  const T inv_t = static_cast<T>(1.0 / temperature);
+  T m = lg[0] * inv_t;
+  for (int64_t i = 1; i < A; ++i) m = std::max(m, lg[i] * inv_t);
+  double sum = 0;
+  // A is at most a few thousand: keep the exps on the stack-free heap-free path via a small buffer.
+  thread_local std::vector<T> e;
+  e.resize(A);
+  for (int64_t i = 0; i < A; ++i) {
+    e[i] = std::exp(lg[i] * inv_t - m);
+    sum += e[i];
+  }
+  const T inv_sum = static_cast<T>(1.0 / sum);
+  double cdf = 0;
+  int64_t idx = 0, last = 0;
+  for (int64_t i = 0; i < A; ++i) {
+    const T p = e[i] * inv_sum;
+    cdf += p;
+    if (static_cast<T>(cdf) <= static_cast<T>(u)) idx = i + 1;
+    if (p > T(0)) last = i;
+  }
+  return std::min(idx, last);
+}
+
+// Stages over rows [b0, b0 + nb) and output columns [c0, c1) of each matrix (the column
+// range is the whole matrix unless two threads split one row).
+template <typename T>
+struct Stepper {
+  const StepArgs<T>& g;
+  const StepShape& s;
+  Stepper(const StepArgs<T>& args) : g(args), s(*args.s) {}
+
+  static std::pair<int64_t, int64_t> part(int64_t n, int64_t part_id, int64_t parts) {
+    // split on 16-column boundaries so each part keeps full AVX tiles
+    const int64_t units = (n + 15) / 16;
+    const int64_t lo = std::min(n, (units * part_id / parts) * 16);
+    const int64_t hi = std::min(n, (units * (part_id + 1) / parts) * 16);
+    return {lo, hi};
+  }
+
+  void input(int64_t b0, int64_t nb, Scratch<T>& sc) {
+    for (int64_t r = 0; r < nb; ++r) {
+      const int64_t b = b0 + r;
+      const int64_t c = g.p > 0 ? g.samples[b * s.T + g.p - 1] : g.start;
+      TORCH_CHECK(c >= 0 && c < s.A, "wavenet_step: samples[", b, ", ", g.p - 1, "] = ", c,
+                  " is not a code in [0, ", s.A, ")");
+      const T* e = g.in_w + c * s.R;
+      T* h = sc.h.data() + r * s.R;
+      for (int64_t i = 0; i < s.R; ++i) h[i] = e[i] + g.in_b[i];
+      std::fill(sc.skip.begin() + r * s.S, sc.skip.begin() + (r + 1) * s.S, T(0));
+    }
+  }
+
+  // a = conv_b + cond + taps, columns [c0, c1) of 2D.
+  void conv(int64_t l, int64_t b0, int64_t nb, Scratch<T>& sc, int64_t c0, int64_t c1) {
+    const int64_t D2 = 2 * s.D, d = g.dil[l], N = (s.k - 1) * d;
+    const T* W = g.conv_w + l * s.k * s.R * D2;
+    for (int64_t r = 0; r < nb; ++r) {
+      T* a = sc.a.data() + r * D2;
+      const T* bias = g.conv_b + l * D2;
+      for (int64_t c = c0; c < c1; ++c) a[c] = bias[c];
+      if (g.cond) {
+        const int64_t tc = s.Tc == 1 ? 0 : g.p;
+        const T* cv = g.cond + (((b0 + r) * s.Tc + tc) * s.L + l) * D2;
+        for (int64_t c = c0; c < c1; ++c) a[c] += cv[c];
+      }
+    }
+    const int64_t qstride = s.Ntot * s.R;
+    for (int64_t j = 0; j + 1 < s.k; ++j) {
+      int64_t slot = (g.p - (s.k - 1 - j) * d) % N;
+      if (slot < 0) slot += N;
+      const T* q = g.queues + b0 * qstride + (s.offsets[l] + slot) * s.R;
+      g.prim.gemv(W + j * s.R * D2, D2, s.R, c0, c1, q, qstride, sc.a.data(), D2, nb);
+    }
+    g.prim.gemv(W + (s.k - 1) * s.R * D2, D2, s.R, c0, c1, sc.h.data(), s.R, sc.a.data(), D2, nb);
+  }
+
+  void push_queue(int64_t l, int64_t b0, int64_t nb, Scratch<T>& sc) {
+    if (s.k == 1) return;
+    const int64_t N = (s.k - 1) * g.dil[l];
+    const int64_t slot = g.p % N;
+    for (int64_t r = 0; r < nb; ++r)
+      std::memcpy(g.queues + (b0 + r) * s.Ntot * s.R + (s.offsets[l] + slot) * s.R, sc.h.data() + r * s.R,
+                  sizeof(T) * s.R);
+  }
+
+  void gate(int64_t nb, Scratch<T>& sc) {
+    for (int64_t r = 0; r < nb; ++r) g.prim.gate(sc.a.data() + r * 2 * s.D, s.D, sc.z.data() + r * s.D);
+  }
+
+  // h += z @ W[:, :R] + res_b; skip += z @ W[:, R:] + skip_b; columns [c0, c1) of R + S.
+  void res_skip(int64_t l, int64_t nb, Scratch<T>& sc, int64_t c0, int64_t c1) {
+    const int64_t RS = s.R + s.S;
+    const T* W = g.rs_w + l * s.D * RS;
+    const T* bias = g.rs_b + l * RS;
+    const int64_t h0 = std::min(c0, s.R), h1 = std::min(c1, s.R);
+    const int64_t k0 = std::max(c0, s.R), k1 = std::max(c1, s.R);
+    if (h1 > h0) {
+      for (int64_t r = 0; r < nb; ++r)
+        for (int64_t c = h0; c < h1; ++c) sc.h[r * s.R + c] += bias[c];
+      g.prim.gemv(W, RS, s.D, h0, h1, sc.z.data(), s.D, sc.h.data(), s.R, nb);
+    }
+    if (k1 > k0) {
+      for (int64_t r = 0; r < nb; ++r)
+        for (int64_t c = k0; c < k1; ++c) sc.skip[r * s.S + c - s.R] += bias[c];
+      g.prim.gemv(W + s.R, RS, s.D, k0 - s.R, k1 - s.R, sc.z.data(), s.D, sc.skip.data(), s.S, nb);
+    }
+  }
+
+  void relu(T* v, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] > T(0) ? v[i] : T(0);
+  }
+
+  void head1(int64_t nb, Scratch<T>& sc, int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < nb; ++r)
+      for (int64_t c = c0; c < c1; ++c) sc.y1[r * s.S + c] = g.o1_b[c];
+    g.prim.gemv(g.o1_w, s.S, s.S, c0, c1, sc.skip.data(), s.S, sc.y1.data(), s.S, nb);
+  }
+
+  void head2(int64_t b0, int64_t nb, Scratch<T>& sc, int64_t c0, int64_t c1) {
+    T* lg = g.logits + b0 * s.A;
+    for (int64_t r = 0; r < nb; ++r)
+      for (int64_t c = c0; c < c1; ++c) lg[r * s.A + c] = g.o2_b[c];
+    g.prim.gemv(g.o2_w, s.A, s.S, c0, c1, sc.y1.data(), s.S, lg, s.A, nb);
+  }
+
+  void sample(int64_t b0, int64_t nb) {
+    for (int64_t r = 0; r < nb; ++r) {
+      const int64_t b = b0 + r;
+      if (g.p < g.num_prime) continue;
+      const double u = g.noise_double ? static_cast<const double*>(g.noise)[b * s.T + g.p]
+                                      : static_cast<double>(static_cast<const float*>(g.noise)[b * s.T + g.p]);
+      g.samples[b * s.T + g.p] = sample_row<T>(g.logits + b * s.A, s.A, g.temperature, u);
+    }
+  }
+
+  // Every stage for a chunk of rows on one thread.
+  void rows(int64_t b0, int64_t nb) {
+    thread_local Scratch<T> sc;
+    sc.resize(s, nb);
+    input(b0, nb, sc);
+    for (int64_t l = 0; l < s.L; ++l) {
+      conv(l, b0, nb, sc, 0, 2 * s.D);
+      push_queue(l, b0, nb, sc);
+      gate(nb, sc);
+      res_skip(l, nb, sc, 0, s.R + s.S);
+    }
+    relu(sc.skip.data(), nb * s.S);
+    head1(nb, sc, 0, s.S);
+    relu(sc.y1.data(), nb * s.S);
+    head2(b0, nb, sc, 0, s.A);
+    sample(b0, nb);
+  }
+};
+
+template <typename T>
+void run_step(const StepArgs<T>& g) {
+  const StepShape& s = *g.s;
+  Stepper<T> st(g);
+  // Chunks of rows large enough that a weight panel is reused many times before it leaves L1.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, (s.B + threads - 1) / threads));
+  const int64_t nchunks = (s.B + chunk - 1) / chunk;
+  if (nchunks == 1) {
+    st.rows(0, s.B);
+    return;
+  }
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * chunk;
+      st.rows(b0, std::min(chunk, s.B - b0));
+    }
+  });
+}
+
+void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& position, at::Tensor& logits,
+                      const at::Tensor& noise, const c10::optional<at::Tensor>& cond, const at::Tensor& in_w,
+                      const at::Tensor& in_b, const at::Tensor& conv_w, const at::Tensor& conv_b,
+                      const at::Tensor& res_skip_w, const at::Tensor& res_skip_b, const at::Tensor& out1_w,
+                      const at::Tensor& out1_b, const at::Tensor& out2_w, const at::Tensor& out2_b,
+                      at::IntArrayRef dilations, int64_t num_prime, double temperature, int64_t start) {
+  const char* op = "wavenet_step";
+  const auto s = check_wavenet_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b,
+                                    res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, start);
+  TORCH_CHECK(conv_w.scalar_type() == at::kFloat || conv_w.scalar_type() == at::kDouble, op,
+              ": the CPU kernel supports float32 and float64 weights, got ", conv_w.scalar_type());
+  TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
+  const int64_t p = position.data_ptr<int64_t>()[0];
+  TORCH_CHECK(p >= 0 && p < s.T, op, ": position ", p, " is outside the ", s.T,
+              " steps that samples and noise have room for");
+  if (s.B == 0) {
+    position.data_ptr<int64_t>()[0] = p + 1;
+    return;
+  }
+  const auto nz = (noise.scalar_type() == at::kDouble ? noise : noise.to(at::kFloat)).contiguous();
+  const auto cc = (cond.has_value() && cond->defined()) ? cond->contiguous() : at::Tensor();
+  const auto iw = in_w.contiguous(), ib = in_b.contiguous(), cw = conv_w.contiguous(), cb = conv_b.contiguous(),
+             rw = res_skip_w.contiguous(), rb = res_skip_b.contiguous(), o1w = out1_w.contiguous(),
+             o1b = out1_b.contiguous(), o2w = out2_w.contiguous(), o2b = out2_b.contiguous();
+  std::vector<int64_t> dil(dilations.begin(), dilations.end());
+  AT_DISPATCH_FLOATING_TYPES(conv_w.scalar_type(), "wavenet_step_cpu", [&] {
+    StepArgs<scalar_t> g;
+    g.s = &s;
+    g.p = p;
+    g.num_prime = num_prime;
+    g.start = start;
+    g.temperature = temperature;
+    g.samples = samples.data_ptr<int64_t>();
+    g.queues = queues.data_ptr<scalar_t>();
+    g.logits = logits.data_ptr<scalar_t>();
+    g.noise = nz.data_ptr();
+    g.noise_double = nz.scalar_type() == at::kDouble;
+    g.cond = cc.defined() ? cc.data_ptr<scalar_t>() : nullptr;
+    g.in_w = iw.data_ptr<scalar_t>();
+    g.in_b = ib.data_ptr<scalar_t>();
+    g.conv_w = cw.data_ptr<scalar_t>();
+    g.conv_b = cb.data_ptr<scalar_t>();
+    g.rs_w = rw.data_ptr<scalar_t>();
+    g.rs_b = rb.data_ptr<scalar_t>();
+    g.o1_w = o1w.data_ptr<scalar_t>();
+    g.o1_b = o1b.data_ptr<scalar_t>();
+    g.o2_w = o2w.data_ptr<scalar_t>();
+    g.o2_b = o2b.data_ptr<scalar_t>();
+    g.dil = dil.data();
+    g.prim = pick_prims<scalar_t>();
+    run_step<scalar_t>(g);
+  });
+  position.data_ptr<int64_t>()[0] = p + 1;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastar, CPU, m) {
+  m.impl("causal_conv1d_update", &causal_conv1d_update_cpu);
+  m.impl("wavenet_step", &wavenet_step_cpu);
+}
+
+}  // namespace fastar

@@ -1,0 +1,386 @@
+"""WaveNet (van den Oord et al. 2016) with queue-based fast generation.
+
+Training runs the usual full-sequence layers (:class:`fastar.nn.CausalConv1d`); generation
+either re-runs the forward pass on the receptive-field window for every sample
+(``method="naive"``) or keeps one ring buffer per layer and runs one fused
+:func:`fastar.ops.wavenet_step` per sample (``method="fast"``, a CUDA graph on CUDA).
+Both consume the same uniforms (drawn up front from ``generator``), so from the same seed
+they return the same sequence.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastar.nn.causal_conv import CausalConv1d
+from fastar.ops.mixture import categorical_sample_ref
+from fastar.ops.wavenet import queue_sizes, wavenet_step, wavenet_step_ref
+
+__all__ = ["WaveNet"]
+
+
+class WaveNet(nn.Module):
+    """WaveNet over mu-law codes (softmax head) or raw audio (discretized logistic mixture head).
+
+    ``layers`` counts all layers, split evenly over ``stacks``; dilations are 1, 2, 4, ...
+    restarting in each stack. Layer l: ``a = W_l * h (dilated causal conv, kernel_size) +
+    V_g g + V_c c_t``; ``z = tanh(a_f) * sigmoid(a_g)``; ``h += res_l(z)``; ``skip += skip_l(z)``.
+    Head: ``ReLU -> 1x1 (S->S) -> ReLU -> 1x1 (S->quantization)`` (softmax) or
+    ``(S -> 3 * num_mixtures)`` (mixture: K logits, K means, K log-scales).
+
+    Input x: (B, T) int64 codes in [0, quantization) (softmax) or floats in [-1, 1]
+    (mixture). The output at t sees x[:, :t] only (the input is shifted right by one, with
+    the mu-law zero code ``quantization // 2``, or 0.0, in front).
+
+    Conditioning: ``global_cond`` (B,) int64 speaker ids when ``num_speakers`` is set (an
+    embedding of ``global_cond_channels``), else (B, global_cond_channels) floats.
+    ``local_cond`` (B, local_cond_channels, T') at a lower rate, upsampled by transposed
+    convolutions with strides ``upsample_factors`` (none: already at the sample rate); after
+    upsampling it must cover every sample. Devices: any; dtypes: any floating.
+    """
+
+    def __init__(self, layers: int = 20, stacks: int = 2, residual_channels: int = 64, dilation_channels: int = 64,
+                 skip_channels: int = 256, quantization: int = 256, kernel_size: int = 2,
+                 global_cond_channels: int | None = None, num_speakers: int | None = None,
+                 local_cond_channels: int | None = None, upsample_factors=None, output: str = "softmax",
+                 num_mixtures: int = 10):
+        super().__init__()
+        if layers < 1 or stacks < 1 or layers % stacks:
+            raise ValueError(f"WaveNet: layers ({layers}) must be a positive multiple of stacks ({stacks})")
+        if output not in ("softmax", "mixture"):
+            raise ValueError(f"WaveNet: output must be 'softmax' or 'mixture', got {output!r}")
+        if num_speakers is not None and global_cond_channels is None:
+            raise ValueError("WaveNet: num_speakers needs global_cond_channels (the speaker embedding size)")
+        if upsample_factors and local_cond_channels is None:
+            raise ValueError("WaveNet: upsample_factors needs local_cond_channels")
+        R, D, S = residual_channels, dilation_channels, skip_channels
+        per = layers // stacks
+        self.dilations = [2 ** (i % per) for i in range(layers)]
+        self.layers, self.stacks, self.kernel_size = layers, stacks, kernel_size
+        self.residual_channels, self.dilation_channels, self.skip_channels = R, D, S
+        self.quantization, self.output, self.num_mixtures = quantization, output, num_mixtures
+        self.global_cond_channels, self.num_speakers = global_cond_channels, num_speakers
+        self.local_cond_channels = local_cond_channels
+        self.upsample_factors = list(upsample_factors or [])
+        self.input_conv = CausalConv1d(quantization if output == "softmax" else 1, R, 1)
+        self.dilated_convs = nn.ModuleList(CausalConv1d(R, 2 * D, kernel_size, d) for d in self.dilations)
+        self.res_convs = nn.ModuleList(nn.Conv1d(D, R, 1) for _ in self.dilations)
+        self.skip_convs = nn.ModuleList(nn.Conv1d(D, S, 1) for _ in self.dilations)
+        if global_cond_channels:
+            self.speaker_embedding = nn.Embedding(num_speakers, global_cond_channels) if num_speakers else None
+            self.gc_convs = nn.ModuleList(nn.Conv1d(global_cond_channels, 2 * D, 1, bias=False)
+                                          for _ in self.dilations)
+        if local_cond_channels:
+            self.upsample = nn.ModuleList(nn.ConvTranspose1d(local_cond_channels, local_cond_channels, f, stride=f)
+                                          for f in self.upsample_factors)
+            self.lc_convs = nn.ModuleList(nn.Conv1d(local_cond_channels, 2 * D, 1, bias=False)
+                                          for _ in self.dilations)
+        self.out1 = nn.Conv1d(S, S, 1)
+        self.out2 = nn.Conv1d(S, quantization if output == "softmax" else 3 * num_mixtures, 1)
+
+    @property
+    def receptive_field(self) -> int:
+        """How many samples (the current input included) the output at t depends on."""
+        return 1 + sum(queue_sizes(self.dilations, self.kernel_size))
+
+    @property
+    def start_code(self) -> int:
+        return self.quantization // 2
+
+    @property
+    def upsample_factor(self) -> int:
+        return math.prod(self.upsample_factors) if self.upsample_factors else 1
+
+    # ---- conditioning --------------------------------------------------------------------
+
+    def _global_vector(self, global_cond, batch):
+        if not self.global_cond_channels:
+            if global_cond is not None:
+                raise ValueError("WaveNet: global_cond given but the model was built without global_cond_channels")
+            return None
+        if global_cond is None:
+            raise ValueError("WaveNet: this model is globally conditioned; pass global_cond")
+        if self.num_speakers:
+            if global_cond.dtype != torch.int64 or global_cond.dim() != 1:
+                raise ValueError(f"WaveNet: global_cond must be (B,) int64 speaker ids, got {global_cond.dtype} of "
+                                 f"shape {list(global_cond.shape)}")
+            g = self.speaker_embedding(global_cond)
+        else:
+            if global_cond.dim() != 2 or global_cond.shape[1] != self.global_cond_channels:
+                raise ValueError(f"WaveNet: global_cond must be (B, {self.global_cond_channels}), got "
+                                 f"{list(global_cond.shape)}")
+            g = global_cond.to(self.out1.weight.dtype)
+        if g.shape[0] != batch:
+            raise ValueError(f"WaveNet: global_cond has batch {g.shape[0]} but the audio has batch {batch}")
+        return g
+
+    def _local_features(self, local_cond, batch, length):
+        """(B, C, T') -> upsampled (B, C, length)."""
+        if not self.local_cond_channels:
+            if local_cond is not None:
+                raise ValueError("WaveNet: local_cond given but the model was built without local_cond_channels")
+            return None
+        if local_cond is None:
+            raise ValueError("WaveNet: this model is locally conditioned; pass local_cond")
+        if local_cond.dim() != 3 or local_cond.shape[1] != self.local_cond_channels:
+            raise ValueError(f"WaveNet: local_cond must be (B, {self.local_cond_channels}, frames), got "
+                             f"{list(local_cond.shape)}")
+        if local_cond.shape[0] != batch:
+            raise ValueError(f"WaveNet: local_cond has batch {local_cond.shape[0]} but the audio has batch {batch}")
+        covered = local_cond.shape[2] * self.upsample_factor
+        if covered < length:
+            raise ValueError(f"WaveNet: local_cond has {local_cond.shape[2]} frames, which upsampled by "
+                             f"{self.upsample_factor} cover {covered} samples, but {length} are needed")
+        c = local_cond.to(self.out1.weight.dtype)
+        for i, up in enumerate(self.upsample):
+            c = up(c)
+            if i + 1 < len(self.upsample):
+                c = F.leaky_relu(c, 0.4)
+        return c[:, :, :length]
+
+    # ---- training forward ----------------------------------------------------------------
+
+    def _shifted_input(self, x):
+        if self.output == "softmax":
+            if x.dtype != torch.int64 or x.dim() != 2:
+                raise ValueError(f"WaveNet: x must be (B, T) int64 mu-law codes, got {x.dtype} of shape "
+                                 f"{list(x.shape)}")
+            return torch.cat([torch.full_like(x[:, :1], self.start_code), x[:, :-1]], 1)
+        if not x.is_floating_point() or x.dim() != 2:
+            raise ValueError(f"WaveNet: x must be (B, T) floats in [-1, 1], got {x.dtype} of shape {list(x.shape)}")
+        return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+
+    def _embed(self, inp):
+        """Shifted inputs (B, T) -> (B, R, T): the 1x1 input conv (on one-hot codes for softmax)."""
+        w, b = self.input_conv.weight[:, :, 0], self.input_conv.bias
+        if self.output == "softmax":
+            return (F.embedding(inp, w.t()) + b).transpose(1, 2)
+        return self.input_conv(inp.unsqueeze(1).to(w.dtype))
+
+    def _stack(self, h, g, c):
+        skip = 0
+        D = self.dilation_channels
+        for i in range(self.layers):
+            a = self.dilated_convs[i](h)
+            if g is not None:
+                a = a + self.gc_convs[i](g.unsqueeze(-1))
+            if c is not None:
+                a = a + self.lc_convs[i](c)
+            z = torch.tanh(a[:, :D]) * torch.sigmoid(a[:, D:])
+            skip = skip + self.skip_convs[i](z)
+            h = h + self.res_convs[i](z)
+        return self.out2(F.relu(self.out1(F.relu(skip))))
+
+    def forward(self, x, global_cond=None, local_cond=None):
+        """x (B, T) -> (B, quantization, T) logits (softmax) or (B, 3K, T) mixture parameters."""
+        inp = self._shifted_input(x)
+        g = self._global_vector(global_cond, x.shape[0])
+        c = self._local_features(local_cond, x.shape[0], x.shape[1])
+        return self._stack(self._embed(inp), g, c)
+
+    def nll(self, x, global_cond=None, local_cond=None, unit: str = "nats"):
+        """Mean negative log-likelihood per sample, in ``unit`` "nats" or "bits" (a scalar)."""
+        if unit not in ("nats", "bits"):
+            raise ValueError(f"WaveNet.nll: unit must be 'nats' or 'bits', got {unit!r}")
+        out = self(x, global_cond, local_cond)
+        if self.output == "softmax":
+            nats = F.cross_entropy(out, x)
+        else:
+            from fastar import ops  # the mixture ops live in fastar.ops once that family lands
+
+            if not hasattr(ops, "discretized_mix_logistic_nll"):
+                raise NotImplementedError("WaveNet(output='mixture') needs fastar.ops.discretized_mix_logistic_nll, "
+                                          "which this build of fastar does not have yet")
+            nats = ops.discretized_mix_logistic_nll(out, x).sum() / x.numel()
+        return nats / math.log(2) if unit == "bits" else nats
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def pack(self):
+        """The weights in :func:`fastar.ops.wavenet_step`'s layouts ((in, out) matrices), packed once per call."""
+        L, k = self.layers, self.kernel_size
+        w_in = self.input_conv.weight[:, :, 0]
+        conv_w = torch.stack([m.weight.permute(2, 1, 0) for m in self.dilated_convs])  # (L, k, R, 2D)
+        conv_b = torch.stack([m.bias for m in self.dilated_convs])
+        rs_w = torch.stack([torch.cat([r.weight[:, :, 0], s.weight[:, :, 0]], 0).t()
+                            for r, s in zip(self.res_convs, self.skip_convs)])  # (L, D, R + S)
+        rs_b = torch.stack([torch.cat([r.bias, s.bias]) for r, s in zip(self.res_convs, self.skip_convs)])
+        assert conv_w.shape[:2] == (L, k)
+        return dict(in_w=w_in.t().contiguous(), in_b=self.input_conv.bias.contiguous(), conv_w=conv_w.contiguous(),
+                    conv_b=conv_b.contiguous(), res_skip_w=rs_w.contiguous(), res_skip_b=rs_b.contiguous(),
+                    out1_w=self.out1.weight[:, :, 0].t().contiguous(), out1_b=self.out1.bias.contiguous(),
+                    out2_w=self.out2.weight[:, :, 0].t().contiguous(), out2_b=self.out2.bias.contiguous())
+
+    def _step_cond(self, g, c):
+        """Per-step conditioning (B, Tc, L, 2D) for wavenet_step, or None."""
+        out = None
+        if g is not None:
+            wg = torch.stack([m.weight[:, :, 0] for m in self.gc_convs])  # (L, 2D, G)
+            out = torch.einsum("bg,log->blo", g, wg).unsqueeze(1)
+        if c is not None:
+            wc = torch.stack([m.weight[:, :, 0] for m in self.lc_convs])  # (L, 2D, C)
+            lc = torch.einsum("bct,loc->btlo", c, wc)
+            out = lc if out is None else lc + out
+        return None if out is None else out.contiguous()
+
+    @torch.no_grad()
+    def generate(self, num_samples: int, batch_size: int = 1, global_cond=None, local_cond=None, prime=None,
+                 temperature: float = 1.0, generator: torch.Generator | None = None, method: str = "fast",
+                 progress: bool = True, return_logits: bool = False, use_cuda_graph: bool = True):
+        """Sample ``num_samples`` new values; returns (B, num_samples) int64 codes (softmax head).
+
+        ``prime`` (B, P) int64 codes continues given audio (the result holds only the new
+        samples; local_cond must then cover P + num_samples samples). The uniforms for all
+        steps are drawn up front from ``generator`` (torch.rand, float64 for a float64 model),
+        so ``method="fast"`` (queues, one fused step per sample) and ``method="naive"`` (the
+        full forward pass over the receptive-field window per sample) draw the same sequence.
+        ``return_logits=True`` also returns the per-step logits (B, quantization, num_samples).
+        """
+        if method not in ("fast", "naive"):
+            raise ValueError(f"WaveNet.generate: method must be 'fast' or 'naive', got {method!r}")
+        if self.output != "softmax":
+            raise NotImplementedError("WaveNet.generate for the mixture head needs "
+                                      "fastar.ops.sample_discretized_mix_logistic (not in this build yet)")
+        if not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"WaveNet.generate: num_samples must be a non-negative int, got {num_samples!r}")
+        dev, dt = self.out1.weight.device, self.out1.weight.dtype
+        if prime is not None:
+            if prime.dtype != torch.int64 or prime.dim() != 2:
+                raise ValueError(f"WaveNet.generate: prime must be (B, P) int64 codes, got {prime.dtype} of shape "
+                                 f"{list(prime.shape)}")
+            if prime.shape[0] != batch_size and batch_size != 1:
+                raise ValueError(f"WaveNet.generate: prime has batch {prime.shape[0]} but batch_size is {batch_size}")
+            batch_size = prime.shape[0]
+        B, P = batch_size, (0 if prime is None else prime.shape[1])
+        T = P + num_samples
+        g = self._global_vector(global_cond, B)
+        c = self._local_features(local_cond, B, T)
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        gen_dev = generator.device if generator is not None else dev
+        noise = torch.rand(B, T, generator=generator, device=gen_dev, dtype=acc).to(dev)
+        samples = torch.zeros(B, T, dtype=torch.int64, device=dev)
+        if P:
+            samples[:, :P] = prime.to(dev)
+        logits_all = torch.empty(B, self.quantization, T, dtype=acc, device=dev) if return_logits else None
+        bar = _progress(T, progress, f"WaveNet {method}")
+        if method == "naive":
+            self._generate_naive(samples, noise, g, c, P, temperature, logits_all, bar)
+        else:
+            self._generate_fast(samples, noise, g, c, P, temperature, logits_all, bar, use_cuda_graph)
+        bar.close()
+        out = samples[:, P:]
+        return (out, logits_all[:, :, P:]) if return_logits else out
+
+    def _generate_naive(self, samples, noise, g, c, P, temperature, logits_all, bar):
+        B, T = samples.shape
+        rf = self.receptive_field
+        inp = torch.full_like(samples, self.start_code)
+        inp[:, 1:] = samples[:, :-1]
+        for t in range(T):
+            lo = max(0, t + 1 - rf)
+            h = self._embed(inp[:, lo:t + 1])
+            logits = self._stack(h, g, None if c is None else c[:, :, lo:t + 1])[:, :, -1]
+            logits = logits.to(noise.dtype)
+            if logits_all is not None:
+                logits_all[:, :, t] = logits
+            if t >= P:
+                samples[:, t] = categorical_sample_ref(logits, dim=1, noise=noise[:, t], temperature=temperature)
+            if t + 1 < T:
+                inp[:, t + 1] = samples[:, t]
+            bar.update(1)
+
+    def _generate_fast(self, samples, noise, g, c, P, temperature, logits_all, bar, use_cuda_graph):
+        B, T = samples.shape
+        packed = self.pack()
+        cond = self._step_cond(g, c)
+        acc = noise.dtype
+        queues = torch.zeros(B, sum(queue_sizes(self.dilations, self.kernel_size)), self.residual_channels,
+                             dtype=acc, device=samples.device)
+        position = torch.zeros(1, dtype=torch.int64, device=samples.device)
+        logits = torch.empty(B, self.quantization, dtype=acc, device=samples.device)
+        args = (samples, queues, position, logits, noise, cond, packed["in_w"], packed["in_b"], packed["conv_w"],
+                packed["conv_b"], packed["res_skip_w"], packed["res_skip_b"], packed["out1_w"], packed["out1_b"],
+                packed["out2_w"], packed["out2_b"], self.dilations, P, float(temperature), self.start_code)
+
+        def step():
+            wavenet_step(*args)
+
+        if samples.is_cuda and use_cuda_graph and T > 0:
+            _run_graph(step, args, T, logits_all, bar)
+            return
+        for t in range(T):
+            step()
+            if logits_all is not None:
+                logits_all[:, :, t] = logits
+            bar.update(1)
+
+    def generate_reference_queue(self, samples, noise, global_cond=None, local_cond=None, num_prime=0,
+                                 temperature=1.0):
+        """The "PyTorch queue" path (:func:`fastar.ops.wavenet_step_ref` per step), for benchmarks and checks.
+
+        samples (B, T) int64 holds the prime in its first ``num_prime`` columns and receives the draws.
+        """
+        B, T = samples.shape
+        g = self._global_vector(global_cond, B)
+        c = self._local_features(local_cond, B, T)
+        p = self.pack()
+        queues = torch.zeros(B, sum(queue_sizes(self.dilations, self.kernel_size)), self.residual_channels,
+                             dtype=noise.dtype, device=samples.device)
+        position = torch.zeros(1, dtype=torch.int64, device=samples.device)
+        logits = torch.empty(B, self.quantization, dtype=noise.dtype, device=samples.device)
+        cond = self._step_cond(g, c)
+        for _ in range(T):
+            wavenet_step_ref(samples, queues, position, logits, noise, cond, p["in_w"], p["in_b"], p["conv_w"],
+                             p["conv_b"], p["res_skip_w"], p["res_skip_b"], p["out1_w"], p["out1_b"], p["out2_w"],
+                             p["out2_b"], self.dilations, num_prime, temperature, self.start_code)
+        return samples
+
+
+def _run_graph(step, args, T, logits_all, bar, steps_per_graph=32):
+    """Replay a CUDA graph of `steps_per_graph` fused steps; the step counter lives on the device."""
+    samples, queues, position, logits = args[0], args[1], args[2], args[3]
+    saved = samples.clone()
+    chunk = 1 if logits_all is not None else min(steps_per_graph, T)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture (allocations, lazy init)
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(chunk):
+            step()
+    # the warm-up and the capture ran the step: restore the state before replaying
+    samples.copy_(saved)
+    queues.zero_()
+    position.zero_()
+    t = 0
+    while t + chunk <= T:
+        graph.replay()
+        if logits_all is not None:
+            logits_all[:, :, t] = logits
+        t += chunk
+        bar.update(chunk)
+    while t < T:
+        step()
+        t += 1
+        bar.update(1)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, enabled, desc):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample")
