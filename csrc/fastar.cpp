@@ -35,11 +35,12 @@ TORCH_LIBRARY(fastar, m) {
   m.def(
       "causal_conv1d_update(Tensor x, Tensor(a!) state, Tensor weight, Tensor? bias, int dilation, "
       "Tensor position) -> Tensor");
-  // One generation step of a whole softmax WaveNet (layers, head, sampling); the step index
-  // is read from (and incremented in) the device tensor `position`, so it graph-captures.
+  // One generation step of a whole softmax WaveNet (layers, head, sampling), repeated
+  // num_steps times; the step index is read from (and incremented in) the device tensor
+  // `position`, so it graph-captures.
   m.def(
       "wavenet_step(Tensor(a!) samples, Tensor(b!) queues, Tensor(c!) position, Tensor(d!) logits, "
       "Tensor noise, Tensor? cond, Tensor in_w, Tensor in_b, Tensor conv_w, Tensor conv_b, "
       "Tensor res_skip_w, Tensor res_skip_b, Tensor out1_w, Tensor out1_b, Tensor out2_w, Tensor out2_b, "
-      "int[] dilations, int num_prime, float temperature, int start) -> ()");
+      "int[] dilations, int num_prime, float temperature, int start, int num_steps) -> ()");
 }

@@ -134,11 +134,50 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* W, int64_
     for (int v = 0; v < OV; ++v) _mm256_storeu_ps(y + b * ldy + 8 * v, acc[b][v]);
 }
 
+// The 4-row x 16-column tile written out by hand: GCC spills the array form of it.
+__attribute__((target("avx2,fma"))) inline void tile4x2_avx2(const float* W, int64_t ldw, int64_t K, const float* x,
+                                                              int64_t ldx, float* y, int64_t ldy) {
+  __m256 a00 = _mm256_loadu_ps(y), a01 = _mm256_loadu_ps(y + 8);
+  __m256 a10 = _mm256_loadu_ps(y + ldy), a11 = _mm256_loadu_ps(y + ldy + 8);
+  __m256 a20 = _mm256_loadu_ps(y + 2 * ldy), a21 = _mm256_loadu_ps(y + 2 * ldy + 8);
+  __m256 a30 = _mm256_loadu_ps(y + 3 * ldy), a31 = _mm256_loadu_ps(y + 3 * ldy + 8);
+  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
+  for (int64_t i = 0; i < K; ++i) {
+    const float* wr = W + i * ldw;
+    const __m256 w0 = _mm256_loadu_ps(wr), w1 = _mm256_loadu_ps(wr + 8);
+    __m256 xb = _mm256_broadcast_ss(x0 + i);
+    a00 = _mm256_fmadd_ps(xb, w0, a00);
+    a01 = _mm256_fmadd_ps(xb, w1, a01);
+    xb = _mm256_broadcast_ss(x1 + i);
+    a10 = _mm256_fmadd_ps(xb, w0, a10);
+    a11 = _mm256_fmadd_ps(xb, w1, a11);
+    xb = _mm256_broadcast_ss(x2 + i);
+    a20 = _mm256_fmadd_ps(xb, w0, a20);
+    a21 = _mm256_fmadd_ps(xb, w1, a21);
+    xb = _mm256_broadcast_ss(x3 + i);
+    a30 = _mm256_fmadd_ps(xb, w0, a30);
+    a31 = _mm256_fmadd_ps(xb, w1, a31);
+  }
+  _mm256_storeu_ps(y, a00);
+  _mm256_storeu_ps(y + 8, a01);
+  _mm256_storeu_ps(y + ldy, a10);
+  _mm256_storeu_ps(y + ldy + 8, a11);
+  _mm256_storeu_ps(y + 2 * ldy, a20);
+  _mm256_storeu_ps(y + 2 * ldy + 8, a21);
+  _mm256_storeu_ps(y + 3 * ldy, a30);
+  _mm256_storeu_ps(y + 3 * ldy + 8, a31);
+}
+
 template <int OV>
 __attribute__((target("avx2,fma"))) inline void rows_avx2(const float* W, int64_t ldw, int64_t K, const float* x,
                                                            int64_t ldx, float* y, int64_t ldy, int64_t nb) {
   int64_t b = 0;
-  for (; b + 4 <= nb; b += 4) tile_avx2<4, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
+  for (; b + 4 <= nb; b += 4) {
+    if constexpr (OV == 2)
+      tile4x2_avx2(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
+    else
+      tile_avx2<4, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
+  }
   for (; b < nb; ++b) tile_avx2<1, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
 }
 
@@ -426,7 +465,8 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
                       const at::Tensor& in_b, const at::Tensor& conv_w, const at::Tensor& conv_b,
                       const at::Tensor& res_skip_w, const at::Tensor& res_skip_b, const at::Tensor& out1_w,
                       const at::Tensor& out1_b, const at::Tensor& out2_w, const at::Tensor& out2_b,
-                      at::IntArrayRef dilations, int64_t num_prime, double temperature, int64_t start) {
+                      at::IntArrayRef dilations, int64_t num_prime, double temperature, int64_t start,
+                      int64_t num_steps) {
   const char* op = "wavenet_step";
   const auto s = check_wavenet_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b,
                                     res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, start);
@@ -434,10 +474,11 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
               ": the CPU kernel supports float32 and float64 weights, got ", conv_w.scalar_type());
   TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
   const int64_t p = position.data_ptr<int64_t>()[0];
-  TORCH_CHECK(p >= 0 && p < s.T, op, ": position ", p, " is outside the ", s.T,
+  TORCH_CHECK(num_steps >= 1, op, ": num_steps must be at least 1, got ", num_steps);
+  TORCH_CHECK(p >= 0 && p + num_steps <= s.T, op, ": steps ", p, " to ", p + num_steps - 1, " do not fit the ", s.T,
               " steps that samples and noise have room for");
   if (s.B == 0) {
-    position.data_ptr<int64_t>()[0] = p + 1;
+    position.data_ptr<int64_t>()[0] = p + num_steps;
     return;
   }
   const auto nz = (noise.scalar_type() == at::kDouble ? noise : noise.to(at::kFloat)).contiguous();
@@ -471,9 +512,12 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
     g.o2_b = o2b.data_ptr<scalar_t>();
     g.dil = dil.data();
     g.prim = pick_prims<scalar_t>();
-    run_step<scalar_t>(g);
+    for (int64_t i = 0; i < num_steps; ++i) {
+      g.p = p + i;
+      run_step<scalar_t>(g);
+    }
   });
-  position.data_ptr<int64_t>()[0] = p + 1;
+  position.data_ptr<int64_t>()[0] = p + num_steps;
 }
 
 }  // namespace

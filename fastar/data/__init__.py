@@ -1,4 +1,5 @@
 """Data: mu-law companding, bundled real data sets, image/audio writers."""
 from fastar.data.mulaw import mu_law_decode, mu_law_encode
+from fastar.data.audio import read_wav, write_wav
 
-__all__ = ["mu_law_encode", "mu_law_decode"]
+__all__ = ["mu_law_encode", "mu_law_decode", "read_wav", "write_wav"]

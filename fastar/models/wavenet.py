@@ -305,17 +305,23 @@ class WaveNet(nn.Module):
                 packed["conv_b"], packed["res_skip_w"], packed["res_skip_b"], packed["out1_w"], packed["out1_b"],
                 packed["out2_w"], packed["out2_b"], self.dilations, P, float(temperature), self.start_code)
 
-        def step():
-            wavenet_step(*args)
+        def step(n):
+            wavenet_step(*args, num_steps=n)
 
         if samples.is_cuda and use_cuda_graph and T > 0:
             _run_graph(step, args, T, logits_all, bar)
             return
-        for t in range(T):
-            step()
+        # Several steps per call so the per-call overhead is paid once per chunk; one per call
+        # when the caller wants every step's logits.
+        chunk = 1 if logits_all is not None else 64
+        t = 0
+        while t < T:
+            n = min(chunk, T - t)
+            step(n)
             if logits_all is not None:
                 logits_all[:, :, t] = logits
-            bar.update(1)
+            t += n
+            bar.update(n)
 
     def generate_reference_queue(self, samples, noise, global_cond=None, local_cond=None, num_prime=0,
                                  temperature=1.0):
@@ -339,21 +345,21 @@ class WaveNet(nn.Module):
         return samples
 
 
-def _run_graph(step, args, T, logits_all, bar, steps_per_graph=32):
-    """Replay a CUDA graph of `steps_per_graph` fused steps; the step counter lives on the device."""
+def _run_graph(step, args, T, logits_all, bar, steps_per_graph=64):
+    """Replay a CUDA graph of one fused call covering `steps_per_graph` steps (the step counter lives
+    on the device, so the same graph advances through the sequence)."""
     samples, queues, position, logits = args[0], args[1], args[2], args[3]
     saved = samples.clone()
     chunk = 1 if logits_all is not None else min(steps_per_graph, T)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside capture (allocations, lazy init)
-        step()
+        step(chunk)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(chunk):
-            step()
-    # the warm-up and the capture ran the step: restore the state before replaying
+        step(chunk)
+    # the warm-up advanced the state: restore it before replaying from step 0
     samples.copy_(saved)
     queues.zero_()
     position.zero_()
@@ -364,10 +370,9 @@ def _run_graph(step, args, T, logits_all, bar, steps_per_graph=32):
             logits_all[:, :, t] = logits
         t += chunk
         bar.update(chunk)
-    while t < T:
-        step()
-        t += 1
-        bar.update(1)
+    if t < T:
+        step(T - t)
+        bar.update(T - t)
 
 
 class _NoBar:

@@ -14,7 +14,8 @@ zero padding before time 0.
 
 ``wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b,
 res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature,
-start)`` is one time step of a whole softmax WaveNet (see :class:`fastar.models.WaveNet`),
+start, num_steps=1)`` runs ``num_steps`` time steps (one call, so the per-call overhead is
+paid once per chunk) of a whole softmax WaveNet of a whole softmax WaveNet (see :class:`fastar.models.WaveNet`),
 reading the step index ``p`` from the device tensor ``position`` so that the call can be
 captured in a CUDA graph and replayed:
 
@@ -27,7 +28,7 @@ captured in a CUDA graph and replayed:
    ``logits``);
 4. sampling: ``samples[:, p] = categorical_sample(logits, noise=noise[:, p],
    temperature=temperature)`` unless ``p < num_prime`` (primed positions are kept);
-   then ``position += 1``.
+   then ``position += 1``; repeated ``num_steps`` times.
 
 Layouts (weights are pre-packed once, as ``x @ W`` with W stored (in, out), so the
 kernels stream each matrix row by row): samples (B, T) int64; queues (B, sum_l
@@ -156,7 +157,7 @@ def causal_conv1d_update(x, state, weight, bias, dilation, position):
 
 
 def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
-                res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start):
+                res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_steps):
     check_tensor(op, "conv_w", conv_w, dim=4, layout="(L, k, R, 2D)")
     L, k, R, D2 = conv_w.shape
     if D2 % 2:
@@ -212,6 +213,8 @@ def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, 
             raise TypeError(f"{op}: cond dtype {cond.dtype} must match conv_w dtype {dt}")
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"{op}: temperature must be a non-negative number, got {temperature!r}")
+    if num_steps < 1:
+        raise ValueError(f"{op}: num_steps must be at least 1, got {num_steps}")
     if not 0 <= int(start) < A:
         raise ValueError(f"{op}: start must be a code in [0, {A}), got {start}")
     check_same_device(op, samples=samples, queues=queues, position=position, logits=logits, noise=noise, cond=cond,
@@ -219,7 +222,15 @@ def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, 
 
 
 def _step_impl(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-               out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start):
+               out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_steps=1):
+    args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
+            out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start)
+    for _ in range(num_steps):
+        _one_step(*args)
+
+
+def _one_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
+              out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start):
     L, k, R, D2 = conv_w.shape
     D = D2 // 2
     acc = queues.dtype
@@ -258,17 +269,18 @@ def _step_impl(samples, queues, position, logits, noise, cond, in_w, in_b, conv_
 
 def wavenet_step_ref(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
                      res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime=0, temperature=1.0,
-                     start=128):
+                     start=128, num_steps=1):
     """Reference of :func:`wavenet_step`: the "PyTorch queue" path, a few torch ops per layer (any device/dtype)."""
     args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
             out1_w, out1_b, out2_w, out2_b, [int(d) for d in dilations], int(num_prime), float(temperature),
-            int(start))
+            int(start), int(num_steps))
     _check_step("wavenet_step_ref", *args)
     _step_impl(*args)
 
 
 def wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
-                 res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime=0, temperature=1.0, start=128):
+                 res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime=0, temperature=1.0, start=128,
+                 num_steps=1):
     """One generation step of a whole softmax WaveNet, fused (see the module docstring for every layout).
 
     Mutates samples[:, p] (unless p < num_prime), queues, position (+1) and logits; returns None.
@@ -277,7 +289,7 @@ def wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, con
     """
     args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
             out1_w, out1_b, out2_w, out2_b, [int(d) for d in dilations], int(num_prime), float(temperature),
-            int(start))
+            int(start), int(num_steps))
     _check_step("wavenet_step", *args)
     if _backend.use_kernel("wavenet_step", conv_w.device, conv_w.dtype, STEP_KERNEL_DTYPES):
         torch.ops.fastar.wavenet_step(*args)
@@ -293,5 +305,6 @@ if _backend.C_LOADED:
 
     @torch.library.register_fake("fastar::wavenet_step")
     def _wavenet_step_fake(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
-                           res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start):
+                           res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start,
+                           num_steps):
         return None

@@ -1,0 +1,285 @@
+"""WaveNet: CausalConv1d, the model, fast (queued) vs naive generation, real speech."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fastar
+from fastar.data import mu_law_decode, mu_law_encode, read_wav, write_wav
+from fastar.data.speech import ALSA_SOUNDS, load_speech
+from fastar.models import WaveNet
+from fastar.nn import CausalConv1d
+
+
+# ---------------------------------------------------------------------------------------------
+# CausalConv1d
+
+
+def test_causal_conv1d_state_dict_roundtrip_with_conv1d():
+    ref = nn.Conv1d(4, 6, 3, dilation=2)
+    layer = CausalConv1d(4, 6, 3, dilation=2)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 15)
+    out = layer(x)
+    assert out.shape == (2, 6, 15)
+    # left padding only: the last 11 outputs equal the unpadded conv
+    torch.testing.assert_close(out[:, :, 4:], ref(x))
+    back = nn.Conv1d(4, 6, 3, dilation=2)
+    back.load_state_dict(layer.state_dict())
+
+
+def test_causal_conv1d_is_causal():
+    layer = CausalConv1d(3, 3, 2, dilation=4).double()
+    x = torch.randn(1, 3, 20, dtype=torch.float64, requires_grad=True)
+    t = 9
+    layer(x)[0, :, t].sum().backward()
+    dep = x.grad[0].abs().sum(0) > 0
+    assert not dep[t + 1:].any(), "output depends on the future"
+    assert dep[t] and dep[t - 4], "output misses its own taps"
+
+
+def test_causal_conv1d_step_matches_forward(device):
+    layer = CausalConv1d(5, 7, 3, dilation=3).to(device).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64, device=device)
+    full = layer(x)
+    state = layer.new_state(2)
+    with torch.no_grad():
+        for t in range(16):
+            torch.testing.assert_close(layer.step(x[:, :, t], state, t), full[:, :, t])
+
+
+def test_causal_conv1d_compiles():
+    layer = CausalConv1d(4, 4, 2, dilation=2)
+    x = torch.randn(2, 4, 10)
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_causal_conv1d_bad_input():
+    with pytest.raises(ValueError, match="dilation must be a positive int"):
+        CausalConv1d(2, 2, 2, dilation=0)
+    with pytest.raises(ValueError, match="kernel_size must be a positive int"):
+        CausalConv1d(2, 2, (2,))
+    with pytest.raises(ValueError, match="must be 3-D"):
+        CausalConv1d(2, 2, 2)(torch.randn(2, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# WaveNet model
+
+
+def _tiny(dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(layers=6, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16, quantization=64)
+    cfg.update(kw)
+    m = WaveNet(**cfg).to(dtype)
+    # Larger output weights: sharper distributions make a fast/naive mismatch show up as different samples.
+    with torch.no_grad():
+        m.out2.weight.mul_(4)
+    return m.eval()
+
+
+def test_receptive_field_and_dilations():
+    m = WaveNet(layers=20, stacks=2)
+    assert m.dilations == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512] * 2
+    assert m.receptive_field == 1 + 2 * 1023
+    assert WaveNet(layers=6, stacks=2, kernel_size=3).receptive_field == 1 + 2 * 2 * 7
+    with pytest.raises(ValueError, match="multiple of stacks"):
+        WaveNet(layers=7, stacks=2)
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3])
+def test_forward_is_causal_and_nll_units(kernel_size):
+    m = _tiny(kernel_size=kernel_size)
+    x = torch.randint(0, 64, (2, 40))
+    emb = m.input_conv.weight  # the gradient w.r.t. the embedded input shows what each output sees
+    h = torch.nn.functional.one_hot(x, 64).double().requires_grad_(True)
+    # rebuild the forward on one-hot inputs so autograd can see the dependence on each position
+    inp = torch.cat([torch.nn.functional.one_hot(torch.full_like(x[:, :1], m.start_code), 64).double(), h[:, :-1]], 1)
+    hidden = torch.einsum("btq,rq->brt", inp, emb[:, :, 0]) + m.input_conv.bias[:, None]
+    logits = m._stack(hidden, None, None)
+    torch.testing.assert_close(logits, m(x))
+    t = 30
+    logits[0, :, t].sum().backward()
+    dep = h.grad[0].abs().sum(1) > 0
+    assert not dep[t:].any(), "output t depends on x[t] or later"
+    assert dep[t - 1] and dep[max(0, t - m.receptive_field + 1)]
+    nats = m.nll(x)
+    torch.testing.assert_close(m.nll(x, unit="bits"), nats / math.log(2))
+    torch.testing.assert_close(nats, torch.nn.functional.cross_entropy(m(x), x))
+
+
+COND_CASES = {
+    "none": dict(),
+    "speaker": dict(global_cond_channels=5, num_speakers=3),
+    "gvector": dict(global_cond_channels=4),
+    "local": dict(local_cond_channels=3, upsample_factors=[2, 3]),
+    "both": dict(global_cond_channels=4, num_speakers=2, local_cond_channels=3),
+}
+
+
+def _cond_inputs(name, batch, length, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    kw = COND_CASES[name]
+    gc = lc = None
+    if "num_speakers" in kw:
+        gc = torch.randint(0, kw["num_speakers"], (batch,), generator=g)
+    elif "global_cond_channels" in kw:
+        gc = torch.randn(batch, kw["global_cond_channels"], generator=g, dtype=torch.float64).to(dtype)
+    if "local_cond_channels" in kw:
+        up = math.prod(kw.get("upsample_factors") or [1])
+        lc = torch.randn(batch, kw["local_cond_channels"], -(-length // up), generator=g, dtype=torch.float64).to(dtype)
+    return gc, lc
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("cond", list(COND_CASES))
+def test_fast_equals_naive_float64(kernel_size, batch, cond):
+    m = _tiny(kernel_size=kernel_size, **COND_CASES[cond])
+    n = 36  # longer than the receptive field (15 / 29): the naive window slides
+    gc, lc = _cond_inputs(cond, batch, n, torch.float64)
+    out = {}
+    for method in ("fast", "naive"):
+        g = torch.Generator().manual_seed(7)
+        out[method] = m.generate(n, batch_size=batch, global_cond=gc, local_cond=lc, generator=g, method=method,
+                                 progress=False, return_logits=True)
+    assert torch.equal(out["fast"][0], out["naive"][0])
+    torch.testing.assert_close(out["fast"][1], out["naive"][1], rtol=1e-10, atol=1e-10)
+    assert len(set(out["fast"][0].flatten().tolist())) > 5  # a real draw, not a constant
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3])
+def test_fast_equals_naive_float32_and_the_reference_queue(kernel_size):
+    m = _tiny(torch.float32, kernel_size=kernel_size, **COND_CASES["both"])
+    gc, lc = _cond_inputs("both", 8, 24, torch.float32)
+    res = []
+    for method, backend in (("fast", "auto"), ("naive", "auto"), ("fast", "reference")):
+        with fastar.backend(backend):
+            res.append(m.generate(24, batch_size=8, global_cond=gc, local_cond=lc,
+                                  generator=torch.Generator().manual_seed(3), method=method, progress=False))
+    assert torch.equal(res[0], res[1])
+    assert torch.equal(res[0], res[2])
+
+
+def test_step_logits_equal_teacher_forced_forward():
+    m = _tiny(torch.float32, **COND_CASES["local"])
+    _, lc = _cond_inputs("local", 4, 50, torch.float32)
+    codes, logits = m.generate(50, batch_size=4, local_cond=lc, generator=torch.Generator().manual_seed(0),
+                               progress=False, return_logits=True)
+    with torch.no_grad():
+        forced = m(codes, local_cond=lc)
+    torch.testing.assert_close(logits, forced, rtol=1e-5, atol=1e-5)
+
+
+def test_prime_continues_given_audio():
+    m = _tiny()
+    prime = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(5))
+    out = {}
+    for method in ("fast", "naive"):
+        out[method] = m.generate(15, prime=prime, generator=torch.Generator().manual_seed(2), method=method,
+                                 progress=False, return_logits=True)
+    assert out["fast"][0].shape == (3, 15)
+    assert torch.equal(out["fast"][0], out["naive"][0])
+    with torch.no_grad():
+        forced = m(torch.cat([prime, out["fast"][0]], 1))
+    torch.testing.assert_close(out["fast"][1], forced[:, :, 20:], rtol=1e-10, atol=1e-10)
+
+
+def test_generate_bad_input():
+    m = _tiny(**COND_CASES["both"])
+    gc, lc = _cond_inputs("both", 2, 10, torch.float64)
+    with pytest.raises(ValueError, match="cover 5 samples, but 10 are needed"):
+        m.generate(10, batch_size=2, global_cond=gc, local_cond=lc[:, :, :5], progress=False)
+    with pytest.raises(ValueError, match="global_cond has batch 2 but the audio has batch 3"):
+        m.generate(10, batch_size=3, global_cond=gc, local_cond=lc, progress=False)
+    with pytest.raises(ValueError, match="local_cond has batch 2 but the audio has batch 1"):
+        m.generate(10, batch_size=1, global_cond=gc[:1], local_cond=lc, progress=False)
+    with pytest.raises(ValueError, match="pass local_cond"):
+        m.generate(10, batch_size=2, global_cond=gc, progress=False)
+    with pytest.raises(ValueError, match="method must be"):
+        m.generate(10, batch_size=2, global_cond=gc, local_cond=lc, method="slow", progress=False)
+    with pytest.raises(ValueError, match="int64 mu-law codes"):
+        m(torch.randn(2, 10), global_cond=gc, local_cond=lc)
+    plain = _tiny()
+    with pytest.raises(ValueError, match="built without global_cond_channels"):
+        plain.generate(4, global_cond=gc, progress=False)
+
+
+def test_mixture_head_needs_the_mixture_ops():
+    m = WaveNet(layers=2, stacks=1, residual_channels=4, dilation_channels=4, skip_channels=8, output="mixture",
+                num_mixtures=3)
+    x = torch.rand(2, 10) * 2 - 1
+    assert m(x).shape == (2, 9, 10)
+    if not hasattr(fastar.ops, "discretized_mix_logistic_nll"):
+        with pytest.raises(NotImplementedError, match="discretized_mix_logistic_nll"):
+            m.nll(x)
+    if not hasattr(fastar.ops, "sample_discretized_mix_logistic"):
+        with pytest.raises(NotImplementedError, match="sample_discretized_mix_logistic"):
+            m.generate(4, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data: speech, training, WAV output
+
+
+def _train(m, codes, steps, seq=256, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    data = torch.cat(codes)
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, data.numel() - seq, (batch,), generator=g)
+        x = torch.stack([data[s:s + seq] for s in starts.tolist()])
+        loss = m.nll(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.skipif(not os.path.isdir(ALSA_SOUNDS), reason=f"{ALSA_SOUNDS} missing: apt-get install alsa-utils")
+def test_train_on_alsa_speech_loss_falls(tmp_path):
+    speech = load_speech(16000)
+    assert len(speech) >= 3 and all(a.abs().max() <= 1 for a in speech)
+    codes = [mu_law_encode(a) for a in speech]
+    torch.manual_seed(0)
+    m = WaveNet(layers=6, stacks=2, residual_channels=16, dilation_channels=16, skip_channels=32)
+    losses = _train(m, codes, steps=30)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    assert losses[-1] < math.log(256)
+
+
+def test_train_on_a_voiced_signal_loss_falls():
+    # A vowel-like signal (harmonics of 140 Hz with vibrato), always available, for the same check.
+    t = torch.arange(16000 * 2) / 16000
+    f0 = 140 * (1 + 0.02 * torch.sin(2 * math.pi * 5 * t))
+    phase = 2 * math.pi * torch.cumsum(f0, 0) / 16000
+    audio = sum(torch.sin(k * phase) / k for k in range(1, 6)) * 0.3
+    codes = [mu_law_encode(audio.float())]
+    torch.manual_seed(0)
+    m = WaveNet(layers=6, stacks=2, residual_channels=16, dilation_channels=16, skip_channels=32)
+    losses = _train(m, codes, steps=25)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+def test_load_speech_error_names_the_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install alsa-utils"):
+        load_speech(directory=str(tmp_path))
+
+
+def test_generate_writes_wav_with_progress_bar(tmp_path, capsys):
+    m = _tiny(torch.float32, quantization=256)
+    codes = m.generate(400, batch_size=2, generator=torch.Generator().manual_seed(0), progress=True)
+    err = capsys.readouterr().err
+    assert "WaveNet fast" in err and "400/400" in err  # tqdm's bar
+    audio = mu_law_decode(codes)
+    path = tmp_path / "sample.wav"
+    write_wav(path, audio[0], 16000)
+    back, rate = read_wav(path)
+    assert rate == 16000 and back.shape == (400,)
+    torch.testing.assert_close(back, audio[0], atol=2 / 32767, rtol=0)  # 16-bit rounding

@@ -1,0 +1,261 @@
+"""Dilated causal queue ops: causal_conv1d_update and wavenet_step, kernels against references."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastar
+from fastar.ops.wavenet import (causal_conv1d_update, causal_conv1d_update_ref, queue_sizes, wavenet_step,
+                                wavenet_step_ref)
+from tests.conftest import requires_kernel, tol
+
+
+# ---------------------------------------------------------------------------------------------
+# causal_conv1d_update
+
+
+def _conv_case(device, dtype, B, C_in, C_out, k, d, T, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(B, C_in, T, generator=g, dtype=torch.float64).to(device, dtype)
+    w = torch.randn(C_out, C_in, k, generator=g, dtype=torch.float64).to(device, dtype)
+    b = torch.randn(C_out, generator=g, dtype=torch.float64).to(device, dtype) if bias else None
+    return xs, w, b
+
+
+def _full_conv(xs, w, b, d):
+    k = w.shape[-1]
+    return F.conv1d(F.pad(xs, ((k - 1) * d, 0)), w, b, dilation=d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,C_in,C_out,k,d", [(1, 3, 5, 2, 1), (4, 8, 6, 2, 4), (3, 5, 7, 3, 2), (2, 4, 4, 1, 1),
+                                               (5, 16, 3, 4, 3)])
+def test_causal_conv1d_update_matches_full_conv(device, dtype, B, C_in, C_out, k, d):
+    requires_kernel("causal_conv1d_update", device)
+    T = 11
+    xs, w, b = _conv_case(device, dtype, B, C_in, C_out, k, d, T)
+    want = _full_conv(xs, w, b, d)
+    s_ker = torch.zeros(B, C_in, (k - 1) * d, device=device, dtype=dtype)
+    s_ref = s_ker.clone()
+    for t in range(T):
+        with fastar.backend("kernel"):
+            yk = causal_conv1d_update(xs[:, :, t], s_ker, w, b, d, t)
+        yr = causal_conv1d_update_ref(xs[:, :, t], s_ref, w, b, d, torch.tensor(t, device=device))
+        torch.testing.assert_close(yk, want[:, :, t], **tol(dtype))
+        torch.testing.assert_close(yr, want[:, :, t], **tol(dtype))
+    torch.testing.assert_close(s_ker, s_ref, rtol=0, atol=0)
+
+
+def test_causal_conv1d_update_noncontiguous_and_no_bias(device):
+    requires_kernel("causal_conv1d_update", device)
+    B, C, k, d, T = 3, 6, 3, 2, 9
+    xs, w, _ = _conv_case(device, torch.float64, B, C, C, k, d, T, bias=False)
+    w_nc = w.transpose(0, 1).contiguous().transpose(0, 1)  # same values, permuted strides
+    assert not w_nc.is_contiguous()
+    x_nc = xs.transpose(1, 2).contiguous().transpose(1, 2)  # time-major storage: x[:, :, t] is strided
+    want = _full_conv(xs, w, None, d)
+    state = torch.zeros(B, C, (k - 1) * d, device=device, dtype=torch.float64)
+    for t in range(T):
+        with fastar.backend("kernel"):
+            y = causal_conv1d_update(x_nc[:, :, t], state, w_nc, None, d, t)
+        torch.testing.assert_close(y, want[:, :, t], **tol(torch.float64))
+
+
+def test_causal_conv1d_update_opcheck(device):
+    requires_kernel("causal_conv1d_update", device)
+    xs, w, b = _conv_case(device, torch.float32, 2, 4, 3, 2, 2, 3)
+    state = torch.randn(2, 4, 2, device=device)
+    pos = torch.tensor([5], device=device)
+    torch.library.opcheck(torch.ops.fastar.causal_conv1d_update.default, (xs[:, :, 0], state, w, b, 2, pos))
+    torch.library.opcheck(torch.ops.fastar.causal_conv1d_update.default, (xs[:, :, 0], state, w, None, 2, pos))
+
+
+def test_causal_conv1d_update_compiles(device):
+    requires_kernel("causal_conv1d_update", device)
+    xs, w, b = _conv_case(device, torch.float32, 2, 4, 3, 3, 2, 6)
+    want = _full_conv(xs, w, b, 2)
+
+    @torch.compile(fullgraph=True)
+    def step(x, state, pos):
+        return causal_conv1d_update(x, state, w, b, 2, pos)
+
+    state = torch.zeros(2, 4, 4, device=device)
+    for t in range(6):
+        y = step(xs[:, :, t].contiguous(), state, torch.tensor([t], device=device))
+        torch.testing.assert_close(y, want[:, :, t], **tol(torch.float32))
+
+
+def test_causal_conv1d_update_bad_input():
+    x = torch.randn(2, 4)
+    w = torch.randn(3, 4, 2)
+    with pytest.raises(ValueError, match=r"state must have shape \[2, 4, 3\]"):
+        causal_conv1d_update(x, torch.zeros(2, 4, 2), w, None, 3, 0)  # wrong size for dilation 3
+    with pytest.raises(ValueError, match="state must have shape"):
+        causal_conv1d_update(x, torch.zeros(5, 4, 3), w, None, 3, 0)  # batch mismatch
+    with pytest.raises(ValueError, match="x has 4 channels but weight expects 5"):
+        causal_conv1d_update(x, torch.zeros(2, 4, 3), torch.randn(3, 5, 2), None, 3, 0)
+    with pytest.raises(ValueError, match="dilation must be a positive int"):
+        causal_conv1d_update(x, torch.zeros(2, 4, 0), w, None, 0, 0)
+    with pytest.raises(TypeError, match="dtype"):
+        causal_conv1d_update(x, torch.zeros(2, 4, 3, dtype=torch.float64), w, None, 3, 0)
+    with pytest.raises(ValueError, match="bias must have length 3"):
+        causal_conv1d_update(x, torch.zeros(2, 4, 3), w, torch.zeros(4), 3, 0)
+    with pytest.raises(ValueError, match="position must be non-negative"):
+        causal_conv1d_update(x, torch.zeros(2, 4, 3), w, None, 3, -1)
+    with pytest.raises(TypeError, match="position must be an int"):
+        causal_conv1d_update(x, torch.zeros(2, 4, 3), w, None, 3, 1.5)
+
+
+def test_causal_conv1d_update_kernel_rejects_bad_input():
+    requires_kernel("causal_conv1d_update", "cpu")
+    op = torch.ops.fastar.causal_conv1d_update.default
+    with pytest.raises(RuntimeError, match=r"state must have shape \[2, 4, 3\]"):
+        op(torch.randn(2, 4), torch.zeros(2, 4, 2), torch.randn(3, 4, 2), None, 3, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="position must be a one-element int64"):
+        op(torch.randn(2, 4), torch.zeros(2, 4, 3), torch.randn(3, 4, 2), None, 3, torch.tensor([0.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# wavenet_step
+
+
+def _step_case(device, dtype, B=3, T=12, L=4, k=2, R=8, D=6, S=16, A=32, cond=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.5):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+    dil = [1, 2, 4, 1][:L] + [1] * max(0, L - 4)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = dict(in_w=r(A, R), in_b=r(R), conv_w=r(L, k, R, 2 * D), conv_b=r(L, 2 * D), res_skip_w=r(L, D, R + S),
+             res_skip_b=r(L, R + S), out1_w=r(S, S, scale=0.3), out1_b=r(S), out2_w=r(S, A), out2_b=r(A))
+    state = dict(samples=torch.randint(0, A, (B, T), generator=g).to(device),
+                 queues=torch.zeros(B, sum(queue_sizes(dil, k)), R, device=device, dtype=acc),
+                 position=torch.zeros(1, dtype=torch.int64, device=device),
+                 logits=torch.zeros(B, A, device=device, dtype=acc),
+                 noise=torch.rand(B, T, generator=g, dtype=torch.float64).to(device, acc))
+    c = None
+    if cond == "global":
+        c = r(B, 1, L, 2 * D)
+    elif cond == "local":
+        c = r(B, T, L, 2 * D)
+    return state, c, w, dil
+
+
+def _call(fn, st, c, w, dil, num_prime=0, temperature=1.0, start=5, num_steps=1):
+    return fn(st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c, w["in_w"], w["in_b"],
+              w["conv_w"], w["conv_b"], w["res_skip_w"], w["res_skip_b"], w["out1_w"], w["out1_b"], w["out2_w"],
+              w["out2_b"], dil, num_prime, temperature, start, num_steps)
+
+
+def _clone(st):
+    return {k: v.clone() for k, v in st.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("cond", [None, "global", "local"])
+def test_wavenet_step_kernel_matches_ref(device, dtype, k, cond):
+    requires_kernel("wavenet_step", device)
+    st, c, w, dil = _step_case(device, dtype, k=k, cond=cond)
+    st_k, st_r = _clone(st), _clone(st)
+    T = st["samples"].shape[1]
+    for t in range(T):
+        with fastar.backend("kernel"):
+            _call(wavenet_step, st_k, c, w, dil, num_prime=3)
+        _call(wavenet_step_ref, st_r, c, w, dil, num_prime=3)
+        torch.testing.assert_close(st_k["logits"], st_r["logits"], **tol(dtype, 10))
+        torch.testing.assert_close(st_k["queues"], st_r["queues"], **tol(dtype, 10))
+        assert torch.equal(st_k["samples"], st_r["samples"]), f"samples differ at step {t}"
+    assert torch.equal(st_k["samples"][:, :3], st["samples"][:, :3])  # primed positions kept
+    assert int(st_k["position"]) == T == int(st_r["position"])
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_wavenet_step_multi_step_and_temperature(device, batch):
+    requires_kernel("wavenet_step", device)
+    for temperature in (0.0, 0.7):
+        st, c, w, dil = _step_case(device, torch.float64, B=batch, T=10, A=256, R=16, S=32, seed=3)
+        st_k, st_r = _clone(st), _clone(st)
+        with fastar.backend("kernel"):
+            _call(wavenet_step, st_k, c, w, dil, temperature=temperature, num_steps=4)
+            _call(wavenet_step, st_k, c, w, dil, temperature=temperature, num_steps=6)
+        _call(wavenet_step_ref, st_r, c, w, dil, temperature=temperature, num_steps=10)
+        assert torch.equal(st_k["samples"], st_r["samples"])
+        torch.testing.assert_close(st_k["logits"], st_r["logits"], **tol(torch.float64))
+        if temperature == 0.0:
+            assert torch.equal(st_k["samples"][:, -1], st_k["logits"].argmax(1))
+
+
+def test_wavenet_step_opcheck(device):
+    requires_kernel("wavenet_step", device)
+    st, c, w, dil = _step_case(device, torch.float32, T=6, cond="local")
+    args = (st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c, w["in_w"], w["in_b"],
+            w["conv_w"], w["conv_b"], w["res_skip_w"], w["res_skip_b"], w["out1_w"], w["out1_b"], w["out2_w"],
+            w["out2_b"], dil, 0, 1.0, 5, 2)
+    torch.library.opcheck(torch.ops.fastar.wavenet_step.default, args)
+
+
+def test_wavenet_step_compiles(device):
+    requires_kernel("wavenet_step", device)
+    st, c, w, dil = _step_case(device, torch.float32, T=5, cond="global")
+    st_r = _clone(st)
+
+    @torch.compile(fullgraph=True)
+    def step(samples, queues, position, logits):
+        wavenet_step(samples, queues, position, logits, st["noise"], c, w["in_w"], w["in_b"], w["conv_w"],
+                     w["conv_b"], w["res_skip_w"], w["res_skip_b"], w["out1_w"], w["out1_b"], w["out2_w"],
+                     w["out2_b"], dil, 0, 1.0, 5)
+
+    for _ in range(5):
+        step(st["samples"], st["queues"], st["position"], st["logits"])
+        _call(wavenet_step_ref, st_r, c, w, dil)
+    assert torch.equal(st["samples"], st_r["samples"])
+    torch.testing.assert_close(st["logits"], st_r["logits"], **tol(torch.float32, 10))
+
+
+def test_wavenet_step_bad_input():
+    st, c, w, dil = _step_case("cpu", torch.float32, B=3, T=6)
+    bad = _clone(st)
+    bad["queues"] = torch.zeros(3, 5, 8)
+    with pytest.raises(ValueError, match="queues must have shape"):
+        _call(wavenet_step, bad, c, w, dil)
+    with pytest.raises(ValueError, match=r"cond must have shape \[3, 1 or 6, 4, 12\]"):
+        _call(wavenet_step, _clone(st), torch.zeros(3, 4, 4, 12), w, dil)  # wrong length
+    with pytest.raises(ValueError, match="cond must have shape"):
+        _call(wavenet_step, _clone(st), torch.zeros(2, 1, 4, 12), w, dil)  # batch mismatch
+    bad = _clone(st)
+    bad["noise"] = torch.rand(2, 6)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        _call(wavenet_step, bad, c, w, dil)
+    with pytest.raises(ValueError, match="dilations must list 4"):
+        _call(wavenet_step, _clone(st), c, w, dil[:3])
+    w2 = dict(w, out1_b=torch.zeros(5))
+    with pytest.raises(ValueError, match="out1_b must have shape"):
+        _call(wavenet_step, _clone(st), c, w2, dil)
+    w2 = dict(w, in_b=w["in_b"].double())
+    with pytest.raises(TypeError, match="in_b dtype"):
+        _call(wavenet_step, _clone(st), c, w2, dil)
+    bad = _clone(st)
+    bad["samples"] = bad["samples"].float()
+    with pytest.raises(TypeError, match="samples must be a 2-D"):
+        _call(wavenet_step, bad, c, w, dil)
+    with pytest.raises(ValueError, match="start must be a code"):
+        _call(wavenet_step, _clone(st), c, w, dil, start=99)
+
+
+def test_wavenet_step_kernel_rejects_bad_input():
+    requires_kernel("wavenet_step", "cpu")
+    st, c, w, dil = _step_case("cpu", torch.float32, B=3, T=6)
+    op = torch.ops.fastar.wavenet_step.default
+    bad = _clone(st)
+    bad["position"] = torch.tensor([5])
+    with pytest.raises(RuntimeError, match="do not fit the 6 steps"):
+        _call(op, bad, c, w, dil, num_steps=2)  # would run past the end of samples
+    bad = _clone(st)
+    bad["queues"] = torch.zeros(3, 7, 8)
+    with pytest.raises(RuntimeError, match="queues must have shape"):
+        _call(op, bad, c, w, dil)
+    with pytest.raises(RuntimeError, match="cond must have shape"):
+        _call(op, _clone(st), torch.zeros(3, 4, 4, 12), w, dil)
