@@ -259,3 +259,33 @@ def test_wavenet_step_kernel_rejects_bad_input():
         _call(op, bad, c, w, dil)
     with pytest.raises(RuntimeError, match="cond must have shape"):
         _call(op, _clone(st), torch.zeros(3, 4, 4, 12), w, dil)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_wavenet_step_kernel_thread_modes(batch, threads):
+    # batch <= 2 with >= 2 threads runs the two-thread column split on CPU; the rest the row chunks
+    requires_kernel("wavenet_step", "cpu")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        st, c, w, dil = _step_case("cpu", torch.float32, B=batch, T=20, R=16, D=32, S=64, A=256, k=3, cond="local",
+                                   seed=11)
+        st_k, st_r = _clone(st), _clone(st)
+        with fastar.backend("kernel"):
+            _call(wavenet_step, st_k, c, w, dil, num_prime=4, num_steps=7)
+            _call(wavenet_step, st_k, c, w, dil, num_prime=4, num_steps=13)
+        _call(wavenet_step_ref, st_r, c, w, dil, num_prime=4, num_steps=20)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(st_k["samples"], st_r["samples"])
+    torch.testing.assert_close(st_k["logits"], st_r["logits"], **tol(torch.float32, 10))
+    torch.testing.assert_close(st_k["queues"], st_r["queues"], **tol(torch.float32, 10))
+
+
+def test_wavenet_step_kernel_rejects_bad_prime_code():
+    requires_kernel("wavenet_step", "cpu")
+    st, c, w, dil = _step_case("cpu", torch.float32, B=2, T=6)
+    st["samples"][1, 2] = 40  # A = 32
+    with pytest.raises(RuntimeError, match=r"samples\[1, 2\] = 40 is not a code in \[0, 32\)"):
+        _call(torch.ops.fastar.wavenet_step.default, st, c, w, dil, num_prime=4, num_steps=5)

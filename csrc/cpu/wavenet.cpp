@@ -11,17 +11,21 @@
 // chunks that run on separate threads (at::parallel_for); inside a chunk every GEMV walks
 // the output tiles outermost, so one tile's weight panel (K x 16 floats) stays in L1 while
 // all rows of the chunk pass over it: the weights are read from L2/L3 once per chunk and
-// step, whatever the batch.
+// step, whatever the batch. At batch 1-2 two threads split the output columns of every
+// matrix instead (each thread's share of the weights then fits its own L2).
 // Gates use a vectorised exp (Cephes polynomial, ~2 ulp) in float32 and std::tanh/std::exp
 // in float64. Sampling follows categorical_sample's contract: inverse CDF of softmax(logits /
 // temperature) on the step's uniform, clamped to the last category of non-zero probability.
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <atomic>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -110,8 +114,8 @@ void gemv_generic(const T* W, int64_t ldw, int64_t K, int64_t o0, int64_t o1, co
 }
 
 template <typename T>
-void gate_generic(const T* a, int64_t D, T* z) {
-  for (int64_t c = 0; c < D; ++c) z[c] = std::tanh(a[c]) * (T(1) / (T(1) + std::exp(-a[D + c])));
+void gate_generic(const T* f, const T* g, int64_t n, T* z) {
+  for (int64_t c = 0; c < n; ++c) z[c] = std::tanh(f[c]) * (T(1) / (T(1) + std::exp(-g[c])));
 }
 
 #ifdef FASTAR_X86
@@ -168,6 +172,40 @@ __attribute__((target("avx2,fma"))) inline void tile4x2_avx2(const float* W, int
   _mm256_storeu_ps(y + 3 * ldy + 8, a31);
 }
 
+// One row, 16 columns: four independent accumulator pairs over i (i unrolled by 4) hide the
+// FMA latency that a single pair would expose at batch 1.
+__attribute__((target("avx2,fma"))) inline void tile1x2_avx2(const float* W, int64_t ldw, int64_t K, const float* x,
+                                                              float* y) {
+  __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+  __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 4 <= K; i += 4) {
+    const float* w = W + i * ldw;
+    __m256 xb = _mm256_broadcast_ss(x + i);
+    a0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w), a0);
+    a1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 8), a1);
+    xb = _mm256_broadcast_ss(x + i + 1);
+    b0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + ldw), b0);
+    b1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + ldw + 8), b1);
+    xb = _mm256_broadcast_ss(x + i + 2);
+    c0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 2 * ldw), c0);
+    c1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 2 * ldw + 8), c1);
+    xb = _mm256_broadcast_ss(x + i + 3);
+    d0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 3 * ldw), d0);
+    d1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 3 * ldw + 8), d1);
+  }
+  for (; i < K; ++i) {
+    const float* w = W + i * ldw;
+    const __m256 xb = _mm256_broadcast_ss(x + i);
+    a0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w), a0);
+    a1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 8), a1);
+  }
+  _mm256_storeu_ps(y, _mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(c0, d0)));
+  _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_add_ps(a1, b1), _mm256_add_ps(c1, d1)));
+}
+
 template <int OV>
 __attribute__((target("avx2,fma"))) inline void rows_avx2(const float* W, int64_t ldw, int64_t K, const float* x,
                                                            int64_t ldx, float* y, int64_t ldy, int64_t nb) {
@@ -178,7 +216,12 @@ __attribute__((target("avx2,fma"))) inline void rows_avx2(const float* W, int64_
     else
       tile_avx2<4, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
   }
-  for (; b < nb; ++b) tile_avx2<1, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
+  for (; b < nb; ++b) {
+    if constexpr (OV == 2)
+      tile1x2_avx2(W, ldw, K, x + b * ldx, y + b * ldy);
+    else
+      tile_avx2<1, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
+  }
 }
 
 __attribute__((target("avx2,fma"))) void gemv_avx2(const float* W, int64_t ldw, int64_t K, int64_t o0, int64_t o1,
@@ -210,18 +253,18 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-__attribute__((target("avx2,fma"))) void gate_avx2(const float* a, int64_t D, float* z) {
+__attribute__((target("avx2,fma"))) void gate_avx2(const float* a, const float* ga, int64_t D, float* z) {
   const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
   int64_t c = 0;
   for (; c + 8 <= D; c += 8) {
-    const __m256 f = _mm256_loadu_ps(a + c), g = _mm256_loadu_ps(a + D + c);
+    const __m256 f = _mm256_loadu_ps(a + c), g = _mm256_loadu_ps(ga + c);
     // tanh(f) = 2 / (1 + exp(-2f)) - 1; sigmoid(g) = 1 / (1 + exp(-g)).
     const __m256 th = _mm256_sub_ps(
         _mm256_div_ps(two, _mm256_add_ps(one, exp_avx2(_mm256_mul_ps(f, _mm256_set1_ps(-2.0f))))), one);
     const __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g))));
     _mm256_storeu_ps(z + c, _mm256_mul_ps(th, sg));
   }
-  for (; c < D; ++c) z[c] = std::tanh(a[c]) * (1.0f / (1.0f + std::exp(-a[D + c])));
+  for (; c < D; ++c) z[c] = std::tanh(a[c]) * (1.0f / (1.0f + std::exp(-ga[c])));
 }
 
 bool cpu_has_avx2_fma() {
@@ -233,7 +276,7 @@ bool cpu_has_avx2_fma() {
 template <typename T>
 struct Prims {
   void (*gemv)(const T*, int64_t, int64_t, int64_t, int64_t, const T*, int64_t, T*, int64_t, int64_t);
-  void (*gate)(const T*, int64_t, T*);
+  void (*gate)(const T*, const T*, int64_t, T*);
 };
 
 template <typename T>
@@ -328,9 +371,7 @@ struct Stepper {
   void input(int64_t b0, int64_t nb, Scratch<T>& sc) {
     for (int64_t r = 0; r < nb; ++r) {
       const int64_t b = b0 + r;
-      const int64_t c = g.p > 0 ? g.samples[b * s.T + g.p - 1] : g.start;
-      TORCH_CHECK(c >= 0 && c < s.A, "wavenet_step: samples[", b, ", ", g.p - 1, "] = ", c,
-                  " is not a code in [0, ", s.A, ")");
+      const int64_t c = g.p > 0 ? g.samples[b * s.T + g.p - 1] : g.start;  // checked by check_codes
       const T* e = g.in_w + c * s.R;
       T* h = sc.h.data() + r * s.R;
       for (int64_t i = 0; i < s.R; ++i) h[i] = e[i] + g.in_b[i];
@@ -371,8 +412,12 @@ struct Stepper {
                   sizeof(T) * s.R);
   }
 
-  void gate(int64_t nb, Scratch<T>& sc) {
-    for (int64_t r = 0; r < nb; ++r) g.prim.gate(sc.a.data() + r * 2 * s.D, s.D, sc.z.data() + r * s.D);
+  // z = tanh(a_f) * sigmoid(a_g) for gate channels [c0, c1).
+  void gate(int64_t nb, Scratch<T>& sc, int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < nb; ++r) {
+      const T* a = sc.a.data() + r * 2 * s.D;
+      g.prim.gate(a + c0, a + s.D + c0, c1 - c0, sc.z.data() + r * s.D + c0);
+    }
   }
 
   // h += z @ W[:, :R] + res_b; skip += z @ W[:, R:] + skip_b; columns [c0, c1) of R + S.
@@ -429,7 +474,7 @@ struct Stepper {
     for (int64_t l = 0; l < s.L; ++l) {
       conv(l, b0, nb, sc, 0, 2 * s.D);
       push_queue(l, b0, nb, sc);
-      gate(nb, sc);
+      gate(nb, sc, 0, s.D);
       res_skip(l, nb, sc, 0, s.R + s.S);
     }
     relu(sc.skip.data(), nb * s.S);
@@ -440,24 +485,111 @@ struct Stepper {
   }
 };
 
-template <typename T>
-void run_step(const StepArgs<T>& g) {
-  const StepShape& s = *g.s;
-  Stepper<T> st(g);
-  // Chunks of rows large enough that a weight panel is reused many times before it leaves L1.
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, (s.B + threads - 1) / threads));
-  const int64_t nchunks = (s.B + chunk - 1) / chunk;
-  if (nchunks == 1) {
-    st.rows(0, s.B);
-    return;
+// A spin barrier for the two threads of the split mode (they run for a whole multi-step
+// call, so the OpenMP fork/join is paid once per call, not per stage).
+struct SpinBarrier {
+  std::atomic<int> count{0};
+  std::atomic<int> phase{0};
+  void wait(int parties) {
+    const int ph = phase.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == parties - 1) {
+      count.store(0, std::memory_order_relaxed);
+      phase.store(ph + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; phase.load(std::memory_order_acquire) == ph; ++spins) {
+      if (spins > 2000) std::this_thread::yield();  // the machine may be oversubscribed
+    }
   }
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t b0 = c * chunk;
-      st.rows(b0, std::min(chunk, s.B - b0));
+};
+
+// Small batches on two threads: both hold the same rows, and each computes its own part of
+// the output columns of every matrix, so each thread streams (and keeps in its own L2) only
+// its part of the weights. A thread computes the filter and the gate columns of the same
+// channels, so it gates them without waiting: two barriers per layer.
+template <typename T>
+void run_split(StepArgs<T>& g, int64_t p0, int64_t num_steps) {
+  const StepShape& s = *g.s;
+  Scratch<T> sc;
+  sc.resize(s, s.B);
+  SpinBarrier bar;
+  at::parallel_for(0, 2, 1, [&](int64_t lo, int64_t hi) {
+    const int parties = (hi - lo == 2) ? 1 : 2;  // the runtime gave us one thread: it does both parts
+    for (int64_t id = lo; id < hi; ++id) {
+      if (parties == 1 && id == 1) break;
+      StepArgs<T> gl = g;
+      Stepper<T> st(gl);
+      const int64_t part_id = parties == 1 ? 0 : id;
+      auto cols = [&](int64_t n) { return Stepper<T>::part(n, part_id, parties); };
+      const auto gd = cols(s.D), rs = cols(s.R + s.S), sk = cols(s.S), ao = cols(s.A);
+      for (int64_t i = 0; i < num_steps; ++i) {
+        gl.p = p0 + i;
+        if (part_id == 0) st.input(0, s.B, sc);
+        if (parties == 2) bar.wait(2);
+        for (int64_t l = 0; l < s.L; ++l) {
+          st.conv(l, 0, s.B, sc, gd.first, gd.second);
+          st.conv(l, 0, s.B, sc, s.D + gd.first, s.D + gd.second);
+          st.gate(s.B, sc, gd.first, gd.second);
+          if (parties == 2) bar.wait(2);  // all of z, and every read of the queues, done
+          if (part_id == 0) st.push_queue(l, 0, s.B, sc);
+          st.res_skip(l, s.B, sc, rs.first, rs.second);
+          if (parties == 2) bar.wait(2);  // h complete for the next layer
+        }
+        for (int64_t r = 0; r < s.B; ++r) st.relu(sc.skip.data() + r * s.S + sk.first, sk.second - sk.first);
+        if (parties == 2) bar.wait(2);
+        st.head1(s.B, sc, sk.first, sk.second);
+        for (int64_t r = 0; r < s.B; ++r) st.relu(sc.y1.data() + r * s.S + sk.first, sk.second - sk.first);
+        if (parties == 2) bar.wait(2);
+        st.head2(0, s.B, sc, ao.first, ao.second);
+        if (parties == 2) bar.wait(2);
+        if (part_id == 0) st.sample(0, s.B);
+        if (parties == 2) bar.wait(2);  // the drawn sample is the next step's input
+      }
     }
   });
+}
+
+template <typename T>
+void run_steps(StepArgs<T>& g, int64_t p0, int64_t num_steps) {
+  const StepShape& s = *g.s;
+  const int64_t threads = at::get_num_threads();
+  // Only with OpenMP: its team threads run concurrently, which the spin barrier relies on
+  // (a task pool could run both parts one after the other on one thread).
+  if (AT_PARALLEL_OPENMP && threads >= 2 && s.B <= 2 && !at::in_parallel_region() && s.D >= 32 &&
+      s.R + s.S >= 64) {
+    run_split<T>(g, p0, num_steps);
+    return;
+  }
+  Stepper<T> st(g);
+  // Chunks of rows large enough that a weight panel is reused many times before it leaves L1.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, (s.B + threads - 1) / threads));
+  const int64_t nchunks = (s.B + chunk - 1) / chunk;
+  for (int64_t i = 0; i < num_steps; ++i) {
+    g.p = p0 + i;
+    if (nchunks == 1) {
+      st.rows(0, s.B);
+      continue;
+    }
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t b0 = c * chunk;
+        st.rows(b0, std::min(chunk, s.B - b0));
+      }
+    });
+  }
+}
+
+// The codes a call reads that it did not draw itself (the sample before the first step and
+// the primed ones) must be valid indices of in_w: checked here, before any thread starts.
+void check_codes(const at::Tensor& samples, const StepShape& s, int64_t p0, int64_t num_steps, int64_t num_prime) {
+  const int64_t* sm = samples.data_ptr<int64_t>();
+  const int64_t hi = std::min(p0 + num_steps - 1, std::max(num_prime, p0));
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t q = std::max<int64_t>(0, p0 - 1); q < hi; ++q) {
+      const int64_t c = sm[b * s.T + q];
+      TORCH_CHECK(c >= 0 && c < s.A, "wavenet_step: samples[", b, ", ", q, "] = ", c, " is not a code in [0, ",
+                  s.A, ")");
+    }
 }
 
 void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& position, at::Tensor& logits,
@@ -481,6 +613,7 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
     position.data_ptr<int64_t>()[0] = p + num_steps;
     return;
   }
+  check_codes(samples, s, p, num_steps, num_prime);
   const auto nz = (noise.scalar_type() == at::kDouble ? noise : noise.to(at::kFloat)).contiguous();
   const auto cc = (cond.has_value() && cond->defined()) ? cond->contiguous() : at::Tensor();
   const auto iw = in_w.contiguous(), ib = in_b.contiguous(), cw = conv_w.contiguous(), cb = conv_b.contiguous(),
@@ -512,10 +645,7 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
     g.o2_b = o2b.data_ptr<scalar_t>();
     g.dil = dil.data();
     g.prim = pick_prims<scalar_t>();
-    for (int64_t i = 0; i < num_steps; ++i) {
-      g.p = p + i;
-      run_step<scalar_t>(g);
-    }
+    run_steps<scalar_t>(g, p, num_steps);
   });
   position.data_ptr<int64_t>()[0] = p + num_steps;
 }

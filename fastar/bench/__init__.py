@@ -20,6 +20,7 @@ import torch
 # family name -> module path; each later family adds itself here.
 FAMILIES = {
     "masked_conv": "fastar.bench.masked_conv",
+    "wavenet": "fastar.bench.wavenet",
 }
 
 

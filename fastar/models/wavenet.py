@@ -280,6 +280,9 @@ class WaveNet(nn.Module):
         inp = torch.full_like(samples, self.start_code)
         inp[:, 1:] = samples[:, :-1]
         for t in range(T):
+            if t < P and logits_all is None:  # primed positions: nothing to draw, nothing asked for
+                bar.update(1)
+                continue
             lo = max(0, t + 1 - rf)
             h = self._embed(inp[:, lo:t + 1])
             logits = self._stack(h, g, None if c is None else c[:, :, lo:t + 1])[:, :, -1]

@@ -1,0 +1,89 @@
+"""WaveNet generation: naive vs the PyTorch queue path (wavenet_step_ref) vs the fused wavenet_step kernel.
+
+Config of the issue (nv-wavenet's): R=64, S=256, A=256, 20 layers (2 stacks of 10), kernel 2,
+float32, softmax head, no conditioning. Samples per second = batch * steps / seconds.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from fastar import _backend
+from fastar.bench.timing import sync
+from fastar.models import WaveNet
+
+COLUMNS = ["batch", "naive_sps", "queue_ref_sps", "fused_sps", "fused_vs_queue_ref", "fused_vs_naive",
+           "fused_ms_per_step", "steps_timed"]
+
+NOTES = ("naive = WaveNet.generate(method='naive'): the full forward pass over the receptive-field window "
+         "(2047 samples) per sample, timed in steady state (primed with a full window). queue_ref = the PyTorch "
+         "queue path (fastar.ops.wavenet_step_ref, a few torch ops per layer and step). fused = "
+         "WaveNet.generate(method='fast'): fastar.ops.wavenet_step, one fused C++ loop per step on CPU (64 steps "
+         "per call), one kernel launch per step replayed from a CUDA graph on CUDA. sps = samples per second "
+         "(batch x steps / s), median of the repeats. Model: R=64, D=64, S=256, A=256, 20 layers (2x10), "
+         "kernel 2, float32.")
+
+BATCHES = [1, 16, 64, 256]
+
+
+def _model(device):
+    torch.manual_seed(0)
+    return WaveNet(layers=20, stacks=2, residual_channels=64, dilation_channels=64, skip_channels=256,
+                   quantization=256, kernel_size=2).to(device).eval()
+
+
+def _time(fn, device, repeat):
+    fn()  # warm-up
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _steps(device, batch, quick):
+    cpu = device.type == "cpu"
+    naive = 1 if (batch >= 16 and cpu) or quick else 3
+    ref = (20 if batch >= 64 else 60) if cpu else 200
+    fused = ({1: 4000, 16: 1000, 64: 300, 256: 100}[batch] if cpu else 4000)
+    if quick:
+        ref, fused = max(5, ref // 10), max(20, fused // 10)
+    return naive, ref, fused
+
+
+def run(device: str, quick: bool = False) -> list[dict]:
+    dev = torch.device(device)
+    m = _model(dev)
+    rf = m.receptive_field
+    batches = [1, 16] if quick else BATCHES
+    rows = []
+    for batch in batches:
+        n_naive, n_ref, n_fused = _steps(dev, batch, quick)
+        g = torch.Generator().manual_seed(0)
+        prime = torch.randint(0, 256, (batch, rf), generator=g).to(dev)
+        naive_s = _time(lambda: m.generate(n_naive, prime=prime, method="naive", progress=False), dev,
+                        1 if (batch >= 16 or quick) else 3)
+        samples = torch.zeros(batch, n_ref, dtype=torch.int64, device=dev)
+        noise = torch.rand(batch, n_ref, device=dev)
+        ref_s = _time(lambda: m.generate_reference_queue(samples, noise), dev, 1 if quick else 3)
+        kernel_built = "wavenet_step" in (_backend.CUDA_KERNELS if dev.type == "cuda" else _backend.CPU_KERNELS)
+        fused_s = None
+        if kernel_built:
+            with _backend.backend("kernel"):
+                fused_s = _time(lambda: m.generate(n_fused, batch_size=batch, progress=False), dev, 3)
+        naive_sps = batch * n_naive / naive_s
+        ref_sps = batch * n_ref / ref_s
+        fused_sps = batch * n_fused / fused_s if fused_s else None
+        rows.append({"batch": batch, "naive_sps": naive_sps, "queue_ref_sps": ref_sps, "fused_sps": fused_sps,
+                     "fused_vs_queue_ref": fused_sps / ref_sps if fused_sps else None,
+                     "fused_vs_naive": fused_sps / naive_sps if fused_sps else None,
+                     "fused_ms_per_step": fused_s / n_fused * 1e3 if fused_s else None,
+                     "steps_timed": f"{n_naive}/{n_ref}/{n_fused}"})
+        print(f"  batch {batch:>3}: naive {naive_sps:10.1f}  queue_ref {ref_sps:10.1f}  fused "
+              f"{fused_sps or 0:12.1f} samples/s", flush=True)
+    return rows
