@@ -5,6 +5,7 @@ float32, softmax head, no conditioning. Samples per second = batch * steps / sec
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -15,7 +16,7 @@ from fastar.bench.timing import sync
 from fastar.models import WaveNet
 
 COLUMNS = ["batch", "naive_sps", "queue_ref_sps", "fused_sps", "fused_vs_queue_ref", "fused_vs_naive",
-           "fused_ms_per_step", "steps_timed"]
+           "fused_ms_per_step", "fused_1thread_sps", "queue_ref_threads", "steps_timed"]
 
 NOTES = ("naive = WaveNet.generate(method='naive'): the full forward pass over the receptive-field window "
          "(2047 samples) per sample, timed in steady state (primed with a full window). queue_ref = the PyTorch "
@@ -23,9 +24,22 @@ NOTES = ("naive = WaveNet.generate(method='naive'): the full forward pass over t
          "WaveNet.generate(method='fast'): fastar.ops.wavenet_step, one fused C++ loop per step on CPU (64 steps "
          "per call), one kernel launch per step replayed from a CUDA graph on CUDA. sps = samples per second "
          "(batch x steps / s), median of the repeats. Model: R=64, D=64, S=256, A=256, 20 layers (2x10), "
-         "kernel 2, float32.")
+         "kernel 2, float32. queue_ref is timed with 1 thread and with all threads and the faster is kept "
+         "(queue_ref_threads): its tiny GEMMs suffer from OpenMP contention on a shared machine. "
+         "fused_1thread_sps = the fused path with torch.set_num_threads(1) (CPU only); at batch 1-2 with 2 "
+         "threads the CPU kernel splits every matrix's columns between two cores.")
 
 BATCHES = [1, 16, 64, 256]
+
+
+@contextlib.contextmanager
+def _threads(n):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _model(device):
@@ -70,12 +84,22 @@ def run(device: str, quick: bool = False) -> list[dict]:
                         1 if (batch >= 16 or quick) else 3)
         samples = torch.zeros(batch, n_ref, dtype=torch.int64, device=dev)
         noise = torch.rand(batch, n_ref, device=dev)
-        ref_s = _time(lambda: m.generate_reference_queue(samples, noise), dev, 1 if quick else 3)
+        ref_s, ref_threads = _time(lambda: m.generate_reference_queue(samples, noise), dev, 1 if quick else 3), None
+        if dev.type == "cpu":
+            ref_threads = torch.get_num_threads()
+            if ref_threads > 1:
+                with _threads(1):
+                    one = _time(lambda: m.generate_reference_queue(samples, noise), dev, 1 if quick else 3)
+                if one < ref_s:
+                    ref_s, ref_threads = one, 1
         kernel_built = "wavenet_step" in (_backend.CUDA_KERNELS if dev.type == "cuda" else _backend.CPU_KERNELS)
-        fused_s = None
+        fused_s = fused1_s = None
         if kernel_built:
             with _backend.backend("kernel"):
                 fused_s = _time(lambda: m.generate(n_fused, batch_size=batch, progress=False), dev, 3)
+                if dev.type == "cpu" and torch.get_num_threads() > 1:
+                    with _threads(1):
+                        fused1_s = _time(lambda: m.generate(n_fused, batch_size=batch, progress=False), dev, 3)
         naive_sps = batch * n_naive / naive_s
         ref_sps = batch * n_ref / ref_s
         fused_sps = batch * n_fused / fused_s if fused_s else None
@@ -83,6 +107,8 @@ def run(device: str, quick: bool = False) -> list[dict]:
                      "fused_vs_queue_ref": fused_sps / ref_sps if fused_sps else None,
                      "fused_vs_naive": fused_sps / naive_sps if fused_sps else None,
                      "fused_ms_per_step": fused_s / n_fused * 1e3 if fused_s else None,
+                     "fused_1thread_sps": batch * n_fused / fused1_s if fused1_s else None,
+                     "queue_ref_threads": ref_threads,
                      "steps_timed": f"{n_naive}/{n_ref}/{n_fused}"})
         print(f"  batch {batch:>3}: naive {naive_sps:10.1f}  queue_ref {ref_sps:10.1f}  fused "
               f"{fused_sps or 0:12.1f} samples/s", flush=True)
