@@ -15,7 +15,7 @@ zero padding before time 0.
 ``wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b,
 res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature,
 start, num_steps=1)`` runs ``num_steps`` time steps (one call, so the per-call overhead is
-paid once per chunk) of a whole softmax WaveNet of a whole softmax WaveNet (see :class:`fastar.models.WaveNet`),
+paid once per chunk) of a whole softmax WaveNet (see :class:`fastar.models.WaveNet`),
 reading the step index ``p`` from the device tensor ``position`` so that the call can be
 captured in a CUDA graph and replayed:
 
