@@ -44,3 +44,13 @@ TORCH_LIBRARY(fastar, m) {
       "Tensor res_skip_w, Tensor res_skip_b, Tensor out1_w, Tensor out1_b, Tensor out2_w, Tensor out2_b, "
       "int[] dilations, int num_prime, float temperature, int start, int num_steps) -> ()");
 }
+
+// ---- masked convolution at one position (cached sampling; fastar/ops/masked_conv_at.py) ----
+// Writes x_new (N, C_in, P) into x_cache (N, C_in, H, W) at the P positions
+// pos (P, 2) = (row, column), then returns (N, C_out, P): the masked
+// convolution's output at those positions only.
+TORCH_LIBRARY_FRAGMENT(fastar, m) {
+  m.def(
+      "masked_conv2d_at(Tensor(a!) x_cache, Tensor? x_new, Tensor weight, Tensor? bias, Tensor mask, "
+      "Tensor pos, int[2] padding, int[2] dilation) -> Tensor");
+}

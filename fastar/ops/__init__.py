@@ -5,3 +5,6 @@ from fastar.ops.wavenet import causal_conv1d_update, causal_conv1d_update_ref, w
 
 __all__ = ["masked_conv2d", "masked_conv2d_ref", "categorical_sample", "categorical_sample_ref",
            "causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref"]
+from fastar.ops.masked_conv_at import masked_conv2d_at, masked_conv2d_at_ref  # noqa: E402
+
+__all__ += ["masked_conv2d_at", "masked_conv2d_at_ref"]

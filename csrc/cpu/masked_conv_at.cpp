@@ -1,0 +1,106 @@
+// CPU kernel of masked_conv2d_at: the masked convolution's output at P
+// positions for a whole batch, reading a cached input map (cached sampling).
+//
+// masked_conv2d_at(x_cache!, x_new, weight, bias, mask, pos, padding, dilation):
+//   x_cache (N, C_in, H, W), any strides, written in place: x_cache[:, :, pos[p]] = x_new[:, :, p] first;
+//   x_new (N, C_in, P) or none; weight, mask (C_out, C_in, kH, kW); bias (C_out,) or none; pos (P, 2) int64;
+//   returns (N, C_out, P) contiguous: out[:, :, p] = conv2d(x_cache, weight * mask, bias, padding, dilation)
+//   evaluated at output position pos[p] only. float32 and float64.
+//
+// Design: one sampling step asks for one position (or one row), so the work
+// is a gather of the active taps around each position into a small
+// (N * P, C_in * T_a) matrix, then one GEMM with the packed effective weight.
+// The cost is independent of H * W, which is the whole point of the cache.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "masked_conv_at.h"
+
+namespace fastar {
+namespace {
+
+at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<at::Tensor>& x_new,
+                                const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& mask, const at::Tensor& pos, at::IntArrayRef padding,
+                                at::IntArrayRef dilation) {
+  const char* op = "masked_conv2d_at";
+  const auto sa = check_masked_conv2d_at(op, x_cache, x_new, weight, bias, mask, pos, padding, dilation);
+  const auto& s = sa.conv;
+  const auto st = x_cache.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble, op, ": the CPU kernel supports float32 and float64, got ", st,
+              "; cast the cache, or use fastar.set_backend(\"reference\") for this dtype");
+  const int64_t P = sa.P;
+  const auto pos_c = pos.contiguous();
+  const int64_t* pp = pos_c.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t i = pp[2 * p], j = pp[2 * p + 1];
+    TORCH_CHECK(i >= 0 && i < s.H && j >= 0 && j < s.W && i < s.H_out && j < s.W_out, op, ": position ", p, " (", i,
+                ", ", j, ") lies outside the ", s.H, "x", s.W, " map (output ", s.H_out, "x", s.W_out, ")");
+  }
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto out = at::empty({s.N, s.C_out, P}, x_cache.options());
+  if (s.N == 0 || P == 0) return out;
+  const auto taps = active_taps_host(mask);
+  const int64_t T = static_cast<int64_t>(taps.size());
+  const int64_t sn = x_cache.stride(0), sc = x_cache.stride(1), sh = x_cache.stride(2), sw = x_cache.stride(3);
+  AT_DISPATCH_FLOATING_TYPES(st, "masked_conv2d_at_cpu", [&] {
+    scalar_t* xc = x_cache.data_ptr<scalar_t>();
+    if (x_new.has_value() && x_new->defined()) {
+      // The new values land in the cache before any read: a mask-B tap reads
+      // the current position itself.
+      const auto xn = x_new->contiguous();
+      const scalar_t* src = xn.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t c = 0; c < s.C_in; ++c)
+          for (int64_t p = 0; p < P; ++p)
+            xc[n * sn + c * sc + pp[2 * p] * sh + pp[2 * p + 1] * sw] = src[(n * s.C_in + c) * P + p];
+    }
+    if (T == 0) {
+      if (has_bias)
+        out.copy_(bias->view({1, s.C_out, 1}).expand_as(out));
+      else
+        out.zero_();
+      return;
+    }
+    std::vector<int64_t> dy(T), dx(T);
+    for (int64_t a = 0; a < T; ++a) {
+      dy[a] = (taps[a] / s.kW) * s.dil_h - s.pad_h;
+      dx[a] = (taps[a] % s.kW) * s.dil_w - s.pad_w;
+    }
+    const int64_t K = s.C_in * T;
+    auto cols = at::empty({s.N * P, K}, x_cache.options());
+    scalar_t* cp = cols.data_ptr<scalar_t>();
+    at::parallel_for(0, s.N * P, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t np = begin; np < end; ++np) {
+        const int64_t n = np / P, p = np % P;
+        const int64_t i = pp[2 * p], j = pp[2 * p + 1];
+        scalar_t* row = cp + np * K;
+        const scalar_t* xb = xc + n * sn;
+        for (int64_t a = 0; a < T; ++a) {
+          const int64_t ih = i + dy[a], iw = j + dx[a];
+          const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+          const scalar_t* src = xb + ih * sh + iw * sw;
+          for (int64_t c = 0; c < s.C_in; ++c) row[c * T + a] = inside ? src[c * sc] : scalar_t(0);
+        }
+      }
+    });
+    const auto taps_t = at::tensor(taps, at::kLong);
+    const auto w_eff = (weight * mask.to(weight.scalar_type()))
+                           .reshape({s.C_out, s.C_in, s.kH * s.kW})
+                           .index_select(2, taps_t)
+                           .reshape({s.C_out, K});
+    at::Tensor res = has_bias ? at::addmm(*bias, cols, w_eff.t()) : at::mm(cols, w_eff.t());  // (N * P, C_out)
+    if (P == 1)
+      out.view({s.N, s.C_out}).copy_(res);
+    else
+      out.copy_(res.view({s.N, P, s.C_out}).permute({0, 2, 1}));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastar, CPU, m) { m.impl("masked_conv2d_at", &masked_conv2d_at_cpu); }
+
+}  // namespace fastar

@@ -1,0 +1,213 @@
+"""PixelCNN and Gated PixelCNN over discrete images, with naive and cached sampling.
+
+Images are integer tensors (N, C, H, W) with values in [0, levels): C = 1 (grey or binary) or
+3 (RGB, generated R, then G, then B inside each pixel; see :mod:`fastar.masks`). ``levels=2``
+is a binary model (one logit per sub-pixel, a Bernoulli/sigmoid head); any other ``levels``
+is a softmax over the levels per sub-pixel, the output channels laid out as
+[R logits | G logits | B logits]. The network sees ``x / (levels - 1) * 2 - 1``.
+
+``nll(x, cond)`` is the negative log-likelihood per image in nats, (N,);
+``log_prob = -nll``; ``bits_per_dim`` divides by C * H * W * ln 2.
+``sample(n, shape, cond, generator, temperature, method, prefix, mask, progress)`` draws
+images with :mod:`fastar.sampling` (cached: one position per layer per step; naive: the
+whole network per sub-pixel). Both draw the same uniforms from ``generator`` up front, so
+they return the same images.
+
+Blind spot: in PixelCNN a k x k mask-B layer reaches further right only by also reaching one
+row further up, so the row just above is seen only as far right as the first (7x7) layer
+reaches: pixel (i - 1, j + 4) never influences (i, j), however deep the stack. Gated
+PixelCNN's vertical stack (shifted down one row) removes this: every earlier pixel inside the
+receptive field is seen. ``tests/test_pixelcnn.py`` shows both with gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastar.nn.gated import GatedMaskedConv2d
+from fastar.nn.masked_conv import MaskedConv2d
+
+__all__ = ["PixelCNN", "GatedPixelCNN"]
+
+
+def _default_channels(channels, in_channels, name):
+    if channels is None:
+        return 128 if in_channels == 1 else 126
+    return channels
+
+
+def _check_common(name, in_channels, levels, layers, channels, divisor):
+    if in_channels not in (1, 3):
+        raise ValueError(f"{name}: in_channels must be 1 or 3, got {in_channels!r}")
+    if not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"{name}: levels must be an int >= 2 (2 = binary), got {levels!r}")
+    if not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"{name}: layers must be a positive int, got {layers!r}")
+    if not isinstance(channels, int) or channels < 1 or channels % divisor:
+        raise ValueError(f"{name}: channels must be a positive int divisible by {divisor} (R|G|B blocks"
+                         f"{' of a halved residual width' if divisor == 6 else ''}), got {channels!r}")
+
+
+class _DiscreteImageModel(nn.Module):
+    """Shared likelihood and sampling front end; subclasses define ``logits_flat(x_float, cond)``."""
+
+    in_channels: int
+    levels: int
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels if self.levels == 2 else self.in_channels * self.levels
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer image values -> network input in [-1, 1], in the model's dtype."""
+        dtype = next(self.parameters()).dtype
+        return x.to(dtype) * (2.0 / (self.levels - 1)) - 1.0
+
+    def _check_image(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: x must be an image batch (N, {self.in_channels}, H, W) of "
+                             f"integer values in [0, {self.levels}), got shape {list(getattr(x, 'shape', []))}")
+        if x.is_floating_point():
+            if not torch.equal(x, x.round()):
+                raise ValueError(f"{type(self).__name__}: x must hold integer values in [0, {self.levels})")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.levels):
+            raise ValueError(f"{type(self).__name__}: x values must lie in [0, {self.levels}), got range "
+                             f"[{int(x.min())}, {int(x.max())}]")
+
+    def forward(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        """Logits: (N, C, H, W) for binary models, (N, C, levels, H, W) otherwise (x: integer image)."""
+        self._check_image(x)
+        out = self.logits_flat(self.preprocess(x), cond)
+        n, _, h, w = out.shape
+        return out if self.levels == 2 else out.view(n, self.in_channels, self.levels, h, w)
+
+    def nll(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        """Negative log-likelihood per image in nats, (N,)."""
+        logits = self.forward(x, cond)
+        if self.levels == 2:
+            per = F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none")
+        else:
+            per = F.cross_entropy(logits, x.long(), reduction="none")
+        return per.flatten(1).sum(1)
+
+    def log_prob(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        """Log-likelihood per image in nats, (N,)."""
+        return -self.nll(x, cond)
+
+    def bits_per_dim(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        """Mean negative log2-likelihood per sub-pixel, per image, (N,)."""
+        return self.nll(x, cond) / (x[0].numel() * math.log(2.0))
+
+    def loss(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        """Mean NLL per image in nats (a scalar to minimise)."""
+        return self.nll(x, cond).mean()
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, shape=None, cond=None, generator: torch.Generator | None = None,
+               temperature: float = 1.0, method: str = "cached", prefix: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+        """Draw images, (n, C, H, W) int64 in [0, levels), on the model's device.
+
+        shape: (H, W) (or (C, H, W)); taken from ``prefix`` when omitted. cond: class labels (N,)
+        int64 and/or a map, as the model was built (see :class:`fastar.nn.GatedMaskedConv2d`).
+        prefix (N, C, H, W) integer image with mask (broadcastable to (N, C, H, W), bool, True =
+        given): the given sub-pixels are copied, the others sampled conditioned on every earlier
+        one (e.g. mask[:H // 2] = True completes the bottom half). method: "cached" (fast) or
+        "naive" (the whole network per sub-pixel). temperature 0 is argmax. Both methods consume
+        the same uniforms from ``generator``, so they return the same images.
+        """
+        from fastar import sampling
+
+        return sampling.sample(self, n=n, shape=shape, cond=cond, generator=generator, temperature=temperature,
+                               method=method, prefix=prefix, mask=mask, progress=progress)
+
+
+class _ResidualBlock(nn.Module):
+    """PixelCNN residual block: ReLU, 1x1 B (C -> C/2), ReLU, 3x3 B (C/2 -> C/2), ReLU, 1x1 B (C/2 -> C), + x."""
+
+    def __init__(self, channels, color_groups, kernel_size=3):
+        super().__init__()
+        half = channels // 2
+        self.conv1 = MaskedConv2d(channels, half, 1, "B", color_groups)
+        self.conv2 = MaskedConv2d(half, half, kernel_size, "B", color_groups)
+        self.conv3 = MaskedConv2d(half, channels, 1, "B", color_groups)
+
+    def forward(self, x):
+        y = self.conv1(F.relu(x))
+        y = self.conv2(F.relu(y))
+        return x + self.conv3(F.relu(y))
+
+
+class PixelCNN(_DiscreteImageModel):
+    """PixelCNN (van den Oord et al. 2016, "Pixel Recurrent Neural Networks").
+
+    ``PixelCNN(in_channels=1, levels=256, layers=15, channels=None, color_groups=None,
+    kernel_size=3, first_kernel_size=7)``: a 7x7 mask-A convolution to ``channels``, then
+    ``layers - 1`` residual blocks of mask-B convolutions (1x1, 3x3, 1x1 at half width),
+    ReLU + 1x1 mask-B + ReLU + 1x1 mask-B to the logits. channels defaults to 128 (1 channel)
+    or 126 (RGB: R|G|B blocks of a halved width must stay divisible by 3). color_groups
+    defaults to in_channels. Has the PixelCNN blind spot (see the module docstring).
+    """
+
+    def __init__(self, in_channels: int = 1, levels: int = 256, layers: int = 15, channels: int | None = None,
+                 color_groups: int | None = None, kernel_size: int = 3, first_kernel_size: int = 7):
+        super().__init__()
+        channels = _default_channels(channels, in_channels, "PixelCNN")
+        color_groups = in_channels if color_groups is None else color_groups
+        if color_groups not in (1, in_channels) and not (in_channels == 3 and color_groups == 3):
+            raise ValueError(f"PixelCNN: color_groups must be 1 or in_channels ({in_channels}), got {color_groups!r}")
+        _check_common("PixelCNN", in_channels, levels, layers, channels, 2 * color_groups)
+        self.in_channels, self.levels, self.channels, self.color_groups = in_channels, levels, channels, color_groups
+        self.input_conv = MaskedConv2d(in_channels, channels, first_kernel_size, "A", color_groups)
+        self.blocks = nn.ModuleList(_ResidualBlock(channels, color_groups, kernel_size) for _ in range(layers - 1))
+        self.head1 = MaskedConv2d(channels, channels, 1, "B", color_groups)
+        self.head2 = MaskedConv2d(channels, self.out_channels, 1, "B", color_groups)
+
+    def logits_flat(self, x, cond=None):
+        if cond is not None:
+            raise ValueError("PixelCNN is unconditional; use GatedPixelCNN(num_classes=..., cond_channels=...) "
+                             "to condition")
+        h = self.input_conv(x)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head2(F.relu(self.head1(F.relu(h))))
+
+
+class GatedPixelCNN(_DiscreteImageModel):
+    """Gated PixelCNN (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders").
+
+    ``GatedPixelCNN(in_channels=1, levels=256, layers=15, channels=None, num_classes=None,
+    cond_channels=None, kernel_size=3, first_kernel_size=7)``: ``layers``
+    :class:`fastar.nn.GatedMaskedConv2d` blocks (the first with mask A and a
+    ``first_kernel_size`` filter, no residual), the skip outputs summed, then ReLU + 1x1
+    mask-B + ReLU + 1x1 mask-B to the logits. No blind spot. channels defaults to 128
+    (1 channel) or 126 (RGB). Conditioning: ``num_classes`` (cond = labels (N,) int64),
+    ``cond_channels`` (cond = map (N, cond_channels, H, W)), or both (cond = (labels, map)).
+    """
+
+    def __init__(self, in_channels: int = 1, levels: int = 256, layers: int = 15, channels: int | None = None,
+                 num_classes: int | None = None, cond_channels: int | None = None, kernel_size: int = 3,
+                 first_kernel_size: int = 7):
+        super().__init__()
+        channels = _default_channels(channels, in_channels, "GatedPixelCNN")
+        cg = in_channels
+        _check_common("GatedPixelCNN", in_channels, levels, layers, channels, cg)
+        self.in_channels, self.levels, self.channels, self.color_groups = in_channels, levels, channels, cg
+        self.num_classes, self.cond_channels = num_classes, cond_channels
+        kw = dict(color_groups=cg, num_classes=num_classes, cond_channels=cond_channels)
+        self.blocks = nn.ModuleList(
+            [GatedMaskedConv2d(in_channels, channels, first_kernel_size, "A", residual=False, **kw)]
+            + [GatedMaskedConv2d(channels, channels, kernel_size, "B", **kw) for _ in range(layers - 1)])
+        self.head1 = MaskedConv2d(channels, channels, 1, "B", cg)
+        self.head2 = MaskedConv2d(channels, self.out_channels, 1, "B", cg)
+
+    def logits_flat(self, x, cond=None):
+        v = h = x
+        skip = 0
+        for blk in self.blocks:
+            v, h, s = blk(v, h, cond)
+            skip = skip + s
+        return self.head2(F.relu(self.head1(F.relu(skip))))
