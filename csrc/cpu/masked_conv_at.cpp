@@ -41,8 +41,10 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
   const bool has_bias = bias.has_value() && bias->defined();
   auto out = at::empty({s.N, s.C_out, P}, x_cache.options());
   if (s.N == 0 || P == 0) return out;
-  const auto taps = active_taps_host(mask);
-  const int64_t T = static_cast<int64_t>(taps.size());
+  const int64_t KK = s.kH * s.kW;
+  // The mask in the weight's dtype; bool masks (and other float dtypes) are converted once.
+  const auto mask_c = (mask.scalar_type() == st ? mask : mask.to(st)).contiguous();
+  const auto w_c = weight.contiguous();
   const int64_t sn = x_cache.stride(0), sc = x_cache.stride(1), sh = x_cache.stride(2), sw = x_cache.stride(3);
   AT_DISPATCH_FLOATING_TYPES(st, "masked_conv2d_at_cpu", [&] {
     scalar_t* xc = x_cache.data_ptr<scalar_t>();
@@ -56,6 +58,22 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
           for (int64_t p = 0; p < P; ++p)
             xc[n * sn + c * sc + pp[2 * p] * sh + pp[2 * p + 1] * sw] = src[(n * s.C_in + c) * P + p];
     }
+    // Active taps, scanned in place: one sampling step is a few microseconds of
+    // arithmetic, so ATen reductions over the mask (an allocation and a pass
+    // each) would cost more than the convolution itself. An active tap is found
+    // at its first non-zero entry.
+    const scalar_t* mp = mask_c.data_ptr<scalar_t>();
+    const scalar_t* wp = w_c.data_ptr<scalar_t>();
+    std::vector<int64_t> taps;
+    for (int64_t t = 0; t < KK; ++t) {
+      for (int64_t oc = 0; oc < s.C_out * s.C_in; ++oc) {
+        if (mp[oc * KK + t] != scalar_t(0)) {
+          taps.push_back(t);
+          break;
+        }
+      }
+    }
+    const int64_t T = static_cast<int64_t>(taps.size());
     if (T == 0) {
       if (has_bias)
         out.copy_(bias->view({1, s.C_out, 1}).expand_as(out));
@@ -69,9 +87,14 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
       dx[a] = (taps[a] % s.kW) * s.dil_w - s.pad_w;
     }
     const int64_t K = s.C_in * T;
+    // Effective weight packed (C_out, C_in * T): column c * T + a = weight * mask at active tap a.
+    auto w_eff = at::empty({s.C_out, K}, x_cache.options());
+    scalar_t* we = w_eff.data_ptr<scalar_t>();
+    for (int64_t oc = 0; oc < s.C_out * s.C_in; ++oc)
+      for (int64_t a = 0; a < T; ++a) we[oc * T + a] = wp[oc * KK + taps[a]] * mp[oc * KK + taps[a]];
     auto cols = at::empty({s.N * P, K}, x_cache.options());
     scalar_t* cp = cols.data_ptr<scalar_t>();
-    at::parallel_for(0, s.N * P, 4, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.N * P, 16, [&](int64_t begin, int64_t end) {
       for (int64_t np = begin; np < end; ++np) {
         const int64_t n = np / P, p = np % P;
         const int64_t i = pp[2 * p], j = pp[2 * p + 1];
@@ -85,16 +108,16 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
         }
       }
     });
-    const auto taps_t = at::tensor(taps, at::kLong);
-    const auto w_eff = (weight * mask.to(weight.scalar_type()))
-                           .reshape({s.C_out, s.C_in, s.kH * s.kW})
-                           .index_select(2, taps_t)
-                           .reshape({s.C_out, K});
-    at::Tensor res = has_bias ? at::addmm(*bias, cols, w_eff.t()) : at::mm(cols, w_eff.t());  // (N * P, C_out)
-    if (P == 1)
-      out.view({s.N, s.C_out}).copy_(res);
-    else
+    if (P == 1) {
+      auto o2 = out.view({s.N, s.C_out});
+      if (has_bias)
+        at::addmm_out(o2, bias->view({1, s.C_out}).expand({s.N, s.C_out}), cols, w_eff.t());
+      else
+        at::mm_out(o2, cols, w_eff.t());
+    } else {
+      at::Tensor res = has_bias ? at::addmm(*bias, cols, w_eff.t()) : at::mm(cols, w_eff.t());  // (N * P, C_out)
       out.copy_(res.view({s.N, P, s.C_out}).permute({0, 2, 1}));
+    }
   });
   return out;
 }

@@ -37,6 +37,7 @@ KERNEL_DTYPES = {
 
 
 def _check_args(op, x_cache, x_new, weight, bias, mask, pos, padding, dilation):
+    check_tensor(op, "x_cache", x_cache, dim=4, layout="(N, C_in, H, W)")
     padding, dilation = _check_conv_args(op, x_cache, weight, bias, mask, padding, dilation)
     if not isinstance(pos, torch.Tensor):
         raise TypeError(f"{op}: pos must be an int64 tensor of (row, column) pairs, got {type(pos).__name__}")

@@ -20,10 +20,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastar import _backend
 from fastar.nn.gated import GatedMaskedConv2d
-from fastar.ops.masked_conv_at import masked_conv2d_at
+from fastar.ops import masked_conv_at as _mca
 
 __all__ = ["make_cache", "GatedCache", "PixelCNNCache"]
+
+
+def _new_cache(x_img, channels):
+    # Channels-last: a step gathers every channel of a few positions, which is
+    # then one contiguous run per tap instead of one cache line per channel.
+    n, _, h, w = x_img.shape
+    return x_img.new_zeros(n, h, w, channels).permute(0, 3, 1, 2)
+
+
+class _ConvAt:
+    """One layer's :func:`fastar.ops.masked_conv2d_at`, its arguments checked once at set-up.
+
+    A step calls the compiled op (or the reference) directly: at a few microseconds of
+    arithmetic per layer, re-checking every argument in Python on every step would cost
+    more than the convolution.
+    """
+
+    def __init__(self, cache, weight, bias, mask, padding, dilation=1):
+        pos = torch.zeros(1, 2, dtype=torch.int64, device=cache.device)
+        _, self.padding, self.dilation = _mca._check_args("masked_conv2d_at", cache, None, weight, bias, mask, pos,
+                                                          tuple(padding), dilation)
+        self.cache, self.weight, self.bias, self.mask = cache, weight, bias, mask
+        if _backend.use_kernel("masked_conv2d_at", cache.device, cache.dtype, _mca.KERNEL_DTYPES):
+            self.fn = torch.ops.fastar.masked_conv2d_at
+        else:
+            self.fn = _mca._ref_impl
+
+    def __call__(self, x_new, pos):
+        return self.fn(self.cache, x_new, self.weight, self.bias, self.mask, pos, self.padding, self.dilation)
 
 
 def _eff(conv, mask) -> torch.Tensor:
@@ -51,24 +81,23 @@ class PixelCNNCache:
             raise ValueError("PixelCNN is unconditional; cond must be None")
         n, _, h, w = x_img.shape
         self.x_img = x_img
-        self.inp = model.input_conv
+        c = model.input_conv
+        self.inp = _ConvAt(x_img, c.weight, c.bias, c.mask, c.padding, c.dilation)
         self.blocks = []
         for blk in model.blocks:
             c2 = blk.conv2
+            cache = _new_cache(x_img, c2.in_channels)
             self.blocks.append(dict(
-                w1=_eff(blk.conv1, blk.conv1.mask), b1=blk.conv1.bias, conv2=c2,
-                cache=x_img.new_zeros(n, c2.in_channels, h, w),
+                w1=_eff(blk.conv1, blk.conv1.mask), b1=blk.conv1.bias,
+                conv2=_ConvAt(cache, c2.weight, c2.bias, c2.mask, c2.padding, c2.dilation),
                 w3=_eff(blk.conv3, blk.conv3.mask), b3=blk.conv3.bias))
         self.head = _head(model)
 
     def pixel(self, pos, hw, jcol):
-        c = self.inp
-        h = masked_conv2d_at(self.x_img, None, c.weight, c.bias, c.mask, pos, c.padding, c.dilation).squeeze(-1)
+        h = self.inp(None, pos).squeeze(-1)
         for b in self.blocks:
             a = F.relu(F.linear(F.relu(h), b["w1"], b["b1"]))
-            c2 = b["conv2"]
-            y = masked_conv2d_at(b["cache"], a.unsqueeze(-1), c2.weight, c2.bias, c2.mask, pos, c2.padding,
-                                 c2.dilation).squeeze(-1)
+            y = b["conv2"](a.unsqueeze(-1), pos).squeeze(-1)
             h = h + F.linear(F.relu(y), b["w3"], b["b3"])
         return _apply_head(self.head, h)
 
@@ -90,27 +119,30 @@ class GatedCache:
                 raise ValueError(f"the conditioning map must be {h}x{w} like the image, got "
                                  f"{list(mv.shape[2:])}")
             link_b = blk.link.bias if blk.link.bias is not None else x_img.new_zeros(c2)
+            v_in = x_img if li == 0 else _new_cache(x_img, blk.in_channels)
+            h_in = x_img if li == 0 else _new_cache(x_img, blk.in_channels)
             self.blocks.append(dict(
                 blk=blk,
-                v_in=x_img if li == 0 else x_img.new_zeros(n, blk.in_channels, h, w),
-                h_in=x_img if li == 0 else x_img.new_zeros(n, blk.in_channels, h, w),
-                # Row 0 has nothing above it: its link term is the link's bias alone.
-                link_row=link_b.view(1, c2, 1).expand(n, c2, w).clone(),
-                link_w=blk.link.weight.view(c2, c2, 1), link_b=link_b,
+                v_conv=_ConvAt(v_in, blk.v_conv.weight, blk.v_conv.bias, blk.v_mask, blk.v_conv.padding),
+                h_conv=_ConvAt(h_in, blk.h_conv.weight, blk.h_conv.bias, blk.h_mask, blk.h_conv.padding),
+                # (W, N, 2C): a step's column is one contiguous slice. Row 0 has
+                # nothing above it: its link term is the link's bias alone.
+                link_row=link_b.view(1, 1, c2).expand(w, n, c2).clone(),
+                link_wt=blk.link.weight.view(c2, c2).t(), link_b=link_b,
                 cv=None if cv is None else cv.unsqueeze(-1), ch=ch,
                 mv=None if mv is None else mv.flatten(2).contiguous(),
                 mh=None if mh is None else mh.flatten(2).contiguous(),
-                skip_w=_eff(blk.skip, blk.skip_mask), skip_b=blk.skip.bias,
-                out_w=_eff(blk.out, blk.out_mask), out_b=blk.out.bias))
+                so_w=torch.cat([_eff(blk.skip, blk.skip_mask), _eff(blk.out, blk.out_mask)], 0),
+                so_b=torch.cat([blk.skip.bias, blk.out.bias], 0)))
         self.head = _head(model)
 
     def row(self, rowpos, row_hw):
         v = None
         for li, b in enumerate(self.blocks):
             blk = b["blk"]
-            vp = masked_conv2d_at(b["v_in"], v, blk.v_conv.weight, blk.v_conv.bias, blk.v_mask, rowpos,
-                                  blk.v_conv.padding)                                   # (N, 2C, W)
-            b["link_row"].copy_(F.conv1d(vp, b["link_w"], b["link_b"]))
+            vp = b["v_conv"](v, rowpos)                                                 # (N, 2C, W)
+            torch.addmm(b["link_b"], vp.permute(2, 0, 1).reshape(-1, vp.shape[1]), b["link_wt"],
+                        out=b["link_row"].view(-1, vp.shape[1]))
             if b["cv"] is not None:
                 vp = vp + b["cv"]
             if b["mv"] is not None:
@@ -121,18 +153,18 @@ class GatedCache:
         h = skip = None
         for li, b in enumerate(self.blocks):
             blk = b["blk"]
-            hp = masked_conv2d_at(b["h_in"], None if li == 0 else h.unsqueeze(-1), blk.h_conv.weight,
-                                  blk.h_conv.bias, blk.h_mask, pos, blk.h_conv.padding).squeeze(-1)  # (N, 2C)
-            hp = hp + b["link_row"].index_select(2, jcol).squeeze(-1)
+            hp = b["h_conv"](None if li == 0 else h.unsqueeze(-1), pos).squeeze(-1)   # (N, 2C), a fresh tensor
+            hp += b["link_row"].index_select(0, jcol).squeeze(0)
             if b["ch"] is not None:
-                hp = hp + b["ch"]
+                hp += b["ch"]
             if b["mh"] is not None:
-                hp = hp + b["mh"].index_select(2, hw).squeeze(-1)
-            g = GatedMaskedConv2d.gate(hp)
-            s = F.linear(g, b["skip_w"], b["skip_b"])
-            skip = s if skip is None else skip + s
-            hn = F.linear(g, b["out_w"], b["out_b"])
-            h = hn + h if blk.residual else hn
+                hp += b["mh"].index_select(2, hw).squeeze(-1)
+            c = blk.channels
+            g = torch.tanh(hp[:, :c]).mul_(torch.sigmoid(hp[:, c:]))
+            # skip and out are both 1x1 convs of g: one GEMM for the two.
+            so = F.linear(g, b["so_w"], b["so_b"])                                       # (N, 2C): [skip | out]
+            skip = so[:, :c] if skip is None else skip + so[:, :c]
+            h = so[:, c:] + h if blk.residual else so[:, c:]
         return _apply_head(self.head, skip)
 
 
