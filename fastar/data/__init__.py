@@ -3,3 +3,6 @@ from fastar.data.mulaw import mu_law_decode, mu_law_encode
 from fastar.data.audio import read_wav, write_wav
 
 __all__ = ["mu_law_encode", "mu_law_decode", "read_wav", "write_wav"]
+from fastar.data.mnist import load_mnist_5k  # noqa: E402
+
+__all__ += ["load_mnist_5k"]

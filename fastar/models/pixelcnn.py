@@ -90,7 +90,8 @@ class _DiscreteImageModel(nn.Module):
         if self.levels == 2:
             per = F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none")
         else:
-            per = F.cross_entropy(logits, x.long(), reduction="none")
+            # cross_entropy wants the classes at dim 1: (N, levels, C, H, W).
+            per = F.cross_entropy(logits.transpose(1, 2), x.long(), reduction="none")
         return per.flatten(1).sum(1)
 
     def log_prob(self, x: torch.Tensor, cond=None) -> torch.Tensor:
