@@ -13,6 +13,16 @@ from fastar.nn import GatedMaskedConv2d
 from fastar.nn.gated import shift_down
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Hundreds of tiny forward passes: on a shared 2-core machine OpenMP's barriers with
+    # 2 threads cost up to ~100x more than the work (measured), so these run single-threaded.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def _model(cls, seed=0, **kw):
     torch.manual_seed(seed)
     return cls(**kw).double().eval()
@@ -206,25 +216,20 @@ def test_training_on_real_mnist_lowers_nll():
         x, _ = load_mnist_5k(binarize=True)
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the small per-step convolutions gain nothing from threads on a shared CPU
-    try:
-        g = torch.Generator().manual_seed(0)
-        perm = torch.randperm(x.shape[0], generator=g)
-        test, train = x[perm[:256]], x[perm[256:]]
-        torch.manual_seed(0)
-        model = GatedPixelCNN(1, 2, layers=3, channels=16)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        for _ in range(200):
-            batch = train[torch.randint(0, train.shape[0], (32,), generator=g)]
-            loss = model.loss(batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            nll = model.nll(test).mean().item()
-    finally:
-        torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(x.shape[0], generator=g)
+    test, train = x[perm[:256]], x[perm[256:]]
+    torch.manual_seed(0)
+    model = GatedPixelCNN(1, 2, layers=3, channels=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        batch = train[torch.randint(0, train.shape[0], (32,), generator=g)]
+        loss = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        nll = model.nll(test).mean().item()
     uniform = 784 * math.log(2)
     p = train.double().mean(0).clamp(1e-3, 1 - 1e-3)
     independent = -(test * p.log() + (1 - test) * (1 - p).log()).sum((1, 2, 3)).mean().item()
