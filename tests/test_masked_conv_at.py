@@ -8,7 +8,7 @@ import torch
 import fastar
 from fastar import masks
 from fastar.ops import masked_conv2d, masked_conv2d_at, masked_conv2d_at_ref
-from conftest import requires_kernel, tol
+from tests.conftest import requires_kernel, tol
 
 # (N, C_in, C_out, H, W, kernel (kH, kW), mask builder, padding, dilation)
 CASES = [
