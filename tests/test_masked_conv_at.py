@@ -181,3 +181,18 @@ def test_bad_input(device):
                 torch.ops.fastar.masked_conv2d_at(x.half(), None, wt.half(), None, m, pos, [1, 1], [1, 1])
         with pytest.raises(RuntimeError, match="pos must be 2-D"):
             torch.ops.fastar.masked_conv2d_at(x, None, wt, None, m, pos.view(2), [1, 1], [1, 1])
+
+
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_every_position_at_once(device, case):
+    """Many (image, position) rows (> 64) take the CPU kernel's packed-taps path; few take the other."""
+    requires_kernel("masked_conv2d_at", device)
+    x, wt, b, m, pad, dil = _inputs(CASES[case], device, torch.float64)
+    x = x.repeat(3, 1, 1, 1)
+    h, w = x.shape[2:]
+    pos = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(-1, 2).to(device)
+    assert x.shape[0] * pos.shape[0] > 64
+    with fastar.backend("kernel"):
+        out = masked_conv2d_at(x.clone(), None, wt, b, m, pos, pad, dil)
+    full = masked_conv2d(x, wt, b, m, pad, dil)
+    torch.testing.assert_close(out, full.flatten(2), **tol(torch.float64))

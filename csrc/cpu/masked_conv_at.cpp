@@ -20,6 +20,10 @@
 namespace fastar {
 namespace {
 
+// Up to this many (image, position) rows the step GEMM is small enough that
+// multiplying by masked zeros is cheaper than packing the active taps.
+constexpr int64_t kSmallRows = 64;
+
 at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<at::Tensor>& x_new,
                                 const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 const at::Tensor& mask, const at::Tensor& pos, at::IntArrayRef padding,
@@ -46,6 +50,19 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
   const auto mask_c = (mask.scalar_type() == st ? mask : mask.to(st)).contiguous();
   const auto w_c = weight.contiguous();
   const int64_t sn = x_cache.stride(0), sc = x_cache.stride(1), sh = x_cache.stride(2), sw = x_cache.stride(3);
+  // out[n, :, p] = bias + w_eff @ cols[n * P + p]: one GEMM for the batch and positions.
+  auto finish = [&](const at::Tensor& cols, const at::Tensor& w_eff) {
+    if (P == 1) {
+      auto o2 = out.view({s.N, s.C_out});
+      if (has_bias)
+        at::addmm_out(o2, bias->view({1, s.C_out}).expand({s.N, s.C_out}), cols, w_eff.t());
+      else
+        at::mm_out(o2, cols, w_eff.t());
+    } else {
+      at::Tensor res = has_bias ? at::addmm(*bias, cols, w_eff.t()) : at::mm(cols, w_eff.t());  // (N * P, C_out)
+      out.copy_(res.view({s.N, P, s.C_out}).permute({0, 2, 1}));
+    }
+  };
   AT_DISPATCH_FLOATING_TYPES(st, "masked_conv2d_at_cpu", [&] {
     scalar_t* xc = x_cache.data_ptr<scalar_t>();
     if (x_new.has_value() && x_new->defined()) {
@@ -58,12 +75,37 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
           for (int64_t p = 0; p < P; ++p)
             xc[n * sn + c * sc + pp[2 * p] * sh + pp[2 * p + 1] * sw] = src[(n * s.C_in + c) * P + p];
     }
-    // Active taps, scanned in place: one sampling step is a few microseconds of
-    // arithmetic, so ATen reductions over the mask (an allocation and a pass
-    // each) would cost more than the convolution itself. An active tap is found
-    // at its first non-zero entry.
     const scalar_t* mp = mask_c.data_ptr<scalar_t>();
     const scalar_t* wp = w_c.data_ptr<scalar_t>();
+    if (s.N * P <= kSmallRows) {
+      // A sampling step (one position, a small batch): the GEMM is tiny, so
+      // packing the active taps would cost more than multiplying by the masked
+      // taps' zeros. Gather every tap (zeros outside the map) and multiply by
+      // weight * mask, formed elementwise in the weight's own layout.
+      const int64_t K = s.C_in * KK;
+      auto w_eff = at::empty({s.C_out, K}, x_cache.options());
+      scalar_t* we = w_eff.data_ptr<scalar_t>();
+      for (int64_t e = 0; e < s.C_out * K; ++e) we[e] = wp[e] * mp[e];
+      auto cols = at::empty({s.N * P, K}, x_cache.options());
+      scalar_t* cp = cols.data_ptr<scalar_t>();
+      for (int64_t np = 0; np < s.N * P; ++np) {
+        const int64_t n = np / P, p = np % P;
+        const int64_t i = pp[2 * p], j = pp[2 * p + 1];
+        scalar_t* row = cp + np * K;
+        const scalar_t* xb = xc + n * sn;
+        for (int64_t t = 0; t < KK; ++t) {
+          const int64_t ih = i + (t / s.kW) * s.dil_h - s.pad_h, iw = j + (t % s.kW) * s.dil_w - s.pad_w;
+          const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+          const scalar_t* src = xb + ih * sh + iw * sw;
+          for (int64_t c = 0; c < s.C_in; ++c) row[c * KK + t] = inside ? src[c * sc] : scalar_t(0);
+        }
+      }
+      finish(cols, w_eff);
+      return;
+    }
+    // Active taps, scanned in place: an ATen reduction over the mask (an
+    // allocation and a full pass) would cost more than a step's convolution.
+    // An active tap is found at its first non-zero entry.
     std::vector<int64_t> taps;
     for (int64_t t = 0; t < KK; ++t) {
       for (int64_t oc = 0; oc < s.C_out * s.C_in; ++oc) {
@@ -108,16 +150,7 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
         }
       }
     });
-    if (P == 1) {
-      auto o2 = out.view({s.N, s.C_out});
-      if (has_bias)
-        at::addmm_out(o2, bias->view({1, s.C_out}).expand({s.N, s.C_out}), cols, w_eff.t());
-      else
-        at::mm_out(o2, cols, w_eff.t());
-    } else {
-      at::Tensor res = has_bias ? at::addmm(*bias, cols, w_eff.t()) : at::mm(cols, w_eff.t());  // (N * P, C_out)
-      out.copy_(res.view({s.N, P, s.C_out}).permute({0, 2, 1}));
-    }
+    finish(cols, w_eff);
   });
   return out;
 }

@@ -22,6 +22,8 @@ FAMILIES = {
     "masked_conv": "fastar.bench.masked_conv",
     "wavenet": "fastar.bench.wavenet",
 }
+FAMILIES["sampling"] = "fastar.bench.sampling"
+
 
 
 def machine() -> dict:
