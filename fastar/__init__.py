@@ -6,3 +6,6 @@ from fastar import data, masks, ops, nn
 from fastar import models
 
 __all__ = ["__version__", "backend", "get_backend", "set_backend", "info", "data", "masks", "ops", "nn", "models"]
+from fastar import sampling  # noqa: E402
+
+__all__ += ["sampling"]
