@@ -132,7 +132,7 @@ class GatedCache:
                 cv=None if cv is None else cv.unsqueeze(-1), ch=ch,
                 mv=None if mv is None else mv.flatten(2).contiguous(),
                 mh=None if mh is None else mh.flatten(2).contiguous(),
-                so_w=torch.cat([_eff(blk.skip, blk.skip_mask), _eff(blk.out, blk.out_mask)], 0),
+                so_wt=torch.cat([_eff(blk.skip, blk.skip_mask), _eff(blk.out, blk.out_mask)], 0).t(),
                 so_b=torch.cat([blk.skip.bias, blk.out.bias], 0)))
         self.head = _head(model)
 
@@ -162,8 +162,8 @@ class GatedCache:
             c = blk.channels
             g = torch.tanh(hp[:, :c]).mul_(torch.sigmoid(hp[:, c:]))
             # skip and out are both 1x1 convs of g: one GEMM for the two.
-            so = F.linear(g, b["so_w"], b["so_b"])                                       # (N, 2C): [skip | out]
-            skip = so[:, :c] if skip is None else skip + so[:, :c]
+            so = torch.addmm(b["so_b"], g, b["so_wt"])                                   # (N, 2C): [skip | out]
+            skip = so[:, :c].clone() if skip is None else skip.add_(so[:, :c])
             h = so[:, c:] + h if blk.residual else so[:, c:]
         return _apply_head(self.head, skip)
 
