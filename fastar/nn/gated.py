@@ -1,3 +1,4 @@
+"""Gated PixelCNN block: :class:`GatedMaskedConv2d` (vertical + horizontal stacks) and ``shift_down``."""
 from __future__ import annotations
 
 import torch
