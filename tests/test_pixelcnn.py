@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import fastar
 from fastar.models import GatedPixelCNN, PixelCNN
 from fastar.nn import GatedMaskedConv2d
 from fastar.nn.gated import shift_down

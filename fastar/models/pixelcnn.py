@@ -33,7 +33,7 @@ from fastar.nn.masked_conv import MaskedConv2d
 __all__ = ["PixelCNN", "GatedPixelCNN"]
 
 
-def _default_channels(channels, in_channels, name):
+def _default_channels(channels, in_channels):
     if channels is None:
         return 128 if in_channels == 1 else 126
     return channels
@@ -156,9 +156,9 @@ class PixelCNN(_DiscreteImageModel):
     def __init__(self, in_channels: int = 1, levels: int = 256, layers: int = 15, channels: int | None = None,
                  color_groups: int | None = None, kernel_size: int = 3, first_kernel_size: int = 7):
         super().__init__()
-        channels = _default_channels(channels, in_channels, "PixelCNN")
+        channels = _default_channels(channels, in_channels)
         color_groups = in_channels if color_groups is None else color_groups
-        if color_groups not in (1, in_channels) and not (in_channels == 3 and color_groups == 3):
+        if color_groups not in (1, in_channels):
             raise ValueError(f"PixelCNN: color_groups must be 1 or in_channels ({in_channels}), got {color_groups!r}")
         _check_common("PixelCNN", in_channels, levels, layers, channels, 2 * color_groups)
         self.in_channels, self.levels, self.channels, self.color_groups = in_channels, levels, channels, color_groups
@@ -193,7 +193,7 @@ class GatedPixelCNN(_DiscreteImageModel):
                  num_classes: int | None = None, cond_channels: int | None = None, kernel_size: int = 3,
                  first_kernel_size: int = 7):
         super().__init__()
-        channels = _default_channels(channels, in_channels, "GatedPixelCNN")
+        channels = _default_channels(channels, in_channels)
         cg = in_channels
         _check_common("GatedPixelCNN", in_channels, levels, layers, channels, cg)
         self.in_channels, self.levels, self.channels, self.color_groups = in_channels, levels, channels, cg
