@@ -112,6 +112,10 @@ class GatedCache:
         n, _, h, w = x_img.shape
         self.x_img = x_img
         self.blocks = []
+        c2s = {2 * blk.channels for blk in model.blocks}
+        # Every block's link term for the current row, (L, W, N, 2C): a step gathers
+        # its column for all blocks with one index_select.
+        self.links = x_img.new_zeros(len(model.blocks), w, n, c2s.pop()) if len(c2s) == 1 else None
         for li, blk in enumerate(model.blocks):
             c2 = 2 * blk.channels
             cv, ch, mv, mh = blk.cond_terms(cond)
@@ -127,13 +131,14 @@ class GatedCache:
                 h_conv=_ConvAt(h_in, blk.h_conv.weight, blk.h_conv.bias, blk.h_mask, blk.h_conv.padding),
                 # (W, N, 2C): a step's column is one contiguous slice. Row 0 has
                 # nothing above it: its link term is the link's bias alone.
-                link_row=link_b.view(1, 1, c2).expand(w, n, c2).clone(),
+                link_row=(self.links[li] if self.links is not None else x_img.new_zeros(w, n, c2)),
                 link_wt=blk.link.weight.view(c2, c2).t(), link_b=link_b,
                 cv=None if cv is None else cv.unsqueeze(-1), ch=ch,
                 mv=None if mv is None else mv.flatten(2).contiguous(),
                 mh=None if mh is None else mh.flatten(2).contiguous(),
                 so_wt=torch.cat([_eff(blk.skip, blk.skip_mask), _eff(blk.out, blk.out_mask)], 0).t(),
                 so_b=torch.cat([blk.skip.bias, blk.out.bias], 0)))
+            self.blocks[-1]["link_row"].copy_(link_b.view(1, 1, c2).expand(w, n, c2))
         self.head = _head(model)
 
     def row(self, rowpos, row_hw):
@@ -151,10 +156,11 @@ class GatedCache:
 
     def pixel(self, pos, hw, jcol):
         h = skip = None
+        links = self.links.index_select(1, jcol) if self.links is not None else None   # (L, 1, N, 2C)
         for li, b in enumerate(self.blocks):
             blk = b["blk"]
             hp = b["h_conv"](None if li == 0 else h.unsqueeze(-1), pos).squeeze(-1)   # (N, 2C), a fresh tensor
-            hp += b["link_row"].index_select(0, jcol).squeeze(0)
+            hp += links[li, 0] if links is not None else b["link_row"].index_select(0, jcol).squeeze(0)
             if b["ch"] is not None:
                 hp += b["ch"]
             if b["mh"] is not None:
@@ -164,7 +170,7 @@ class GatedCache:
             # skip and out are both 1x1 convs of g: one GEMM for the two.
             so = torch.addmm(b["so_b"], g, b["so_wt"])                                   # (N, 2C): [skip | out]
             skip = so[:, :c].clone() if skip is None else skip.add_(so[:, :c])
-            h = so[:, c:] + h if blk.residual else so[:, c:]
+            h = so[:, c:].add_(h) if blk.residual else so[:, c:]   # so is this step's own tensor
         return _apply_head(self.head, skip)
 
 
