@@ -25,7 +25,6 @@ FAMILIES = {
 FAMILIES["sampling"] = "fastar.bench.sampling"
 
 
-
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:
