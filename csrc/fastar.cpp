@@ -43,6 +43,23 @@ TORCH_LIBRARY(fastar, m) {
       "Tensor noise, Tensor? cond, Tensor in_w, Tensor in_b, Tensor conv_w, Tensor conv_b, "
       "Tensor res_skip_w, Tensor res_skip_b, Tensor out1_w, Tensor out1_b, Tensor out2_w, Tensor out2_b, "
       "int[] dilations, int num_prime, float temperature, int start, int num_steps) -> ()");
+
+  // ---- mixture / categorical family (fastar/ops/mixture.py; layouts in csrc/mixture.h) ----
+  // Per-position NLL (B, N) of x (B, C, N) under the discretized logistic
+  // mixture params (B, P, N), P = 3K (C = 1) or 10K (C = 3), openai layout.
+  m.def("discretized_mix_logistic_nll(Tensor x, Tensor params, int num_mixtures, int num_bits) -> Tensor");
+  // Gradients w.r.t. (x, params) given dL/dnll (B, N) and the forward's nll;
+  // a false output_mask entry yields an empty tensor in that slot.
+  m.def(
+      "discretized_mix_logistic_nll_backward(Tensor grad, Tensor x, Tensor params, Tensor nll, "
+      "int num_mixtures, int num_bits, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Samples (B, C, N) at the bin centres from uniforms noise (B, 1 + C, N).
+  m.def(
+      "sample_discretized_mix_logistic(Tensor params, Tensor noise, int num_mixtures, int num_bits, "
+      "float temperature) -> Tensor");
+  // int64 indices (O, I) from logits (O, K, I) by inverse CDF on noise (O, I);
+  // temperature 0 = argmax (noise unused), top_k 0 = no truncation.
+  m.def("categorical_sample(Tensor logits, Tensor? noise, float temperature, int top_k) -> Tensor");
 }
 
 // ---- masked convolution at one position (cached sampling; fastar/ops/masked_conv_at.py) ----

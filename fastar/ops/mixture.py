@@ -1,5 +1,44 @@
-"""Output distributions: categorical sampling (and, to come, the discretized logistic mixture).
+"""Output distributions: the discretized logistic mixture (loss and sampler) and categorical sampling.
 
+Discretized logistic mixture (PixelCNN++; the openai/pixel-cnn parameter layout)
+--------------------------------------------------------------------------------
+``discretized_mix_logistic_nll(x, params, num_mixtures, num_bits=8, reduction="sum")``
+
+* images: x (B, C, H, W), C = 1 or 3, values in [-1, 1] (bin centres ``-1 + 2 i / (2**num_bits - 1)``);
+  params (B, P, H, W) with P = 3K (C = 1) or 10K (C = 3).
+* audio (the WaveNet mixture head): x (B, T) and params (B, 3K, T).
+
+Channel layout of params (K = num_mixtures): ``params[:, :K]`` are the mixture logits; then for each
+colour c (R, G, B) a block of 3K channels (2K for C = 1) starting at ``K + c * 3K``: K means, K
+log-scales and, for 3 channels, K raw coefficients. ``tanh`` of the raw coefficients of the R, G and B
+blocks gives the G <- R, B <- R and B <- G weights of the linear dependence of the means on the
+sub-pixels already known (``mean_G += c0 * x_R``, ``mean_B += c1 * x_R + c2 * x_G``). This is exactly
+the layout of openai/pixel-cnn's ``discretized_mix_logistic_loss`` after its NHWC -> NCHW move, so
+``params`` from a PyTorch port can be passed unchanged.
+
+Numerics are the paper code's: log-scales clamped below at -7, bin half-width
+``1 / (2**num_bits - 1)``, x below -0.999 (above 0.999) integrates the logistic from -inf (to +inf),
+and where the bin mass is under 1e-5 the log density at the bin centre minus
+``log((2**num_bits - 1) / 2)`` is used. Result in nats: "none" gives the NLL per image/clip,
+shape (B,); "sum" their total; "mean" their mean over the batch. The kernel computes one pass
+over params forward and one backward, never materialising the (B, C, H, W, K) intermediates the
+reference keeps for autograd. Differentiable in params and x.
+
+``sample_discretized_mix_logistic(params, num_mixtures, generator=None, noise=None, temperature=1.0,
+num_bits=8)``: per pixel one mixture component is chosen by inverse CDF of
+``softmax(logits / temperature)`` on one uniform (temperature 0: argmax); each colour draws a logistic
+sample ``mean + temperature * exp(log_scale) * (log u - log(1 - u))`` with u clamped into
+(1e-5, 1 - 1e-5), is clamped to [-1, 1] and rounded to the nearest bin centre
+(``floor((x + 1) * bins / 2 + 0.5) * 2 / bins - 1``), and that quantised value feeds the next colour's
+mean (R -> G -> B), so the draw follows the discretized likelihood exactly. ``noise`` holds the
+uniforms: (B, 1 + C, H, W) for images, (B, 2, T) for audio; channel 0 picks the component, channel
+1 + c drives colour c. Returns (B, C, H, W) or (B, T).
+
+Dtypes: CPU kernels float32/float64; CUDA kernels float32, float64, float16, bfloat16 params with
+float32 accumulation. Losses and samples come back in float64 for float64 params, else float32.
+
+Categorical sampling
+--------------------
 ``categorical_sample(logits, dim=1, generator=None, noise=None, temperature=1.0, top_k=None)``
 draws one index per position by inverse CDF on one uniform per position:
 ``index = min(#{k : cdf[k] <= u}, last k with p[k] > 0)`` where
@@ -9,12 +48,36 @@ draws one index per position by inverse CDF on one uniform per position:
 the draw deterministic, so a kernel and the reference draw the same sample; without
 it the uniforms come from ``torch.rand(..., generator=generator)``.
 Returns int64 indices of shape logits.shape without ``dim``.
+The kernel computes the same thing in one pass per position (temperature and top_k included);
+without ``noise`` the uniforms are drawn in Python exactly as the reference draws them, so kernel and
+reference agree given a seed. CPU kernel float32/float64; CUDA kernel float32, float64, float16,
+bfloat16 (float32 accumulation).
 """
 from __future__ import annotations
 
-import torch
+import math
 
-__all__ = ["categorical_sample", "categorical_sample_ref"]
+import torch
+import torch.nn.functional as F
+
+from fastar import _backend
+from fastar.ops._common import check_same_device, check_tensor
+
+__all__ = ["categorical_sample", "categorical_sample_ref", "discretized_mix_logistic_nll",
+           "discretized_mix_logistic_nll_ref", "sample_discretized_mix_logistic",
+           "sample_discretized_mix_logistic_ref"]
+
+CATEGORICAL_KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+DML_KERNEL_DTYPES = CATEGORICAL_KERNEL_DTYPES
+
+# The paper code's constants (openai/pixel-cnn nn.py).
+LOG_SCALE_MIN = -7.0
+EDGE = 0.999
+MIN_BIN_MASS = 1e-5
+U_EPS = 1e-5
 
 
 def _check_categorical(op, logits, dim, noise, temperature, top_k):
@@ -72,5 +135,288 @@ def categorical_sample_ref(logits, dim=1, generator=None, noise=None, temperatur
 
 
 def categorical_sample(logits, dim=1, generator=None, noise=None, temperature=1.0, top_k=None):
-    """Draw int64 indices from softmax(logits / temperature) along `dim` (see the module docstring)."""
-    return categorical_sample_ref(logits, dim, generator, noise, temperature, top_k)
+    """Draw int64 indices from softmax(logits / temperature) along `dim` (see the module docstring).
+
+    logits: any shape with the K categories along `dim`; noise: None or uniforms in [0, 1) of shape
+    logits.shape without `dim`; temperature >= 0 (0: argmax); top_k: None or int in [1, K]. Returns
+    int64 of shape logits.shape without `dim`. PyTorch equivalent (in distribution):
+    ``torch.multinomial(torch.softmax(logits.movedim(dim, -1).flatten(0, -2) / temperature, -1), 1)``.
+    Runs the compiled kernel or the reference according to :func:`fastar.set_backend`.
+    """
+    dim, out_shape = _check_categorical("categorical_sample", logits, dim, noise, temperature, top_k)
+    if not _backend.use_kernel("categorical_sample", logits.device, logits.dtype, CATEGORICAL_KERNEL_DTYPES):
+        return categorical_sample_ref(logits, dim, generator, noise, temperature, top_k)
+    acc = _acc_dtype(logits.dtype)
+    if temperature == 0:
+        noise = None
+    elif noise is None:
+        noise = _uniforms(logits, out_shape, generator)
+    k = logits.shape[dim]
+    outer = math.prod(logits.shape[:dim])
+    inner = math.prod(logits.shape[dim + 1:])
+    l3 = logits.reshape(outer, k, inner)
+    u = None if noise is None else noise.reshape(outer, inner).to(acc)
+    out = torch.ops.fastar.categorical_sample(l3, u, float(temperature), int(top_k or 0))
+    return out.reshape(out_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Discretized logistic mixture
+# ---------------------------------------------------------------------------------------------
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_int(op, name, v, lo, hi=None):
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{op}: {name} must be an int {rng}, got {v!r}")
+
+
+def _channels_from_params(op, p, k, audio):
+    """Colour count C implied by P = params.shape[1] and K (3K -> 1, 10K -> 3)."""
+    if p == 3 * k:
+        return 1
+    if p == 10 * k and not audio:
+        return 3
+    want = f"3K = {3 * k}" if audio else f"3K = {3 * k} (1 channel) or 10K = {10 * k} (3 channels)"
+    raise ValueError(f"{op}: params has {p} channels, but num_mixtures={k} needs {want}")
+
+
+def _check_dml_params(op, params, num_mixtures, num_bits):
+    check_tensor(op, "params", params)
+    _check_int(op, "num_mixtures", num_mixtures, 1)
+    _check_int(op, "num_bits", num_bits, 1, 16)
+    if params.dim() == 4:
+        audio = False
+    elif params.dim() == 3:
+        audio = True
+    else:
+        raise ValueError(f"{op}: params must be 4-D (B, P, H, W) for images or 3-D (B, 3K, T) for audio, got "
+                         f"shape {list(params.shape)}")
+    c = _channels_from_params(op, params.shape[1], num_mixtures, audio)
+    return c, audio
+
+
+def _check_dml_nll(op, x, params, num_mixtures, num_bits, reduction):
+    check_tensor(op, "x", x)
+    c, audio = _check_dml_params(op, params, num_mixtures, num_bits)
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"{op}: reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    if audio:
+        if x.dim() != 2:
+            raise ValueError(f"{op}: with 3-D params (B, 3K, T) x must be 2-D (B, T), got shape {list(x.shape)}")
+        if x.shape[0] != params.shape[0] or x.shape[1] != params.shape[2]:
+            raise ValueError(f"{op}: x of shape {list(x.shape)} does not match params of shape "
+                             f"{list(params.shape)}; expected x of shape [{params.shape[0]}, {params.shape[2]}]")
+    else:
+        if x.dim() != 4:
+            raise ValueError(f"{op}: with 4-D params (B, P, H, W) x must be 4-D (B, C, H, W), got shape "
+                             f"{list(x.shape)}")
+        if x.shape[1] != c:
+            raise ValueError(f"{op}: params with {params.shape[1]} channels and num_mixtures={num_mixtures} "
+                             f"describe {c}-channel images, but x has {x.shape[1]} channels")
+        if x.shape[0] != params.shape[0] or x.shape[2:] != params.shape[2:]:
+            raise ValueError(f"{op}: x of shape {list(x.shape)} does not match params of shape "
+                             f"{list(params.shape)} (batch and H, W must agree)")
+    check_same_device(op, x=x, params=params)
+    # A data-dependent check: skipped under torch.compile (no graph break) and on CUDA (it would
+    # cost a host-device sync per call); there values beyond +-1 simply land in the edge bins.
+    if x.device.type != "cuda" and not torch.compiler.is_compiling() and x.numel():
+        lo, hi = torch.aminmax(x.detach())
+        if float(lo) < -1.0 - 1e-3 or float(hi) > 1.0 + 1e-3:
+            raise ValueError(f"{op}: x must be scaled to [-1, 1], got values in [{float(lo):.4g}, {float(hi):.4g}]")
+    b = params.shape[0]
+    n = math.prod(params.shape[2:])
+    return c, x.reshape(b, c, n), params.reshape(b, params.shape[1], n)
+
+
+def _reduce(pix, reduction):
+    per_item = pix.sum(1)
+    if reduction == "none":
+        return per_item
+    if reduction == "sum":
+        return per_item.sum()
+    return per_item.mean()
+
+
+def _dml_split_ref(p, k, c):
+    """params (B, P, N) -> logits (B, K, N), means, log_scales (clamped) and tanh coeffs (B, C, K, N)."""
+    b, _, n = p.shape
+    logits = p[:, :k]
+    rest = p[:, k:].reshape(b, c, 3 if c == 3 else 2, k, n)
+    means = rest[:, :, 0]
+    log_scales = rest[:, :, 1].clamp(min=LOG_SCALE_MIN)
+    coeffs = torch.tanh(rest[:, :, 2]) if c == 3 else None
+    return logits, means, log_scales, coeffs
+
+
+def _dml_nll_pixels_ref(x3, p3, k, c, num_bits):
+    """Per-position NLL (B, N) in nats; x3 (B, C, N), p3 (B, P, N). The openai/pixel-cnn loss, line by line."""
+    acc = _acc_dtype(p3.dtype)
+    x, p = x3.to(acc), p3.to(acc)
+    bins = 2 ** num_bits - 1
+    logits, means, log_scales, coeffs = _dml_split_ref(p, k, c)
+    xk = x.unsqueeze(2)                                                     # (B, C, 1, N)
+    if c == 3:
+        m_g = means[:, 1] + coeffs[:, 0] * xk[:, 0]
+        m_b = means[:, 2] + coeffs[:, 1] * xk[:, 0] + coeffs[:, 2] * xk[:, 1]
+        means = torch.stack([means[:, 0], m_g, m_b], dim=1)
+    centered = xk - means                                                   # (B, C, K, N)
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered + 1.0 / bins)
+    min_in = inv_stdv * (centered - 1.0 / bins)
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)                            # left edge bin, open to -inf
+    log_one_minus_cdf_min = -F.softplus(min_in)                             # right edge bin, open to +inf
+    mid_in = inv_stdv * centered
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
+    log_probs = torch.where(
+        xk < -EDGE, log_cdf_plus,
+        torch.where(xk > EDGE, log_one_minus_cdf_min,
+                    torch.where(cdf_delta > MIN_BIN_MASS, torch.log(cdf_delta.clamp(min=1e-12)),
+                                log_pdf_mid - math.log(bins / 2))))
+    total = log_probs.sum(1) + torch.log_softmax(logits, dim=1)             # (B, K, N)
+    return -torch.logsumexp(total, dim=1)
+
+
+def discretized_mix_logistic_nll_ref(x, params, num_mixtures, num_bits=8, reduction="sum"):
+    """Reference: the PixelCNN++ loss in plain PyTorch (any device and dtype; see the module docstring)."""
+    c, x3, p3 = _check_dml_nll("discretized_mix_logistic_nll_ref", x, params, num_mixtures, num_bits, reduction)
+    return _reduce(_dml_nll_pixels_ref(x3, p3, num_mixtures, c, num_bits), reduction)
+
+
+def discretized_mix_logistic_nll(x, params, num_mixtures, num_bits=8, reduction="sum"):
+    """Negative log-likelihood (nats) of x under the discretized logistic mixture in params.
+
+    x: (B, C, H, W) with C in {1, 3}, or (B, T) audio, values in [-1, 1]; params: (B, 3K or 10K, H, W),
+    or (B, 3K, T); any strides. Returns (B,) for reduction="none", else a scalar; float64 for float64
+    params, else float32. Differentiable in params and x. See the module docstring for the layout and
+    constants; the PyTorch equivalent is :func:`discretized_mix_logistic_nll_ref` (openai/pixel-cnn's
+    ``discretized_mix_logistic_loss``). Runs the compiled kernel or the reference according to
+    :func:`fastar.set_backend`.
+    """
+    op = "discretized_mix_logistic_nll"
+    c, x3, p3 = _check_dml_nll(op, x, params, num_mixtures, num_bits, reduction)
+    if _backend.use_kernel(op, params.device, params.dtype, DML_KERNEL_DTYPES):
+        pix = torch.ops.fastar.discretized_mix_logistic_nll(x3.to(_acc_dtype(params.dtype)), p3, num_mixtures,
+                                                            num_bits)
+    else:
+        pix = _dml_nll_pixels_ref(x3, p3, num_mixtures, c, num_bits)
+    return _reduce(pix, reduction)
+
+
+def _check_dml_sample(op, params, num_mixtures, noise, temperature, num_bits):
+    c, audio = _check_dml_params(op, params, num_mixtures, num_bits)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"{op}: temperature must be a non-negative number, got {temperature!r}")
+    b = params.shape[0]
+    noise_shape = (b, 1 + c) + tuple(params.shape[2:])
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+            raise TypeError(f"{op}: noise must be a floating-point tensor of uniforms in [0, 1)")
+        if tuple(noise.shape) != noise_shape:
+            raise ValueError(f"{op}: noise must have shape {list(noise_shape)} (one uniform for the component "
+                             f"and one per colour at each position), got {list(noise.shape)}")
+        check_same_device(op, params=params, noise=noise)
+    n = math.prod(params.shape[2:])
+    out_shape = (b, c) + tuple(params.shape[2:]) if not audio else (b, n)
+    return c, noise_shape, out_shape, params.reshape(b, params.shape[1], n)
+
+
+def _sample_noise(params, noise_shape, generator):
+    return torch.rand(noise_shape, generator=generator, device=params.device, dtype=_acc_dtype(params.dtype))
+
+
+def _quantize(x, bins):
+    return torch.floor((x + 1.0) * (bins / 2.0) + 0.5) * (2.0 / bins) - 1.0
+
+
+def _dml_sample_ref(p3, u3, k, c, temperature, num_bits):
+    """p3 (B, P, N), u3 (B, 1 + C, N) -> (B, C, N) samples at the bin centres."""
+    acc = _acc_dtype(p3.dtype)
+    p, u = p3.to(acc), u3.to(acc)
+    bins = 2 ** num_bits - 1
+    logits, means, log_scales, coeffs = _dml_split_ref(p, k, c)
+    comp = categorical_sample_ref(logits, dim=1, noise=u[:, 0], temperature=temperature)   # (B, N)
+    idx = comp.view(comp.shape[0], 1, 1, comp.shape[1]).expand(-1, c, 1, -1)
+    mean = means.gather(2, idx).squeeze(2)                                                  # (B, C, N)
+    scale = torch.exp(log_scales.gather(2, idx).squeeze(2)) * temperature
+    v = u[:, 1:].clamp(U_EPS, 1.0 - U_EPS)
+    y = mean + scale * (torch.log(v) - torch.log1p(-v))
+    x0 = _quantize(y[:, 0].clamp(-1.0, 1.0), bins)
+    if c == 1:
+        return x0.unsqueeze(1)
+    cf = coeffs.gather(2, idx).squeeze(2)
+    x1 = _quantize((y[:, 1] + cf[:, 0] * x0).clamp(-1.0, 1.0), bins)
+    x2 = _quantize((y[:, 2] + cf[:, 1] * x0 + cf[:, 2] * x1).clamp(-1.0, 1.0), bins)
+    return torch.stack([x0, x1, x2], dim=1)
+
+
+def sample_discretized_mix_logistic_ref(params, num_mixtures, generator=None, noise=None, temperature=1.0,
+                                        num_bits=8):
+    """Reference sampler (any device and dtype; see the module docstring)."""
+    op = "sample_discretized_mix_logistic_ref"
+    c, noise_shape, out_shape, p3 = _check_dml_sample(op, params, num_mixtures, noise, temperature, num_bits)
+    if noise is None:
+        noise = _sample_noise(params, noise_shape, generator)
+    u3 = noise.reshape(noise_shape[0], 1 + c, -1)
+    return _dml_sample_ref(p3, u3, num_mixtures, c, temperature, num_bits).reshape(out_shape)
+
+
+def sample_discretized_mix_logistic(params, num_mixtures, generator=None, noise=None, temperature=1.0, num_bits=8):
+    """Draw x from the discretized logistic mixture in params, one fused pass per position.
+
+    params: (B, 3K or 10K, H, W) or audio (B, 3K, T); noise: None (drawn with `generator`) or uniforms of
+    shape (B, 1 + C, H, W) / (B, 2, T). Returns (B, C, H, W) / (B, T) at the bin centres in [-1, 1],
+    float64 for float64 params, else float32. Given `noise`, kernel and reference return the same values
+    (see the module docstring). PyTorch equivalent: :func:`sample_discretized_mix_logistic_ref`.
+    """
+    op = "sample_discretized_mix_logistic"
+    c, noise_shape, out_shape, p3 = _check_dml_sample(op, params, num_mixtures, noise, temperature, num_bits)
+    if noise is None:
+        noise = _sample_noise(params, noise_shape, generator)
+    u3 = noise.reshape(noise_shape[0], 1 + c, -1)
+    if _backend.use_kernel(op, params.device, params.dtype, DML_KERNEL_DTYPES):
+        out = torch.ops.fastar.sample_discretized_mix_logistic(p3, u3.to(_acc_dtype(params.dtype)), num_mixtures,
+                                                               num_bits, float(temperature))
+    else:
+        out = _dml_sample_ref(p3, u3, num_mixtures, c, temperature, num_bits)
+    return out.reshape(out_shape)
+
+
+if _backend.C_LOADED:
+
+    @torch.library.register_fake("fastar::categorical_sample")
+    def _categorical_sample_fake(logits, noise, temperature, top_k):
+        return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=torch.int64)
+
+    @torch.library.register_fake("fastar::discretized_mix_logistic_nll")
+    def _dml_nll_fake(x, params, num_mixtures, num_bits):
+        return x.new_empty((x.shape[0], x.shape[2]))
+
+    @torch.library.register_fake("fastar::discretized_mix_logistic_nll_backward")
+    def _dml_nll_backward_fake(grad, x, params, nll, num_mixtures, num_bits, output_mask):
+        gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
+        gp = params.new_empty(params.shape) if output_mask[1] else params.new_empty(0)
+        return gx, gp
+
+    @torch.library.register_fake("fastar::sample_discretized_mix_logistic")
+    def _dml_sample_fake(params, noise, num_mixtures, num_bits, temperature):
+        return noise.new_empty((noise.shape[0], noise.shape[1] - 1, noise.shape[2]))
+
+    def _dml_setup_context(ctx, inputs, output):
+        x, params, num_mixtures, num_bits = inputs
+        ctx.save_for_backward(x, params, output)
+        ctx.num_mixtures, ctx.num_bits = num_mixtures, num_bits
+
+    def _dml_backward(ctx, grad):
+        x, params, nll = ctx.saved_tensors
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+        gx, gp = torch.ops.fastar.discretized_mix_logistic_nll_backward(
+            grad.contiguous(), x, params, nll, ctx.num_mixtures, ctx.num_bits, need)
+        return (gx if need[0] else None, gp if need[1] else None, None, None)
+
+    torch.library.register_autograd("fastar::discretized_mix_logistic_nll", _dml_backward,
+                                    setup_context=_dml_setup_context)

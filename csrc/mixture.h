@@ -1,0 +1,390 @@
+// The mixture / categorical family: argument checks shared by the CPU and CUDA
+// kernels (so both reject bad input with the same sentences) and the
+// per-position math, written once as host/device functions so the two
+// backends compute the very same expressions in the same order.
+//
+// Layouts (the Python side reshapes to these):
+//   x      (B, C, N)      C = 1 or 3 colours, N = H * W (or T for audio), acc dtype
+//   params (B, P, N)      P = 3K (C = 1) or 10K (C = 3): K logits, then per colour
+//                         c a block at K + c * S (S = 3K for C = 3, 2K for C = 1)
+//                         of K means, K log-scales [, K raw coefficients]
+//   noise  (B, 1 + C, N)  uniforms: channel 0 picks the component, 1 + c colour c
+//   logits (O, K, I)      categorical: K categories between an outer and an inner extent
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTAR_HD __host__ __device__ __forceinline__
+#define FASTAR_UNROLL _Pragma("unroll")
+#else
+#define FASTAR_HD inline
+#define FASTAR_UNROLL
+#endif
+
+namespace fastar {
+namespace mix {
+
+// ---- scalar helpers: C names so the same call resolves on host and device ----
+FASTAR_HD float mexp(float v) { return expf(v); }
+FASTAR_HD double mexp(double v) { return exp(v); }
+FASTAR_HD float mlog(float v) { return logf(v); }
+FASTAR_HD double mlog(double v) { return log(v); }
+FASTAR_HD float mlog1p(float v) { return log1pf(v); }
+FASTAR_HD double mlog1p(double v) { return log1p(v); }
+FASTAR_HD float mtanh(float v) { return tanhf(v); }
+FASTAR_HD double mtanh(double v) { return tanh(v); }
+FASTAR_HD float mfloor(float v) { return floorf(v); }
+FASTAR_HD double mfloor(double v) { return floor(v); }
+
+// softplus as torch computes it (beta 1, threshold 20), so values match the reference.
+template <typename T>
+FASTAR_HD T softplus(T v) {
+  return v > T(20) ? v : mlog1p(mexp(v));
+}
+// Never evaluates exp of a large positive number: no inf/inf.
+template <typename T>
+FASTAR_HD T sigmoid(T v) {
+  if (v >= T(0)) return T(1) / (T(1) + mexp(-v));
+  const T e = mexp(v);
+  return e / (T(1) + e);
+}
+template <typename T>
+FASTAR_HD T tmax(T a, T b) { return a > b ? a : b; }
+
+template <typename T>
+struct DmlConst {
+  T h;              // bin half-width 1 / (2^bits - 1)
+  T log_half_bins;  // log((2^bits - 1) / 2)
+  T edge;           // 0.999
+  T min_mass;       // 1e-5
+  T ls_min;         // -7
+};
+
+template <typename T>
+DmlConst<T> dml_const(int64_t num_bits) {
+  const double bins = std::ldexp(1.0, static_cast<int>(num_bits)) - 1.0;
+  return {static_cast<T>(1.0 / bins), static_cast<T>(std::log(bins / 2.0)), static_cast<T>(0.999),
+          static_cast<T>(1e-5), static_cast<T>(-7.0)};
+}
+
+// Log-probability of one sub-pixel value xv under one logistic (mean m, clamped
+// log-scale ls), with the paper's edge and small-mass cases; optionally its
+// derivatives with respect to the centred value (x - m) and to ls.
+template <typename T, bool kGrad>
+FASTAR_HD T logistic_bin_logp(T xv, T m, T ls, const DmlConst<T>& k, T* d_c, T* d_ls) {
+  const T c = xv - m;
+  const T inv_s = mexp(-ls);
+  if (xv < -k.edge) {
+    const T plus = inv_s * (c + k.h);
+    if (kGrad) {
+      const T s = sigmoid(-plus);  // d/dplus log sigmoid(plus)
+      *d_c = inv_s * s;
+      *d_ls = -plus * s;
+    }
+    return plus - softplus(plus);
+  }
+  if (xv > k.edge) {
+    const T mn = inv_s * (c - k.h);
+    if (kGrad) {
+      const T s = sigmoid(mn);  // d/dmn of -softplus(mn) is -s
+      *d_c = -inv_s * s;
+      *d_ls = mn * s;
+    }
+    return -softplus(mn);
+  }
+  const T plus = inv_s * (c + k.h);
+  const T mn = inv_s * (c - k.h);
+  const T cp = sigmoid(plus), cm = sigmoid(mn);
+  const T delta = cp - cm;
+  if (delta > k.min_mass) {
+    if (kGrad) {
+      const T gp = cp * (T(1) - cp) / delta, gm = -cm * (T(1) - cm) / delta;
+      *d_c = inv_s * (gp + gm);
+      *d_ls = -(plus * gp + mn * gm);
+    }
+    return mlog(tmax(delta, T(1e-12)));
+  }
+  // Bin mass underflows: density at the bin centre times the bin width.
+  const T mid = inv_s * c;
+  if (kGrad) {
+    const T g = T(1) - T(2) * sigmoid(mid);
+    *d_c = inv_s * g;
+    *d_ls = -mid * g - T(1);
+  }
+  return mid - ls - T(2) * softplus(mid) - k.log_half_bins;
+}
+
+// Pointers into params for one position: element j of channel p is p0[p * ps].
+template <typename scalar_t>
+struct PixelParams {
+  const scalar_t* p0;
+  int64_t ps;
+  template <typename T>
+  FASTAR_HD T at(int64_t ch) const { return static_cast<T>(p0[ch * ps]); }
+};
+
+// log-sum-exp of the K logits of a position.
+template <typename T, typename scalar_t>
+FASTAR_HD T logits_lse(const PixelParams<scalar_t>& pp, int64_t K) {
+  T mx = pp.template at<T>(0);
+  for (int64_t j = 1; j < K; ++j) mx = tmax(mx, pp.template at<T>(j));
+  T s = 0;
+  for (int64_t j = 0; j < K; ++j) s += mexp(pp.template at<T>(j) - mx);
+  return mx + mlog(s);
+}
+
+// Sum over colours of the log-probabilities under component j (no gradient).
+template <typename T, typename scalar_t, int C>
+FASTAR_HD T component_logp(const PixelParams<scalar_t>& pp, const T* xv, int64_t K, int64_t j, const DmlConst<T>& k) {
+  constexpr int S = C == 3 ? 3 : 2;
+  T acc = 0;
+  T m[C];
+FASTAR_UNROLL
+  for (int c = 0; c < C; ++c) m[c] = pp.template at<T>(K + c * S * K + j);
+  if (C == 3) {
+    const T t0 = mtanh(pp.template at<T>(K + 2 * K + j));
+    const T t1 = mtanh(pp.template at<T>(K + 3 * K + 2 * K + j));
+    const T t2 = mtanh(pp.template at<T>(K + 6 * K + 2 * K + j));
+    m[1 % C] = m[1 % C] + t0 * xv[0];
+    m[2 % C] = m[2 % C] + t1 * xv[0] + t2 * xv[1 % C];
+  }
+FASTAR_UNROLL
+  for (int c = 0; c < C; ++c) {
+    const T ls = tmax(pp.template at<T>(K + c * S * K + K + j), k.ls_min);
+    acc += logistic_bin_logp<T, false>(xv[c], m[c], ls, k, nullptr, nullptr);
+  }
+  return acc;
+}
+
+// NLL of one position: -log sum_j softmax(logits)_j prod_c P(x_c | j), by an
+// online log-sum-exp over j so nothing K-sized is stored.
+template <typename T, typename scalar_t, int C>
+FASTAR_HD T pixel_nll(const PixelParams<scalar_t>& pp, const T* xv, int64_t K, const DmlConst<T>& k) {
+  const T lse_l = logits_lse<T>(pp, K);
+  T run_max = -INFINITY, run_sum = 0;
+  for (int64_t j = 0; j < K; ++j) {
+    const T s = pp.template at<T>(j) - lse_l + component_logp<T, scalar_t, C>(pp, xv, K, j, k);
+    if (s > run_max) {
+      run_sum = run_sum * mexp(run_max - s) + T(1);
+      run_max = s;
+    } else {
+      run_sum += mexp(s - run_max);
+    }
+  }
+  return -(run_max + mlog(run_sum));
+}
+
+// Backward of one position given g = dL/dnll and the forward's nll: the
+// posterior w_j = exp(s_j + nll) is recomputed per component, so again no
+// K-sized storage. Writes dL/dparams (through gp0, stride ps) and adds dL/dx
+// into gx (C values) when asked.
+template <typename T, typename scalar_t, int C>
+FASTAR_HD void pixel_nll_backward(const PixelParams<scalar_t>& pp, const T* xv, int64_t K, const DmlConst<T>& k,
+                                  T g, T nll, scalar_t* gp0, T* gx) {
+  constexpr int S = C == 3 ? 3 : 2;
+  const int64_t ps = pp.ps;
+  const T lse_l = logits_lse<T>(pp, K);
+  for (int64_t j = 0; j < K; ++j) {
+    const T lj = pp.template at<T>(j);
+    T m[C], ls_raw[C], a[C], dc[C], dls[C], t[3] = {0, 0, 0};
+FASTAR_UNROLL
+    for (int c = 0; c < C; ++c) {
+      m[c] = pp.template at<T>(K + c * S * K + j);
+      ls_raw[c] = pp.template at<T>(K + c * S * K + K + j);
+    }
+    if (C == 3) {
+      t[0] = mtanh(pp.template at<T>(K + 2 * K + j));
+      t[1] = mtanh(pp.template at<T>(K + 3 * K + 2 * K + j));
+      t[2] = mtanh(pp.template at<T>(K + 6 * K + 2 * K + j));
+      m[1 % C] = m[1 % C] + t[0] * xv[0];
+      m[2 % C] = m[2 % C] + t[1] * xv[0] + t[2] * xv[1 % C];
+    }
+    T s = lj - lse_l;
+FASTAR_UNROLL
+    for (int c = 0; c < C; ++c) {
+      a[c] = logistic_bin_logp<T, true>(xv[c], m[c], tmax(ls_raw[c], k.ls_min), k, &dc[c], &dls[c]);
+      s += a[c];
+    }
+    const T w = mexp(s + nll);  // posterior responsibility of component j
+    const T pi = mexp(lj - lse_l);
+    if (gp0) {
+      gp0[j * ps] = static_cast<scalar_t>(g * (pi - w));
+    }
+    const T ga = -g * w;  // dL/d(log P(x_c | j)) for every colour
+    T gm[C];
+FASTAR_UNROLL
+    for (int c = 0; c < C; ++c) {
+      gm[c] = -ga * dc[c];  // the mean enters as -(x - m)
+      if (gp0) {
+        gp0[(K + c * S * K + j) * ps] = static_cast<scalar_t>(gm[c]);
+        gp0[(K + c * S * K + K + j) * ps] =
+            static_cast<scalar_t>(ls_raw[c] >= k.ls_min ? ga * dls[c] : T(0));
+      }
+      if (gx) gx[c] += ga * dc[c];
+    }
+    if (C == 3) {
+      if (gp0) {
+        gp0[(K + 2 * K + j) * ps] = static_cast<scalar_t>(gm[1 % C] * xv[0] * (T(1) - t[0] * t[0]));
+        gp0[(K + 3 * K + 2 * K + j) * ps] = static_cast<scalar_t>(gm[2 % C] * xv[0] * (T(1) - t[1] * t[1]));
+        gp0[(K + 6 * K + 2 * K + j) * ps] = static_cast<scalar_t>(gm[2 % C] * xv[1 % C] * (T(1) - t[2] * t[2]));
+      }
+      if (gx) {
+        gx[0] += gm[1 % C] * t[0] + gm[2 % C] * t[1];
+        gx[1 % C] += gm[2 % C] * t[2];
+      }
+    }
+  }
+}
+
+// Inverse-CDF pick of one index from softmax(l / temp) given the uniform u:
+// the first j whose running CDF exceeds u, else the last j with p_j > 0. Same
+// contract as categorical_sample_ref. `at(j)` yields the (already masked) logit.
+template <typename T, typename F>
+FASTAR_HD int64_t inverse_cdf_pick(F at, int64_t K, T temp, T u) {
+  T mx = -INFINITY;
+  for (int64_t j = 0; j < K; ++j) mx = tmax(mx, at(j) / temp);
+  T sum = 0;
+  for (int64_t j = 0; j < K; ++j) sum += mexp(at(j) / temp - mx);
+  T cdf = 0;
+  int64_t last_pos = -1;
+  for (int64_t j = 0; j < K; ++j) {
+    const T p = mexp(at(j) / temp - mx) / sum;
+    if (p > T(0)) last_pos = j;
+    cdf += p;
+    if (cdf > u) return j;
+  }
+  return last_pos < 0 ? 0 : last_pos;
+}
+
+// First index of the largest value (torch.argmax's tie rule).
+template <typename T, typename F>
+FASTAR_HD int64_t argmax_first(F at, int64_t K) {
+  int64_t best = 0;
+  T bv = at(0);
+  for (int64_t j = 1; j < K; ++j) {
+    const T v = at(j);
+    if (v > bv) {
+      bv = v;
+      best = j;
+    }
+  }
+  return best;
+}
+
+template <typename T>
+FASTAR_HD T quantize(T v, T half_bins, T step) {
+  return mfloor((v + T(1)) * half_bins + T(0.5)) * step - T(1);
+}
+template <typename T>
+FASTAR_HD T clamp1(T v) { return v < T(-1) ? T(-1) : (v > T(1) ? T(1) : v); }
+
+// One draw of one position: component by inverse CDF on u[0], then colour by
+// colour a logistic sample by inverse CDF on u[1 + c], clamped and quantised
+// before it feeds the next colour's mean.
+template <typename T, typename scalar_t, int C>
+FASTAR_HD void pixel_sample(const PixelParams<scalar_t>& pp, const T* u, int64_t us, int64_t K, T temp, T half_bins,
+                            T step, T* out, int64_t os) {
+  constexpr int S = C == 3 ? 3 : 2;
+  auto logit = [&](int64_t j) { return pp.template at<T>(j); };
+  const int64_t j = temp == T(0) ? argmax_first<T>(logit, K) : inverse_cdf_pick<T>(logit, K, temp, u[0]);
+  T xs[C];
+FASTAR_UNROLL
+  for (int c = 0; c < C; ++c) {
+    const T mean = pp.template at<T>(K + c * S * K + j);
+    const T ls = tmax(pp.template at<T>(K + c * S * K + K + j), T(-7));
+    const T scale = mexp(ls) * temp;
+    T v = u[(1 + c) * us];
+    v = v < T(1e-5) ? T(1e-5) : (v > T(1.0 - 1e-5) ? T(1.0 - 1e-5) : v);
+    T y = mean + scale * (mlog(v) - mlog1p(-v));
+    if (C == 3 && c == 1) y = y + mtanh(pp.template at<T>(K + 2 * K + j)) * xs[0];
+    if (C == 3 && c == 2)
+      y = y + mtanh(pp.template at<T>(K + 3 * K + 2 * K + j)) * xs[0] +
+          mtanh(pp.template at<T>(K + 6 * K + 2 * K + j)) * xs[1 % C];
+    xs[c] = quantize(clamp1(y), half_bins, step);
+    out[c * os] = xs[c];
+  }
+}
+
+// ---- argument checks (the same sentences on every backend) ----
+inline int dml_channels(const char* op, int64_t P, int64_t K) {
+  TORCH_CHECK(K >= 1, op, ": num_mixtures must be at least 1, got ", K);
+  if (P == 3 * K) return 1;
+  if (P == 10 * K) return 3;
+  TORCH_CHECK(false, op, ": params has ", P, " channels, but num_mixtures=", K, " needs 3K = ", 3 * K,
+              " (1 channel) or 10K = ", 10 * K, " (3 channels)");
+  return 0;
+}
+
+inline void check_num_bits(const char* op, int64_t num_bits) {
+  TORCH_CHECK(num_bits >= 1 && num_bits <= 16, op, ": num_bits must be in [1, 16], got ", num_bits);
+}
+
+inline at::ScalarType acc_type_of(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x (B, C, N) in the acc dtype of params (B, P, N); returns C.
+inline int check_dml_nll(const char* op, const at::Tensor& x, const at::Tensor& params, int64_t K, int64_t num_bits) {
+  TORCH_CHECK(params.dim() == 3, op, ": params must be 3-D (B, P, N), got shape ", params.sizes());
+  TORCH_CHECK(x.dim() == 3, op, ": x must be 3-D (B, C, N), got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(params.scalar_type()), op, ": params must be a floating-point tensor, got ",
+              params.scalar_type());
+  TORCH_CHECK(x.scalar_type() == acc_type_of(params.scalar_type()), op, ": x must be ",
+              acc_type_of(params.scalar_type()), " for ", params.scalar_type(), " params, got ", x.scalar_type());
+  TORCH_CHECK(x.device() == params.device(), op, ": x and params must be on one device, got x on ", x.device(),
+              " and params on ", params.device());
+  check_num_bits(op, num_bits);
+  const int C = dml_channels(op, params.size(1), K);
+  TORCH_CHECK(x.size(0) == params.size(0) && x.size(1) == C && x.size(2) == params.size(2), op,
+              ": x must have shape [", params.size(0), ", ", C, ", ", params.size(2), "] to match params of shape ",
+              params.sizes(), ", got ", x.sizes());
+  return C;
+}
+
+inline int check_dml_sample(const char* op, const at::Tensor& params, const at::Tensor& noise, int64_t K,
+                            int64_t num_bits, double temperature) {
+  TORCH_CHECK(params.dim() == 3, op, ": params must be 3-D (B, P, N), got shape ", params.sizes());
+  TORCH_CHECK(at::isFloatingType(params.scalar_type()), op, ": params must be a floating-point tensor, got ",
+              params.scalar_type());
+  check_num_bits(op, num_bits);
+  TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
+  const int C = dml_channels(op, params.size(1), K);
+  TORCH_CHECK(noise.dim() == 3 && noise.size(0) == params.size(0) && noise.size(1) == 1 + C &&
+                  noise.size(2) == params.size(2),
+              op, ": noise must have shape [", params.size(0), ", ", 1 + C, ", ", params.size(2), "], got ",
+              noise.sizes());
+  TORCH_CHECK(noise.scalar_type() == acc_type_of(params.scalar_type()), op, ": noise must be ",
+              acc_type_of(params.scalar_type()), " for ", params.scalar_type(), " params, got ", noise.scalar_type());
+  TORCH_CHECK(noise.device() == params.device(), op, ": noise and params must be on one device, got noise on ",
+              noise.device(), " and params on ", params.device());
+  return C;
+}
+
+inline void check_categorical(const char* op, const at::Tensor& logits, const c10::optional<at::Tensor>& noise,
+                              double temperature, int64_t top_k) {
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must be 3-D (outer, K, inner), got shape ", logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be a floating-point tensor, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have at least one category, got shape ", logits.sizes());
+  TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
+  TORCH_CHECK(top_k >= 0 && top_k <= logits.size(1), op, ": top_k must be in [0, ", logits.size(1),
+              "] (0 = all), got ", top_k);
+  if (temperature > 0) {
+    TORCH_CHECK(noise.has_value() && noise->defined(), op, ": noise is required when temperature > 0");
+  }
+  if (noise.has_value() && noise->defined()) {
+    TORCH_CHECK(noise->dim() == 2 && noise->size(0) == logits.size(0) && noise->size(1) == logits.size(2), op,
+                ": noise must have shape [", logits.size(0), ", ", logits.size(2), "], got ", noise->sizes());
+    TORCH_CHECK(noise->scalar_type() == acc_type_of(logits.scalar_type()), op, ": noise must be ",
+                acc_type_of(logits.scalar_type()), " for ", logits.scalar_type(), " logits, got ",
+                noise->scalar_type());
+    TORCH_CHECK(noise->device() == logits.device(), op, ": noise and logits must be on one device, got noise on ",
+                noise->device(), " and logits on ", logits.device());
+  }
+}
+
+}  // namespace mix
+}  // namespace fastar
