@@ -177,7 +177,8 @@ FASTAR_HD T pixel_nll(const PixelParams<scalar_t>& pp, const T* xv, int64_t K, c
   return -(run_max + mlog(run_sum));
 }
 
-// Backward of one position given g = dL/dnll and the forward's nll: the
+// Backward of one position given g = dL/dnll and the forward's nll (log-scales
+// at or below the clamp get no gradient, as torch.clamp's backward gives): the
 // posterior w_j = exp(s_j + nll) is recomputed per component, so again no
 // K-sized storage. Writes dL/dparams (through gp0, stride ps) and adds dL/dx
 // into gx (C values) when asked.
@@ -221,7 +222,7 @@ FASTAR_UNROLL
       if (gp0) {
         gp0[(K + c * S * K + j) * ps] = static_cast<scalar_t>(gm[c]);
         gp0[(K + c * S * K + K + j) * ps] =
-            static_cast<scalar_t>(ls_raw[c] >= k.ls_min ? ga * dls[c] : T(0));
+            static_cast<scalar_t>(ls_raw[c] > k.ls_min ? ga * dls[c] : T(0));
       }
       if (gx) gx[c] += ga * dc[c];
     }

@@ -154,7 +154,7 @@ def categorical_sample(logits, dim=1, generator=None, noise=None, temperature=1.
     k = logits.shape[dim]
     outer = math.prod(logits.shape[:dim])
     inner = math.prod(logits.shape[dim + 1:])
-    l3 = logits.reshape(outer, k, inner)
+    l3 = logits.detach().reshape(outer, k, inner)
     u = None if noise is None else noise.reshape(outer, inner).to(acc)
     out = torch.ops.fastar.categorical_sample(l3, u, float(temperature), int(top_k or 0))
     return out.reshape(out_shape)
@@ -379,8 +379,9 @@ def sample_discretized_mix_logistic(params, num_mixtures, generator=None, noise=
         noise = _sample_noise(params, noise_shape, generator)
     u3 = noise.reshape(noise_shape[0], 1 + c, -1)
     if _backend.use_kernel(op, params.device, params.dtype, DML_KERNEL_DTYPES):
-        out = torch.ops.fastar.sample_discretized_mix_logistic(p3, u3.to(_acc_dtype(params.dtype)), num_mixtures,
-                                                               num_bits, float(temperature))
+        # Samples are not differentiable (they sit on bin centres): detach so autograd never sees the op.
+        out = torch.ops.fastar.sample_discretized_mix_logistic(p3.detach(), u3.to(_acc_dtype(params.dtype)),
+                                                               num_mixtures, num_bits, float(temperature))
     else:
         out = _dml_sample_ref(p3, u3, num_mixtures, c, temperature, num_bits)
     return out.reshape(out_shape)
