@@ -10,7 +10,7 @@ from scipy import stats
 
 import fastar
 from fastar.ops import mixture as M
-from conftest import requires_kernel, tol
+from tests.conftest import requires_kernel, tol
 
 OPS = ["discretized_mix_logistic_nll", "sample_discretized_mix_logistic", "categorical_sample"]
 
