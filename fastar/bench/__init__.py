@@ -21,6 +21,7 @@ import torch
 FAMILIES = {
     "masked_conv": "fastar.bench.masked_conv",
     "wavenet": "fastar.bench.wavenet",
+    "mixture": "fastar.bench.mixture",
 }
 FAMILIES["sampling"] = "fastar.bench.sampling"
 
