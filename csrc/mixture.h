@@ -98,10 +98,11 @@ FASTAR_HD T logistic_bin_logp(T xv, T m, T ls, const DmlConst<T>& k, T* d_c, T* 
   const T plus = inv_s * (c + k.h);
   const T mn = inv_s * (c - k.h);
   const T cp = sigmoid(plus), cm = sigmoid(mn);
-  const T delta = cp - cm;
+  // In the right tail both CDFs are near 1: difference the complements instead (no cancellation).
+  const T delta = mn > T(0) ? sigmoid(-mn) - sigmoid(-plus) : cp - cm;
   if (delta > k.min_mass) {
     if (kGrad) {
-      const T gp = cp * (T(1) - cp) / delta, gm = -cm * (T(1) - cm) / delta;
+      const T gp = cp * sigmoid(-plus) / delta, gm = -cm * sigmoid(-mn) / delta;
       *d_c = inv_s * (gp + gm);
       *d_ls = -(plus * gp + mn * gm);
     }

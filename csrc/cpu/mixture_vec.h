@@ -1,0 +1,256 @@
+// float32 CPU fast path of the discretized logistic mixture loss: the same
+// math as mixture.h, rewritten branch-free over tiles of kTile neighbouring
+// positions so the compiler vectorises every inner loop (params rows are
+// contiguous along positions). libm's expf/logf would block vectorisation, so
+// exp and log are Cephes-style polynomials (about 1 ulp on the ranges used
+// here); each of the four cases of the paper's likelihood is reduced to
+// `pre + log(arg)` with the case picked by selects, so one log serves all
+// four. Selected-away lanes may hold inf/nan; selects discard them.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace fastar {
+namespace mixvec {
+
+constexpr int kTile = 64;
+
+#define FASTAR_AI __attribute__((always_inline)) inline
+
+FASTAR_AI float bits_to_float(int32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+FASTAR_AI int32_t float_to_bits(float f) {
+  int32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+FASTAR_AI float vmax(float a, float b) { return a > b ? a : b; }
+FASTAR_AI float vmin(float a, float b) { return a < b ? a : b; }
+
+// exp for x in about [-87, 88]; inputs beyond are clamped (exp(-87.3) ~ 1e-38 stands in for 0).
+FASTAR_AI float vexp(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.0f ? 88.0f : x;
+  // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no floorf: it would not vectorise).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+}
+
+// log for positive normal x.
+FASTAR_AI float vlog(float x) {
+  const int32_t b = float_to_bits(x);
+  int32_t e = ((b >> 23) & 0xff) - 127;
+  float m = bits_to_float((b & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float fe = static_cast<float>(e);
+  y += fe * -2.12194440e-4f;
+  y += -0.5f * z;
+  return f + y + fe * 0.693359375f;
+}
+
+FASTAR_AI float vtanh(float v) {
+  // tanh(v) = sign(v) (1 - e) / (1 + e), e = exp(-2|v|): no overflow, no cancellation near 0 beyond 1e-7 abs.
+  const float a = v < 0 ? -v : v;
+  const float e = vexp(-2.0f * a);
+  const float t = (1.0f - e) / (1.0f + e);
+  return v < 0 ? -t : t;
+}
+
+struct VConst {
+  float h, log_half_bins, edge, min_mass, ls_min;
+};
+
+// log P(bin of xv | logistic(m, exp(ls))) and, when kGrad, its derivatives by
+// (x - m) and by ls; the case analysis of mixture.h's logistic_bin_logp.
+template <bool kGrad>
+FASTAR_AI float vlogp(float xv, float m, float ls, const VConst& k, float& dc, float& dls) {
+  const float c = xv - m;
+  const float inv_s = vexp(-ls);
+  const float plus = inv_s * (c + k.h), mn = inv_s * (c - k.h), mid = inv_s * c;
+  const float ap = plus < 0 ? -plus : plus, am = mn < 0 ? -mn : mn, amid = mid < 0 ? -mid : mid;
+  const float ep = vexp(-ap), em = vexp(-am), emid = vexp(-amid);
+  const float rp = 1.0f / (1.0f + ep), rm = 1.0f / (1.0f + em), rmid = 1.0f / (1.0f + emid);
+  const float cp = plus >= 0 ? rp : ep * rp;   // sigmoid(plus)
+  const float cm = mn >= 0 ? rm : em * rm;     // sigmoid(mn)
+  const float ncp = plus >= 0 ? ep * rp : rp;  // 1 - sigmoid(plus)
+  const float ncm = mn >= 0 ? em * rm : rm;    // 1 - sigmoid(mn)
+  // In the right tail both CDFs are near 1: difference the complements instead (no cancellation).
+  const float delta = mn > 0 ? ncm - ncp : cp - cm;
+  const bool lo = xv < -k.edge, hi = xv > k.edge, mass = delta > k.min_mass;
+  const float pre = lo ? vmin(plus, 0.0f)
+                       : (hi ? -vmax(mn, 0.0f)
+                             : (mass ? 0.0f : mid - ls - 2.0f * vmax(mid, 0.0f) - k.log_half_bins));
+  const float arg = lo ? rp : (hi ? rm : (mass ? vmax(delta, 1e-12f) : rmid * rmid));
+  if (kGrad) {
+    const float smid = mid >= 0 ? rmid : emid * rmid;
+    const float inv_d = 1.0f / (mass ? delta : 1.0f);
+    const float gp = cp * ncp * inv_d, gm = -cm * ncm * inv_d;
+    const float gq = 1.0f - 2.0f * smid;
+    dc = lo ? inv_s * ncp : (hi ? -inv_s * cm : (mass ? inv_s * (gp + gm) : inv_s * gq));
+    dls = lo ? -plus * ncp : (hi ? mn * cm : (mass ? -(plus * gp + mn * gm) : -mid * gq - 1.0f));
+  }
+  return pre + vlog(arg);
+}
+
+// Log-sum-exp over the K logits of each position of the tile.
+FASTAR_AI void tile_logits_lse(const float* __restrict p0, int64_t N, int64_t K, int L, float* __restrict lse) {
+  alignas(64) float mx[kTile], acc[kTile];
+  for (int i = 0; i < L; ++i) mx[i] = p0[i];
+  for (int64_t j = 1; j < K; ++j) {
+    const float* row = p0 + j * N;
+    for (int i = 0; i < L; ++i) mx[i] = vmax(mx[i], row[i]);
+  }
+  for (int i = 0; i < L; ++i) acc[i] = 0.0f;
+  for (int64_t j = 0; j < K; ++j) {
+    const float* row = p0 + j * N;
+    for (int i = 0; i < L; ++i) acc[i] += vexp(row[i] - mx[i]);
+  }
+  for (int i = 0; i < L; ++i) lse[i] = mx[i] + vlog(acc[i]);
+}
+
+// Effective mean of colour c under component j (the coefficient terms use the known sub-pixels).
+template <int C>
+FASTAR_AI void tile_means(const float* __restrict p0, int64_t N, int64_t K, int64_t j, int L,
+                          const float (*xv)[kTile], float (*m)[kTile], float (*t)[kTile]) {
+  constexpr int S = C == 3 ? 3 : 2;
+  for (int c = 0; c < C; ++c) {
+    const float* row = p0 + (K + c * S * K + j) * N;
+    for (int i = 0; i < L; ++i) m[c][i] = row[i];
+  }
+  if constexpr (C == 3) {
+    for (int c = 0; c < 3; ++c) {
+      const float* row = p0 + (K + c * S * K + 2 * K + j) * N;
+      for (int i = 0; i < L; ++i) t[c][i] = vtanh(row[i]);
+    }
+    for (int i = 0; i < L; ++i) {
+      m[1][i] = m[1][i] + t[0][i] * xv[0][i];
+      m[2][i] = m[2][i] + t[1][i] * xv[0][i] + t[2][i] * xv[1][i];
+    }
+  }
+}
+
+// Forward of one tile: out[i] = NLL of position i. sbuf holds K * kTile floats.
+template <int C>
+FASTAR_AI void tile_forward(const float* __restrict p0, const float* __restrict x0, int64_t N, int64_t K, int L,
+                            const VConst& k, float* __restrict out, float* __restrict sbuf) {
+  constexpr int S = C == 3 ? 3 : 2;
+  alignas(64) float xv[C][kTile], m[C][kTile], t[3][kTile], lse[kTile], mx[kTile], acc[kTile];
+  for (int c = 0; c < C; ++c)
+    for (int i = 0; i < L; ++i) xv[c][i] = x0[c * N + i];
+  tile_logits_lse(p0, N, K, L, lse);
+  for (int64_t j = 0; j < K; ++j) {
+    float* s = sbuf + j * kTile;
+    const float* lrow = p0 + j * N;
+    for (int i = 0; i < L; ++i) s[i] = lrow[i] - lse[i];
+    tile_means<C>(p0, N, K, j, L, xv, m, t);
+    for (int c = 0; c < C; ++c) {
+      const float* lsrow = p0 + (K + c * S * K + K + j) * N;
+      for (int i = 0; i < L; ++i) {
+        float d0, d1;
+        s[i] += vlogp<false>(xv[c][i], m[c][i], vmax(lsrow[i], k.ls_min), k, d0, d1);
+      }
+    }
+  }
+  for (int i = 0; i < L; ++i) mx[i] = sbuf[i];
+  for (int64_t j = 1; j < K; ++j)
+    for (int i = 0; i < L; ++i) mx[i] = vmax(mx[i], sbuf[j * kTile + i]);
+  for (int i = 0; i < L; ++i) acc[i] = 0.0f;
+  for (int64_t j = 0; j < K; ++j)
+    for (int i = 0; i < L; ++i) acc[i] += vexp(sbuf[j * kTile + i] - mx[i]);
+  for (int i = 0; i < L; ++i) out[i] = -(mx[i] + vlog(acc[i]));
+}
+
+// Backward of one tile given g (dL/dnll) and the forward's nll; writes the
+// params gradient rows (gp0, may be null) and the x gradient (gx0, may be null).
+template <int C>
+FASTAR_AI void tile_backward(const float* __restrict p0, const float* __restrict x0, int64_t N, int64_t K, int L,
+                             const VConst& k, const float* __restrict g, const float* __restrict nll,
+                             float* __restrict gp0, float* __restrict gx0) {
+  constexpr int S = C == 3 ? 3 : 2;
+  alignas(64) float xv[C][kTile], m[C][kTile], t[3][kTile], lse[kTile], s[kTile], gxa[C][kTile];
+  alignas(64) float dc[C][kTile], dls[C][kTile], ga[kTile];
+  for (int c = 0; c < C; ++c)
+    for (int i = 0; i < L; ++i) {
+      xv[c][i] = x0[c * N + i];
+      gxa[c][i] = 0.0f;
+    }
+  tile_logits_lse(p0, N, K, L, lse);
+  for (int64_t j = 0; j < K; ++j) {
+    const float* lrow = p0 + j * N;
+    for (int i = 0; i < L; ++i) s[i] = lrow[i] - lse[i];
+    tile_means<C>(p0, N, K, j, L, xv, m, t);
+    for (int c = 0; c < C; ++c) {
+      const float* lsrow = p0 + (K + c * S * K + K + j) * N;
+      for (int i = 0; i < L; ++i)
+        s[i] += vlogp<true>(xv[c][i], m[c][i], vmax(lsrow[i], k.ls_min), k, dc[c][i], dls[c][i]);
+    }
+    for (int i = 0; i < L; ++i) {
+      const float w = vexp(s[i] + nll[i]);  // posterior of component j
+      const float pi = vexp(lrow[i] - lse[i]);
+      if (gp0) gp0[j * N + i] = g[i] * (pi - w);
+      ga[i] = -g[i] * w;
+    }
+    for (int c = 0; c < C; ++c) {
+      const float* lsrow = p0 + (K + c * S * K + K + j) * N;
+      float* gm_row = gp0 ? gp0 + (K + c * S * K + j) * N : nullptr;
+      float* gls_row = gp0 ? gp0 + (K + c * S * K + K + j) * N : nullptr;
+      for (int i = 0; i < L; ++i) {
+        const float gmean = -ga[i] * dc[c][i];
+        if (gp0) {
+          gm_row[i] = gmean;
+          gls_row[i] = lsrow[i] > k.ls_min ? ga[i] * dls[c][i] : 0.0f;
+        }
+        gxa[c][i] += ga[i] * dc[c][i];
+        dc[c][i] = gmean;  // reuse: dL/d(effective mean of colour c)
+      }
+    }
+    if constexpr (C == 3) {
+      if (gp0) {
+        float* r0 = gp0 + (K + 2 * K + j) * N;
+        float* r1 = gp0 + (K + S * K + 2 * K + j) * N;
+        float* r2 = gp0 + (K + 2 * S * K + 2 * K + j) * N;
+        for (int i = 0; i < L; ++i) {
+          r0[i] = dc[1][i] * xv[0][i] * (1.0f - t[0][i] * t[0][i]);
+          r1[i] = dc[2][i] * xv[0][i] * (1.0f - t[1][i] * t[1][i]);
+          r2[i] = dc[2][i] * xv[1][i] * (1.0f - t[2][i] * t[2][i]);
+        }
+      }
+      for (int i = 0; i < L; ++i) {
+        gxa[0][i] += dc[1][i] * t[0][i] + dc[2][i] * t[1][i];
+        gxa[1][i] += dc[2][i] * t[2][i];
+      }
+    }
+  }
+  if (gx0)
+    for (int c = 0; c < C; ++c)
+      for (int i = 0; i < L; ++i) gx0[c * N + i] = gxa[c][i];
+}
+
+}  // namespace mixvec
+}  // namespace fastar
