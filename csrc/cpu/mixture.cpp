@@ -26,62 +26,6 @@
 
 namespace fastar {
 
-// float32 tiles of the loss, compiled twice (AVX2+FMA and baseline) and
-// picked at load time by the CPU (GCC function multi-versioning), so one
-// binary runs everywhere and vectorises where it can.
-namespace mixvec {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTAR_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define FASTAR_CLONES
-#endif
-
-struct TileJob {
-  const float* p;
-  const float* x;
-  int64_t P, N, K, tiles_per_item;
-  int C;
-  VConst k;
-};
-
-FASTAR_CLONES void forward_tiles(const TileJob& J, int64_t t0, int64_t t1, float* out, float* sbuf) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / J.tiles_per_item, n0 = (t % J.tiles_per_item) * kTile;
-    const int L = static_cast<int>(std::min<int64_t>(kTile, J.N - n0));
-    const float* p0 = J.p + b * J.P * J.N + n0;
-    const float* x0 = J.x + b * J.C * J.N + n0;
-    if (J.C == 3)
-      tile_forward<3>(p0, x0, J.N, J.K, L, J.k, out + b * J.N + n0, sbuf);
-    else
-      tile_forward<1>(p0, x0, J.N, J.K, L, J.k, out + b * J.N + n0, sbuf);
-  }
-}
-
-FASTAR_CLONES void backward_tiles(const TileJob& J, int64_t t0, int64_t t1, const float* g, const float* nll,
-                                  float* gp, float* gx) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t b = t / J.tiles_per_item, n0 = (t % J.tiles_per_item) * kTile;
-    const int L = static_cast<int>(std::min<int64_t>(kTile, J.N - n0));
-    const float* p0 = J.p + b * J.P * J.N + n0;
-    const float* x0 = J.x + b * J.C * J.N + n0;
-    float* gp0 = gp ? gp + b * J.P * J.N + n0 : nullptr;
-    float* gx0 = gx ? gx + b * J.C * J.N + n0 : nullptr;
-    if (J.C == 3)
-      tile_backward<3>(p0, x0, J.N, J.K, L, J.k, g + b * J.N + n0, nll + b * J.N + n0, gp0, gx0);
-    else
-      tile_backward<1>(p0, x0, J.N, J.K, L, J.k, g + b * J.N + n0, nll + b * J.N + n0, gp0, gx0);
-  }
-}
-
-TileJob make_job(const at::Tensor& pc, const at::Tensor& xc, int64_t K, int C, int64_t num_bits) {
-  const auto dk = mix::dml_const<float>(num_bits);
-  const int64_t N = pc.size(2);
-  return {pc.data_ptr<float>(), xc.data_ptr<float>(), pc.size(1), N, K, (N + kTile - 1) / kTile, C,
-          {dk.h, dk.log_half_bins, dk.edge, dk.min_mass, dk.ls_min}};
-}
-
-}  // namespace mixvec
 
 namespace {
 

@@ -1,4 +1,5 @@
-// float32 CPU fast path of the discretized logistic mixture loss: the same
+// float32 CPU fast path of the discretized logistic mixture loss (included by
+// csrc/cpu/mixture.cpp only: it defines the multi-versioned tile functions): the same
 // math as mixture.h, rewritten branch-free over tiles of kTile neighbouring
 // positions so the compiler vectorises every inner loop (params rows are
 // contiguous along positions). libm's expf/logf would block vectorisation, so
@@ -7,8 +8,21 @@
 // `pre + log(arg)` with the case picked by selects, so one log serves all
 // four. Selected-away lanes may hold inf/nan; selects discard them.
 #pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#include "mixture.h"
+
+// Without this GCC keeps every select whose comparison could raise a
+// floating-point exception as a branch, and a loop with branches does not
+// vectorise. fastar never traps on floating-point exceptions.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
 
 namespace fastar {
 namespace mixvec {
@@ -54,7 +68,8 @@ FASTAR_AI float vlog(float x) {
   int32_t e = ((b >> 23) & 0xff) - 127;
   float m = bits_to_float((b & 0x007fffff) | 0x3f800000);  // [1, 2)
   const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
+  const float mh = m * 0.5f;  // computed unconditionally: GCC only if-converts selects of ready values
+  m = big ? mh : m;
   e = big ? e + 1 : e;
   const float f = m - 1.0f;
   const float z = f * f;
@@ -76,10 +91,12 @@ FASTAR_AI float vlog(float x) {
 
 FASTAR_AI float vtanh(float v) {
   // tanh(v) = sign(v) (1 - e) / (1 + e), e = exp(-2|v|): no overflow, no cancellation near 0 beyond 1e-7 abs.
-  const float a = v < 0 ? -v : v;
+  const float nv = -v;
+  const float a = v < 0 ? nv : v;
   const float e = vexp(-2.0f * a);
   const float t = (1.0f - e) / (1.0f + e);
-  return v < 0 ? -t : t;
+  const float nt = -t;
+  return v < 0 ? nt : t;
 }
 
 struct VConst {
@@ -93,27 +110,36 @@ FASTAR_AI float vlogp(float xv, float m, float ls, const VConst& k, float& dc, f
   const float c = xv - m;
   const float inv_s = vexp(-ls);
   const float plus = inv_s * (c + k.h), mn = inv_s * (c - k.h), mid = inv_s * c;
-  const float ap = plus < 0 ? -plus : plus, am = mn < 0 ? -mn : mn, amid = mid < 0 ? -mid : mid;
+  const float np = -plus, nm = -mn, nmid = -mid;
+  const float ap = plus < 0 ? np : plus, am = mn < 0 ? nm : mn, amid = mid < 0 ? nmid : mid;
   const float ep = vexp(-ap), em = vexp(-am), emid = vexp(-amid);
   const float rp = 1.0f / (1.0f + ep), rm = 1.0f / (1.0f + em), rmid = 1.0f / (1.0f + emid);
-  const float cp = plus >= 0 ? rp : ep * rp;   // sigmoid(plus)
-  const float cm = mn >= 0 ? rm : em * rm;     // sigmoid(mn)
-  const float ncp = plus >= 0 ? ep * rp : rp;  // 1 - sigmoid(plus)
-  const float ncm = mn >= 0 ? em * rm : rm;    // 1 - sigmoid(mn)
+  const float epr = ep * rp, emr = em * rm;
+  const float cp = plus >= 0 ? rp : epr;   // sigmoid(plus)
+  const float cm = mn >= 0 ? rm : emr;     // sigmoid(mn)
+  const float ncp = plus >= 0 ? epr : rp;  // 1 - sigmoid(plus)
+  const float ncm = mn >= 0 ? emr : rm;    // 1 - sigmoid(mn)
   // In the right tail both CDFs are near 1: difference the complements instead (no cancellation).
-  const float delta = mn > 0 ? ncm - ncp : cp - cm;
+  const float d_tail = ncm - ncp, d_body = cp - cm;
+  const float delta = mn > 0 ? d_tail : d_body;
   const bool lo = xv < -k.edge, hi = xv > k.edge, mass = delta > k.min_mass;
-  const float pre = lo ? vmin(plus, 0.0f)
-                       : (hi ? -vmax(mn, 0.0f)
-                             : (mass ? 0.0f : mid - ls - 2.0f * vmax(mid, 0.0f) - k.log_half_bins));
-  const float arg = lo ? rp : (hi ? rm : (mass ? vmax(delta, 1e-12f) : rmid * rmid));
+  // Every arm is computed before the selects: with trapping math on, GCC will not if-convert (and so
+  // not vectorise) a select whose arms still contain floating-point operations.
+  const float pre_lo = vmin(plus, 0.0f), pre_hi = -vmax(mn, 0.0f);
+  const float pre_pdf = mid - ls - 2.0f * vmax(mid, 0.0f) - k.log_half_bins;
+  const float arg_mass = vmax(delta, 1e-12f), arg_pdf = rmid * rmid;
+  const float pre = lo ? pre_lo : (hi ? pre_hi : (mass ? 0.0f : pre_pdf));
+  const float arg = lo ? rp : (hi ? rm : (mass ? arg_mass : arg_pdf));
   if (kGrad) {
-    const float smid = mid >= 0 ? rmid : emid * rmid;
+    const float emidr = emid * rmid;
+    const float smid = mid >= 0 ? rmid : emidr;
     const float inv_d = 1.0f / (mass ? delta : 1.0f);
     const float gp = cp * ncp * inv_d, gm = -cm * ncm * inv_d;
     const float gq = 1.0f - 2.0f * smid;
-    dc = lo ? inv_s * ncp : (hi ? -inv_s * cm : (mass ? inv_s * (gp + gm) : inv_s * gq));
-    dls = lo ? -plus * ncp : (hi ? mn * cm : (mass ? -(plus * gp + mn * gm) : -mid * gq - 1.0f));
+    const float dc_lo = inv_s * ncp, dc_hi = -inv_s * cm, dc_mass = inv_s * (gp + gm), dc_pdf = inv_s * gq;
+    const float dls_lo = -plus * ncp, dls_hi = mn * cm, dls_mass = -(plus * gp + mn * gm), dls_pdf = -mid * gq - 1.0f;
+    dc = lo ? dc_lo : (hi ? dc_hi : (mass ? dc_mass : dc_pdf));
+    dls = lo ? dls_lo : (hi ? dls_hi : (mass ? dls_mass : dls_pdf));
   }
   return pre + vlog(arg);
 }
@@ -210,12 +236,15 @@ FASTAR_AI void tile_backward(const float* __restrict p0, const float* __restrict
       for (int i = 0; i < L; ++i)
         s[i] += vlogp<true>(xv[c][i], m[c][i], vmax(lsrow[i], k.ls_min), k, dc[c][i], dls[c][i]);
     }
+    alignas(64) float gl[kTile];
     for (int i = 0; i < L; ++i) {
       const float w = vexp(s[i] + nll[i]);  // posterior of component j
       const float pi = vexp(lrow[i] - lse[i]);
-      if (gp0) gp0[j * N + i] = g[i] * (pi - w);
+      gl[i] = g[i] * (pi - w);
       ga[i] = -g[i] * w;
     }
+    if (gp0)
+      for (int i = 0; i < L; ++i) gp0[j * N + i] = gl[i];
     for (int c = 0; c < C; ++c) {
       const float* lsrow = p0 + (K + c * S * K + K + j) * N;
       float* gm_row = gp0 ? gp0 + (K + c * S * K + j) * N : nullptr;
@@ -224,7 +253,8 @@ FASTAR_AI void tile_backward(const float* __restrict p0, const float* __restrict
         const float gmean = -ga[i] * dc[c][i];
         if (gp0) {
           gm_row[i] = gmean;
-          gls_row[i] = lsrow[i] > k.ls_min ? ga[i] * dls[c][i] : 0.0f;
+          const float gls = ga[i] * dls[c][i];
+          gls_row[i] = lsrow[i] > k.ls_min ? gls : 0.0f;
         }
         gxa[c][i] += ga[i] * dc[c][i];
         dc[c][i] = gmean;  // reuse: dL/d(effective mean of colour c)
@@ -252,5 +282,64 @@ FASTAR_AI void tile_backward(const float* __restrict p0, const float* __restrict
       for (int i = 0; i < L; ++i) gx0[c * N + i] = gxa[c][i];
 }
 
+// float32 tiles of the loss, compiled three times (AVX-512F, AVX2, baseline) and
+// picked at load time by the CPU (GCC function multi-versioning), so one
+// binary runs everywhere and vectorises where it can.
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTAR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTAR_CLONES
+#endif
+
+struct TileJob {
+  const float* p;
+  const float* x;
+  int64_t P, N, K, tiles_per_item;
+  int C;
+  VConst k;
+};
+
+FASTAR_CLONES void forward_tiles(const TileJob& J, int64_t t0, int64_t t1, float* out, float* sbuf) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / J.tiles_per_item, n0 = (t % J.tiles_per_item) * kTile;
+    const int L = static_cast<int>(std::min<int64_t>(kTile, J.N - n0));
+    const float* p0 = J.p + b * J.P * J.N + n0;
+    const float* x0 = J.x + b * J.C * J.N + n0;
+    if (J.C == 3)
+      tile_forward<3>(p0, x0, J.N, J.K, L, J.k, out + b * J.N + n0, sbuf);
+    else
+      tile_forward<1>(p0, x0, J.N, J.K, L, J.k, out + b * J.N + n0, sbuf);
+  }
+}
+
+FASTAR_CLONES void backward_tiles(const TileJob& J, int64_t t0, int64_t t1, const float* g, const float* nll,
+                                  float* gp, float* gx) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / J.tiles_per_item, n0 = (t % J.tiles_per_item) * kTile;
+    const int L = static_cast<int>(std::min<int64_t>(kTile, J.N - n0));
+    const float* p0 = J.p + b * J.P * J.N + n0;
+    const float* x0 = J.x + b * J.C * J.N + n0;
+    float* gp0 = gp ? gp + b * J.P * J.N + n0 : nullptr;
+    float* gx0 = gx ? gx + b * J.C * J.N + n0 : nullptr;
+    if (J.C == 3)
+      tile_backward<3>(p0, x0, J.N, J.K, L, J.k, g + b * J.N + n0, nll + b * J.N + n0, gp0, gx0);
+    else
+      tile_backward<1>(p0, x0, J.N, J.K, L, J.k, g + b * J.N + n0, nll + b * J.N + n0, gp0, gx0);
+  }
+}
+
+TileJob make_job(const at::Tensor& pc, const at::Tensor& xc, int64_t K, int C, int64_t num_bits) {
+  const auto dk = mix::dml_const<float>(num_bits);
+  const int64_t N = pc.size(2);
+  return {pc.data_ptr<float>(), xc.data_ptr<float>(), pc.size(1), N, K, (N + kTile - 1) / kTile, C,
+          {dk.h, dk.log_half_bins, dk.edge, dk.min_mass, dk.ls_min}};
+}
+
+
 }  // namespace mixvec
 }  // namespace fastar
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
