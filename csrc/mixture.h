@@ -276,9 +276,12 @@ FASTAR_HD int64_t argmax_first(F at, int64_t K) {
   return best;
 }
 
+// Bin centre nearest v: (2 i - bins) / bins, i = floor((v + 1) * bins / 2 + 0.5). The centre is one
+// correctly rounded division of exact integers, so a fused multiply-add (which compilers may
+// contract `i * step - 1` into) cannot make kernel and reference disagree in the last bit.
 template <typename T>
-FASTAR_HD T quantize(T v, T half_bins, T step) {
-  return mfloor((v + T(1)) * half_bins + T(0.5)) * step - T(1);
+FASTAR_HD T quantize(T v, T half_bins, T bins) {
+  return (mfloor((v + T(1)) * half_bins + T(0.5)) * T(2) - bins) / bins;
 }
 template <typename T>
 FASTAR_HD T clamp1(T v) { return v < T(-1) ? T(-1) : (v > T(1) ? T(1) : v); }
@@ -288,7 +291,7 @@ FASTAR_HD T clamp1(T v) { return v < T(-1) ? T(-1) : (v > T(1) ? T(1) : v); }
 // before it feeds the next colour's mean.
 template <typename T, typename scalar_t, int C>
 FASTAR_HD void pixel_sample(const PixelParams<scalar_t>& pp, const T* u, int64_t us, int64_t K, T temp, T half_bins,
-                            T step, T* out, int64_t os) {
+                            T bins, T* out, int64_t os) {
   constexpr int S = C == 3 ? 3 : 2;
   auto logit = [&](int64_t j) { return pp.template at<T>(j); };
   const int64_t j = temp == T(0) ? argmax_first<T>(logit, K) : inverse_cdf_pick<T>(logit, K, temp, u[0]);
@@ -305,7 +308,7 @@ FASTAR_UNROLL
     if (C == 3 && c == 2)
       y = y + mtanh(pp.template at<T>(K + 3 * K + 2 * K + j)) * xs[0] +
           mtanh(pp.template at<T>(K + 6 * K + 2 * K + j)) * xs[1 % C];
-    xs[c] = quantize(clamp1(y), half_bins, step);
+    xs[c] = quantize(clamp1(y), half_bins, bins);
     out[c * os] = xs[c];
   }
 }

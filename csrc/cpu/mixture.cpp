@@ -144,10 +144,20 @@ at::Tensor dml_sample_cpu(const at::Tensor& params, const at::Tensor& noise, int
   if (B * N == 0) return out;
   const auto pc = params.contiguous();
   const auto uc = noise.contiguous();
+  if (params.scalar_type() == at::kFloat) {
+    const double bins = std::ldexp(1.0, static_cast<int>(num_bits)) - 1.0;
+    const auto job = mixvec::make_job(pc, pc, K, C, num_bits);  // x unused by sampling
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, B * job.tiles_per_item, 1, [&](int64_t t0, int64_t t1) {
+      mixvec::sample_tiles(job, t0, t1, uc.data_ptr<float>(), static_cast<float>(temperature),
+                           static_cast<float>(bins / 2.0), static_cast<float>(bins), o);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "dml_sample_cpu", [&] {
     using T = scalar_t;
     const double bins = std::ldexp(1.0, static_cast<int>(num_bits)) - 1.0;
-    const T half_bins = static_cast<T>(bins / 2.0), step = static_cast<T>(2.0 / bins);
+    const T half_bins = static_cast<T>(bins / 2.0), tbins = static_cast<T>(bins);
     const T temp = static_cast<T>(temperature);
     const T* pp = pc.data_ptr<T>();
     const T* up = uc.data_ptr<T>();
@@ -159,9 +169,9 @@ at::Tensor dml_sample_cpu(const at::Tensor& params, const at::Tensor& noise, int
         const T* u = up + b * (1 + C) * N + n;
         T* dst = o + b * C * N + n;
         if (C == 3)
-          pixel_sample<T, T, 3>(px, u, N, K, temp, half_bins, step, dst, N);
+          pixel_sample<T, T, 3>(px, u, N, K, temp, half_bins, tbins, dst, N);
         else
-          pixel_sample<T, T, 1>(px, u, N, K, temp, half_bins, step, dst, N);
+          pixel_sample<T, T, 1>(px, u, N, K, temp, half_bins, tbins, dst, N);
       }
     });
   });

@@ -282,6 +282,95 @@ FASTAR_AI void tile_backward(const float* __restrict p0, const float* __restrict
       for (int i = 0; i < L; ++i) gx0[c * N + i] = gxa[c][i];
 }
 
+// One draw for each position of a tile: the component by inverse CDF (or argmax
+// at temperature 0) with lane-wise selects, then per colour the logistic draw,
+// clamp and quantisation, R -> G -> B; mixture.h's pixel_sample, lane-parallel.
+template <int C>
+FASTAR_AI void tile_sample(const float* __restrict p0, const float* __restrict u0, int64_t N, int64_t K, int L,
+                           float temp, float half_bins, float bins, float* __restrict out0) {
+  constexpr int S = C == 3 ? 3 : 2;
+  alignas(64) float mx[kTile], sum[kTile], cdf[kTile];
+  alignas(64) int32_t pick[kTile], last[kTile];
+  if (temp == 0.0f) {
+    for (int i = 0; i < L; ++i) {
+      mx[i] = p0[i];
+      pick[i] = 0;
+    }
+    for (int64_t j = 1; j < K; ++j) {
+      const float* row = p0 + j * N;
+      const int32_t jj = static_cast<int32_t>(j);
+      for (int i = 0; i < L; ++i) {
+        const bool gt = row[i] > mx[i];
+        mx[i] = gt ? row[i] : mx[i];
+        pick[i] = gt ? jj : pick[i];
+      }
+    }
+  } else {
+    for (int i = 0; i < L; ++i) mx[i] = p0[i] / temp;
+    for (int64_t j = 1; j < K; ++j) {
+      const float* row = p0 + j * N;
+      for (int i = 0; i < L; ++i) mx[i] = vmax(mx[i], row[i] / temp);
+    }
+    for (int i = 0; i < L; ++i) sum[i] = 0.0f;
+    for (int64_t j = 0; j < K; ++j) {
+      const float* row = p0 + j * N;
+      for (int i = 0; i < L; ++i) sum[i] += vexp(row[i] / temp - mx[i]);
+    }
+    for (int i = 0; i < L; ++i) {
+      cdf[i] = 0.0f;
+      pick[i] = -1;
+      last[i] = -1;
+    }
+    for (int64_t j = 0; j < K; ++j) {
+      const float* row = p0 + j * N;
+      const int32_t jj = static_cast<int32_t>(j);
+      for (int i = 0; i < L; ++i) {
+        const float pj = vexp(row[i] / temp - mx[i]) / sum[i];
+        last[i] = pj > 0.0f ? jj : last[i];
+        cdf[i] += pj;
+        const bool hit = (pick[i] < 0) & (cdf[i] > u0[i]);
+        pick[i] = hit ? jj : pick[i];
+      }
+    }
+    for (int i = 0; i < L; ++i) {
+      const int32_t fallback = last[i] < 0 ? 0 : last[i];
+      pick[i] = pick[i] >= 0 ? pick[i] : fallback;
+    }
+  }
+  alignas(64) float mean[C][kTile], ls[C][kTile], t[3][kTile], xs[C][kTile];
+  for (int c = 0; c < C; ++c)
+    for (int i = 0; i < L; ++i) {
+      mean[c][i] = p0[(K + c * S * K + pick[i]) * N + i];
+      ls[c][i] = p0[(K + c * S * K + K + pick[i]) * N + i];
+    }
+  if constexpr (C == 3) {
+    for (int c = 0; c < 3; ++c)
+      for (int i = 0; i < L; ++i) t[c][i] = p0[(K + c * S * K + 2 * K + pick[i]) * N + i];
+    for (int c = 0; c < 3; ++c)
+      for (int i = 0; i < L; ++i) t[c][i] = vtanh(t[c][i]);
+  }
+  const float lo_u = 1e-5f, hi_u = static_cast<float>(1.0 - 1e-5);
+  for (int c = 0; c < C; ++c) {
+    const float* urow = u0 + (1 + c) * N;
+    for (int i = 0; i < L; ++i) {
+      float v = urow[i];
+      v = v < lo_u ? lo_u : v;
+      v = v > hi_u ? hi_u : v;
+      const float scale = vexp(vmax(ls[c][i], -7.0f)) * temp;
+      float y = mean[c][i] + scale * (vlog(v) - vlog(1.0f - v));
+      if constexpr (C == 3) {
+        if (c == 1) y = y + t[0][i] * xs[0][i];
+        if (c == 2) y = y + t[1][i] * xs[0][i] + t[2][i] * xs[1][i];
+      }
+      y = y < -1.0f ? -1.0f : y;
+      y = y > 1.0f ? 1.0f : y;
+      const float q = (__builtin_floorf((y + 1.0f) * half_bins + 0.5f) * 2.0f - bins) / bins;  // see mix::quantize
+      xs[c][i] = q;
+      out0[c * N + i] = q;
+    }
+  }
+}
+
 // float32 tiles of the loss, compiled three times (AVX-512F, AVX2, baseline) and
 // picked at load time by the CPU (GCC function multi-versioning), so one
 // binary runs everywhere and vectorises where it can.
@@ -326,6 +415,21 @@ FASTAR_CLONES void backward_tiles(const TileJob& J, int64_t t0, int64_t t1, cons
       tile_backward<3>(p0, x0, J.N, J.K, L, J.k, g + b * J.N + n0, nll + b * J.N + n0, gp0, gx0);
     else
       tile_backward<1>(p0, x0, J.N, J.K, L, J.k, g + b * J.N + n0, nll + b * J.N + n0, gp0, gx0);
+  }
+}
+
+FASTAR_CLONES void sample_tiles(const TileJob& J, int64_t t0, int64_t t1, const float* noise, float temp,
+                                float half_bins, float bins, float* out) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / J.tiles_per_item, n0 = (t % J.tiles_per_item) * kTile;
+    const int L = static_cast<int>(std::min<int64_t>(kTile, J.N - n0));
+    const float* p0 = J.p + b * J.P * J.N + n0;
+    const float* u0 = noise + b * (1 + J.C) * J.N + n0;
+    float* o0 = out + b * J.C * J.N + n0;
+    if (J.C == 3)
+      tile_sample<3>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0);
+    else
+      tile_sample<1>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0);
   }
 }
 

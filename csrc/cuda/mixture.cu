@@ -63,7 +63,7 @@ __global__ void dml_nll_backward_kernel(const T* __restrict__ grad, const T* __r
 template <typename scalar_t, typename T>
 __global__ void dml_sample_kernel(const scalar_t* __restrict__ params, const T* __restrict__ noise,
                                   T* __restrict__ out, int64_t B, int64_t P, int64_t N, int64_t K, int C, T temp,
-                                  T half_bins, T step) {
+                                  T half_bins, T bins) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= B * N) return;
   const int64_t b = i / N, n = i % N;
@@ -71,9 +71,9 @@ __global__ void dml_sample_kernel(const scalar_t* __restrict__ params, const T* 
   const T* u = noise + b * (1 + C) * N + n;
   T* dst = out + b * C * N + n;
   if (C == 3)
-    pixel_sample<T, scalar_t, 3>(px, u, N, K, temp, half_bins, step, dst, N);
+    pixel_sample<T, scalar_t, 3>(px, u, N, K, temp, half_bins, bins, dst, N);
   else
-    pixel_sample<T, scalar_t, 1>(px, u, N, K, temp, half_bins, step, dst, N);
+    pixel_sample<T, scalar_t, 1>(px, u, N, K, temp, half_bins, bins, dst, N);
 }
 
 // Order-preserving unsigned keys of floating values (for the top-k threshold).
@@ -193,7 +193,7 @@ at::Tensor dml_sample_cuda(const at::Tensor& params, const at::Tensor& noise, in
     using T = at::opmath_type<scalar_t>;
     dml_sample_kernel<scalar_t, T><<<num_blocks(B * N), kThreads, 0, stream>>>(
         pc.data_ptr<scalar_t>(), uc.data_ptr<T>(), out.data_ptr<T>(), B, P, N, K, C, static_cast<T>(temperature),
-        static_cast<T>(bins / 2.0), static_cast<T>(2.0 / bins));
+        static_cast<T>(bins / 2.0), static_cast<T>(bins));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -29,7 +29,7 @@ num_bits=8)``: per pixel one mixture component is chosen by inverse CDF of
 ``softmax(logits / temperature)`` on one uniform (temperature 0: argmax); each colour draws a logistic
 sample ``mean + temperature * exp(log_scale) * (log u - log(1 - u))`` with u clamped into
 (1e-5, 1 - 1e-5), is clamped to [-1, 1] and rounded to the nearest bin centre
-(``floor((x + 1) * bins / 2 + 0.5) * 2 / bins - 1``), and that quantised value feeds the next colour's
+(``(2 i - bins) / bins`` with ``i = floor((x + 1) * bins / 2 + 0.5)``), and that quantised value feeds the next colour's
 mean (R -> G -> B), so the draw follows the discretized likelihood exactly. ``noise`` holds the
 uniforms: (B, 1 + C, H, W) for images, (B, 2, T) for audio; channel 0 picks the component, channel
 1 + c drives colour c. Returns (B, C, H, W) or (B, T).
@@ -330,7 +330,8 @@ def _sample_noise(params, noise_shape, generator):
 
 
 def _quantize(x, bins):
-    return torch.floor((x + 1.0) * (bins / 2.0) + 0.5) * (2.0 / bins) - 1.0
+    # (2 i - bins) / bins: one rounding of exact integers, so every backend lands on the same bits.
+    return (torch.floor((x + 1.0) * (bins / 2.0) + 0.5) * 2.0 - bins) / bins
 
 
 def _dml_sample_ref(p3, u3, k, c, temperature, num_bits):
