@@ -149,8 +149,9 @@ at::Tensor dml_sample_cpu(const at::Tensor& params, const at::Tensor& noise, int
     const auto job = mixvec::make_job(pc, pc, K, C, num_bits);  // x unused by sampling
     float* o = out.data_ptr<float>();
     at::parallel_for(0, B * job.tiles_per_item, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> ebuf(K * mixvec::kTile);
       mixvec::sample_tiles(job, t0, t1, uc.data_ptr<float>(), static_cast<float>(temperature),
-                           static_cast<float>(bins / 2.0), static_cast<float>(bins), o);
+                           static_cast<float>(bins / 2.0), static_cast<float>(bins), o, ebuf.data());
     });
     return out;
   }
@@ -190,6 +191,17 @@ at::Tensor categorical_sample_cpu(const at::Tensor& logits, const c10::optional<
   const bool has_noise = noise.has_value() && noise->defined();
   const auto uc = has_noise ? noise->contiguous() : at::Tensor();
   const bool mask_top = top_k > 0 && top_k < K;
+  if (logits.scalar_type() == at::kFloat) {
+    const float* lp = lc.data_ptr<float>();
+    const float* up = has_noise ? uc.data_ptr<float>() : nullptr;
+    int64_t* o = out.data_ptr<int64_t>();
+    at::parallel_for(0, O * I, 64, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(K), tmp(K);
+      mixvec::categorical_rows(lp, up, o, begin, end, K, I, static_cast<float>(temperature), top_k, buf.data(),
+                               tmp.data());
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "categorical_sample_cpu", [&] {
     using T = scalar_t;
     const T temp = static_cast<T>(temperature);

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <cstring>
 
 #include "mixture.h"
@@ -287,7 +288,8 @@ FASTAR_AI void tile_backward(const float* __restrict p0, const float* __restrict
 // clamp and quantisation, R -> G -> B; mixture.h's pixel_sample, lane-parallel.
 template <int C>
 FASTAR_AI void tile_sample(const float* __restrict p0, const float* __restrict u0, int64_t N, int64_t K, int L,
-                           float temp, float half_bins, float bins, float* __restrict out0) {
+                           float temp, float half_bins, float bins, float* __restrict out0,
+                           float* __restrict ebuf) {
   constexpr int S = C == 3 ? 3 : 2;
   alignas(64) float mx[kTile], sum[kTile], cdf[kTile];
   alignas(64) int32_t pick[kTile], last[kTile];
@@ -314,7 +316,11 @@ FASTAR_AI void tile_sample(const float* __restrict p0, const float* __restrict u
     for (int i = 0; i < L; ++i) sum[i] = 0.0f;
     for (int64_t j = 0; j < K; ++j) {
       const float* row = p0 + j * N;
-      for (int i = 0; i < L; ++i) sum[i] += vexp(row[i] / temp - mx[i]);
+      float* e = ebuf + j * kTile;
+      for (int i = 0; i < L; ++i) {
+        e[i] = vexp(row[i] / temp - mx[i]);
+        sum[i] += e[i];
+      }
     }
     for (int i = 0; i < L; ++i) {
       cdf[i] = 0.0f;
@@ -322,10 +328,10 @@ FASTAR_AI void tile_sample(const float* __restrict p0, const float* __restrict u
       last[i] = -1;
     }
     for (int64_t j = 0; j < K; ++j) {
-      const float* row = p0 + j * N;
+      const float* e = ebuf + j * kTile;
       const int32_t jj = static_cast<int32_t>(j);
       for (int i = 0; i < L; ++i) {
-        const float pj = vexp(row[i] / temp - mx[i]) / sum[i];
+        const float pj = e[i] / sum[i];
         last[i] = pj > 0.0f ? jj : last[i];
         cdf[i] += pj;
         const bool hit = (pick[i] < 0) & (cdf[i] > u0[i]);
@@ -419,7 +425,7 @@ FASTAR_CLONES void backward_tiles(const TileJob& J, int64_t t0, int64_t t1, cons
 }
 
 FASTAR_CLONES void sample_tiles(const TileJob& J, int64_t t0, int64_t t1, const float* noise, float temp,
-                                float half_bins, float bins, float* out) {
+                                float half_bins, float bins, float* out, float* ebuf) {
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / J.tiles_per_item, n0 = (t % J.tiles_per_item) * kTile;
     const int L = static_cast<int>(std::min<int64_t>(kTile, J.N - n0));
@@ -427,9 +433,69 @@ FASTAR_CLONES void sample_tiles(const TileJob& J, int64_t t0, int64_t t1, const 
     const float* u0 = noise + b * (1 + J.C) * J.N + n0;
     float* o0 = out + b * J.C * J.N + n0;
     if (J.C == 3)
-      tile_sample<3>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0);
+      tile_sample<3>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0, ebuf);
     else
-      tile_sample<1>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0);
+      tile_sample<1>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0, ebuf);
+  }
+}
+
+// categorical_sample for float32 positions [i0, i1) of logits (O, K, I): each
+// position's logits are gathered into buf, the exps taken in one vectorised
+// pass, then the CDF is walked until it passes the uniform (same contract as
+// mixture.h's inverse_cdf_pick). tmp (K floats) serves the top-k selection.
+FASTAR_CLONES void categorical_rows(const float* lp, const float* up, int64_t* out, int64_t i0, int64_t i1, int64_t K,
+                                    int64_t I, float temp, int64_t top_k, float* buf, float* tmp) {
+  const bool mask_top = top_k > 0 && top_k < K;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t oi = i / I, ii = i % I;
+    const float* src = lp + oi * K * I + ii;
+    if (I == 1)
+      for (int64_t j = 0; j < K; ++j) buf[j] = src[j];
+    else
+      for (int64_t j = 0; j < K; ++j) buf[j] = src[j * I];
+    if (mask_top) {
+      // The k-th largest value; everything strictly below it is dropped (ties kept).
+      std::copy(buf, buf + K, tmp);
+      std::nth_element(tmp, tmp + (top_k - 1), tmp + K, std::greater<float>());
+      const float kth = tmp[top_k - 1];
+      const float ninf = -__builtin_inff();
+      for (int64_t j = 0; j < K; ++j) buf[j] = buf[j] < kth ? ninf : buf[j];
+    }
+    if (temp == 0.0f) {
+      int64_t best = 0;
+      float bv = buf[0];
+      for (int64_t j = 1; j < K; ++j)
+        if (buf[j] > bv) {
+          bv = buf[j];
+          best = j;
+        }
+      out[i] = best;
+      continue;
+    }
+    float mx = -__builtin_inff();
+    for (int64_t j = 0; j < K; ++j) mx = vmax(mx, buf[j] / temp);
+    // Masked categories (-inf) and anything below expf's normal range must weigh exactly 0, as
+    // they do in the reference; vexp clamps its input, so select 0 explicitly.
+    for (int64_t j = 0; j < K; ++j) {
+      const float a = buf[j] / temp - mx;
+      const float e = vexp(a);
+      buf[j] = a < -87.3f ? 0.0f : e;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < K; ++j) sum += buf[j];
+    const float u = up[i];
+    float cdf = 0.0f;
+    int64_t pick = -1, last_pos = -1;
+    for (int64_t j = 0; j < K; ++j) {
+      const float pj = buf[j] / sum;
+      if (pj > 0.0f) last_pos = j;
+      cdf += pj;
+      if (cdf > u) {
+        pick = j;
+        break;
+      }
+    }
+    out[i] = pick >= 0 ? pick : (last_pos < 0 ? 0 : last_pos);
   }
 }
 
