@@ -29,13 +29,18 @@ num_bits=8)``: per pixel one mixture component is chosen by inverse CDF of
 ``softmax(logits / temperature)`` on one uniform (temperature 0: argmax); each colour draws a logistic
 sample ``mean + temperature * exp(log_scale) * (log u - log(1 - u))`` with u clamped into
 (1e-5, 1 - 1e-5), is clamped to [-1, 1] and rounded to the nearest bin centre
-(``(2 i - bins) / bins`` with ``i = floor((x + 1) * bins / 2 + 0.5)``), and that quantised value feeds the next colour's
-mean (R -> G -> B), so the draw follows the discretized likelihood exactly. ``noise`` holds the
+(``(2 i - bins) / bins`` with ``i = floor((x + 1) * bins / 2 + 0.5)``, bins = 2**num_bits - 1),
+and that quantised value feeds the next colour's mean (R -> G -> B), so the draw follows the
+discretized likelihood exactly. ``noise`` holds the
 uniforms: (B, 1 + C, H, W) for images, (B, 2, T) for audio; channel 0 picks the component, channel
 1 + c drives colour c. Returns (B, C, H, W) or (B, T).
 
-Dtypes: CPU kernels float32/float64; CUDA kernels float32, float64, float16, bfloat16 params with
-float32 accumulation. Losses and samples come back in float64 for float64 params, else float32.
+Dtypes: CPU kernels float32/float64 (float32 runs vectorised tiles: AVX-512 or AVX2 chosen at load
+time); CUDA kernels float32, float64, float16, bfloat16 params with float32 accumulation. Losses and
+samples come back in float64 for float64 params, else float32. Given noise, kernel and reference
+agree exactly in float64 and nearly always in float32 (a draw within rounding of a CDF or bin
+boundary may differ). The loss's x range check ([-1, 1] up to 1e-3) runs on CPU outside
+torch.compile only; on CUDA it would cost a host-device sync, so values beyond land in the edge bins.
 
 Categorical sampling
 --------------------
