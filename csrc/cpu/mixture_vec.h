@@ -114,7 +114,13 @@ FASTAR_AI float vlogp(float xv, float m, float ls, const VConst& k, float& dc, f
   const float np = -plus, nm = -mn, nmid = -mid;
   const float ap = plus < 0 ? np : plus, am = mn < 0 ? nm : mn, amid = mid < 0 ? nmid : mid;
   const float ep = vexp(-ap), em = vexp(-am), emid = vexp(-amid);
-  const float rp = 1.0f / (1.0f + ep), rm = 1.0f / (1.0f + em), rmid = 1.0f / (1.0f + emid);
+  // Three reciprocals from one division (divisions dominate the vector pipe here); the
+  // denominators lie in [1, 2], so the product neither overflows nor loses range.
+  const float dp = 1.0f + ep, dm = 1.0f + em, dmid = 1.0f + emid;
+  const float dpm = dp * dm;
+  const float r3 = 1.0f / (dpm * dmid);
+  const float rmid = r3 * dpm, rpm = r3 * dmid;
+  const float rp = rpm * dm, rm = rpm * dp;
   const float epr = ep * rp, emr = em * rm;
   const float cp = plus >= 0 ? rp : epr;   // sigmoid(plus)
   const float cm = mn >= 0 ? rm : emr;     // sigmoid(mn)
