@@ -292,7 +292,7 @@ FASTAR_AI void tile_backward(const float* __restrict p0, const float* __restrict
 // One draw for each position of a tile: the component by inverse CDF (or argmax
 // at temperature 0) with lane-wise selects, then per colour the logistic draw,
 // clamp and quantisation, R -> G -> B; mixture.h's pixel_sample, lane-parallel.
-template <int C>
+template <int C, bool kUnitTemp>
 FASTAR_AI void tile_sample(const float* __restrict p0, const float* __restrict u0, int64_t N, int64_t K, int L,
                            float temp, float half_bins, float bins, float* __restrict out0,
                            float* __restrict ebuf) {
@@ -314,17 +314,17 @@ FASTAR_AI void tile_sample(const float* __restrict p0, const float* __restrict u
       }
     }
   } else {
-    for (int i = 0; i < L; ++i) mx[i] = p0[i] / temp;
+    for (int i = 0; i < L; ++i) mx[i] = (kUnitTemp ? p0[i] : p0[i] / temp);
     for (int64_t j = 1; j < K; ++j) {
       const float* row = p0 + j * N;
-      for (int i = 0; i < L; ++i) mx[i] = vmax(mx[i], row[i] / temp);
+      for (int i = 0; i < L; ++i) mx[i] = vmax(mx[i], (kUnitTemp ? row[i] : row[i] / temp));
     }
     for (int i = 0; i < L; ++i) sum[i] = 0.0f;
     for (int64_t j = 0; j < K; ++j) {
       const float* row = p0 + j * N;
       float* e = ebuf + j * kTile;
       for (int i = 0; i < L; ++i) {
-        e[i] = vexp(row[i] / temp - mx[i]);
+        e[i] = vexp((kUnitTemp ? row[i] : row[i] / temp) - mx[i]);
         sum[i] += e[i];
       }
     }
@@ -332,12 +332,13 @@ FASTAR_AI void tile_sample(const float* __restrict p0, const float* __restrict u
       cdf[i] = 0.0f;
       pick[i] = -1;
       last[i] = -1;
+      sum[i] = 1.0f / sum[i];  // from here on the reciprocal: one division per position, not per category
     }
     for (int64_t j = 0; j < K; ++j) {
       const float* e = ebuf + j * kTile;
       const int32_t jj = static_cast<int32_t>(j);
       for (int i = 0; i < L; ++i) {
-        const float pj = e[i] / sum[i];
+        const float pj = e[i] * sum[i];
         last[i] = pj > 0.0f ? jj : last[i];
         cdf[i] += pj;
         const bool hit = (pick[i] < 0) & (cdf[i] > u0[i]);
@@ -438,10 +439,13 @@ FASTAR_CLONES void sample_tiles(const TileJob& J, int64_t t0, int64_t t1, const 
     const float* p0 = J.p + b * J.P * J.N + n0;
     const float* u0 = noise + b * (1 + J.C) * J.N + n0;
     float* o0 = out + b * J.C * J.N + n0;
+    // x / 1 == x: at the usual temperature 1 the divisions are skipped without changing a bit.
     if (J.C == 3)
-      tile_sample<3>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0, ebuf);
+      temp == 1.0f ? tile_sample<3, true>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0, ebuf)
+                   : tile_sample<3, false>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0, ebuf);
     else
-      tile_sample<1>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0, ebuf);
+      temp == 1.0f ? tile_sample<1, true>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0, ebuf)
+                   : tile_sample<1, false>(p0, u0, J.N, J.K, L, temp, half_bins, bins, o0, ebuf);
   }
 }
 
