@@ -60,13 +60,11 @@ TORCH_LIBRARY(fastar, m) {
   // int64 indices (O, I) from logits (O, K, I) by inverse CDF on noise (O, I);
   // temperature 0 = argmax (noise unused), top_k 0 = no truncation.
   m.def("categorical_sample(Tensor logits, Tensor? noise, float temperature, int top_k) -> Tensor");
-}
 
-// ---- masked convolution at one position (cached sampling; fastar/ops/masked_conv_at.py) ----
-// Writes x_new (N, C_in, P) into x_cache (N, C_in, H, W) at the P positions
-// pos (P, 2) = (row, column), then returns (N, C_out, P): the masked
-// convolution's output at those positions only.
-TORCH_LIBRARY_FRAGMENT(fastar, m) {
+  // ---- masked convolution at one position (cached sampling; fastar/ops/masked_conv_at.py) ----
+  // Writes x_new (N, C_in, P) into x_cache (N, C_in, H, W) at the P positions
+  // pos (P, 2) = (row, column), then returns (N, C_out, P): the masked
+  // convolution's output at those positions only.
   m.def(
       "masked_conv2d_at(Tensor(a!) x_cache, Tensor? x_new, Tensor weight, Tensor? bias, Tensor mask, "
       "Tensor pos, int[2] padding, int[2] dilation) -> Tensor");

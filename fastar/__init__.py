@@ -2,10 +2,7 @@
 from fastar._version import __version__
 from fastar._backend import backend, get_backend, set_backend
 from fastar._info import info
-from fastar import data, masks, ops, nn
-from fastar import models
+from fastar import data, masks, models, nn, ops, sampling
 
-__all__ = ["__version__", "backend", "get_backend", "set_backend", "info", "data", "masks", "ops", "nn", "models"]
-from fastar import sampling  # noqa: E402
-
-__all__ += ["sampling"]
+__all__ = ["__version__", "backend", "get_backend", "set_backend", "info", "data", "masks", "ops", "nn", "models",
+           "sampling"]

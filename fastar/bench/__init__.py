@@ -22,8 +22,8 @@ FAMILIES = {
     "masked_conv": "fastar.bench.masked_conv",
     "wavenet": "fastar.bench.wavenet",
     "mixture": "fastar.bench.mixture",
+    "sampling": "fastar.bench.sampling",
 }
-FAMILIES["sampling"] = "fastar.bench.sampling"
 
 
 def machine() -> dict:
