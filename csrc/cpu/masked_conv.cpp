@@ -19,9 +19,11 @@
 // grad_x is the same sum with W_tap^T over a padded grad_out grid and the
 // flipped offsets, grad_W_tap = grad_out_grid @ view_tap^T.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "masked_conv.h"
 
@@ -59,25 +61,85 @@ at::Tensor to_grid(const at::Tensor& src, int64_t gh, int64_t gw, int64_t top, i
   return grid;
 }
 
-// Result (M, P) on the grid, columns [0, Q): sum_a A_a (M, K) @ grid(K, P)[:, off_a : off_a + Q],
-// with the first product added to `init` (M, 1)-broadcastable or to zero.
-at::Tensor shifted_gemm(const std::vector<at::Tensor>& A, const at::Tensor& grid2d, const std::vector<int64_t>& off,
-                        int64_t Q, const c10::optional<at::Tensor>& init) {
-  const int64_t M = A[0].size(0), P = grid2d.size(1);
+// Column blocks: the stacked operand of one block, (T * K) rows x qb columns, should sit in
+// L2 next to its output block, so the gather is a cache-resident memcpy and the GEMM's K
+// dimension is every live tap at once (T GEMMs with K = C_in each would re-read and re-write
+// the whole output T times, which is memory-bound for small C_in or large batches).
+int64_t block_columns(int64_t rows, int64_t elsize) {
+  const int64_t budget = 768 * 1024;
+  int64_t qb = budget / std::max<int64_t>(1, rows * elsize);
+  qb = std::max<int64_t>(256, std::min<int64_t>(qb, 8192));
+  return (qb + 63) / 64 * 64;
+}
+
+// Work split into a fixed number of chunks (one per thread), so a reduction over chunks adds
+// its partial sums in the same order for a given thread count.
+int64_t num_chunks(int64_t nblocks) {
+  return std::max<int64_t>(1, std::min<int64_t>(nblocks, at::get_num_threads()));
+}
+
+// cols (T*K, qb) = stack over taps a of grid2d[:, off_a + q0 : off_a + q0 + qb].
+template <typename scalar_t>
+void gather_block(const scalar_t* grid, int64_t K, int64_t P, const std::vector<int64_t>& off, int64_t q0,
+                  int64_t qb, scalar_t* cols) {
+  const int64_t T = static_cast<int64_t>(off.size());
+  for (int64_t a = 0; a < T; ++a)
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(cols + (a * K + k) * qb, grid + k * P + off[a] + q0, sizeof(scalar_t) * qb);
+}
+
+// out (M, P), columns [0, Q): init + A_cat (M, T*K) @ stack_a(grid2d (K, P)[:, off_a : off_a + Q]).
+// Column a*K + k of A_cat multiplies grid row k shifted by off[a]. Columns >= Q are left unset.
+template <typename scalar_t>
+at::Tensor shifted_gemm(const at::Tensor& A_cat, const at::Tensor& grid2d, const std::vector<int64_t>& off, int64_t Q,
+                        const c10::optional<at::Tensor>& init) {
+  const int64_t M = A_cat.size(0), K = grid2d.size(0), P = grid2d.size(1), KT = A_cat.size(1);
   auto out = at::empty({M, P}, grid2d.options());
-  auto o = out.narrow(1, 0, Q);
-  for (size_t a = 0; a < A.size(); ++a) {
-    auto operand = grid2d.narrow(1, off[a], Q);
-    if (a == 0) {
-      if (init.has_value())
-        at::addmm_out(o, init->view({M, 1}).expand({M, Q}), A[a], operand);
-      else
-        at::mm_out(o, A[a], operand);
-    } else {
-      at::addmm_out(o, o, A[a], operand);
+  const int64_t QB = block_columns(KT, grid2d.element_size());
+  const int64_t nblocks = (Q + QB - 1) / QB, nch = num_chunks(nblocks);
+  const scalar_t* g = grid2d.const_data_ptr<scalar_t>();
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    auto cols = at::empty({KT * QB}, grid2d.options());
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t blk = c * nblocks / nch; blk < (c + 1) * nblocks / nch; ++blk) {
+        const int64_t q0 = blk * QB, qb = std::min(QB, Q - q0);
+        gather_block<scalar_t>(g, K, P, off, q0, qb, cols.data_ptr<scalar_t>());
+        auto cb = cols.narrow(0, 0, KT * qb).view({KT, qb});
+        auto o = out.narrow(1, q0, qb);
+        if (init.has_value())
+          at::addmm_out(o, init->view({M, 1}).expand({M, qb}), A_cat, cb);
+        else
+          at::mm_out(o, A_cat, cb);
+      }
     }
-  }
+  });
   return out;
+}
+
+// G (M, T*K) = sum over columns q < Q of gg2d[:, q] (x) stack_a(grid2d[:, off_a + q]): the weight gradient,
+// reduced over per-chunk partial sums in a fixed order.
+template <typename scalar_t>
+at::Tensor shifted_gemm_wgrad(const at::Tensor& gg2d, const at::Tensor& grid2d, const std::vector<int64_t>& off,
+                              int64_t Q) {
+  const int64_t M = gg2d.size(0), K = grid2d.size(0), P = grid2d.size(1);
+  const int64_t KT = K * static_cast<int64_t>(off.size());
+  const int64_t QB = block_columns(KT, grid2d.element_size());
+  const int64_t nblocks = (Q + QB - 1) / QB, nch = num_chunks(nblocks);
+  auto partial = at::zeros({nch, M, KT}, grid2d.options());
+  const scalar_t* g = grid2d.const_data_ptr<scalar_t>();
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    auto cols = at::empty({KT * QB}, grid2d.options());
+    for (int64_t c = c0; c < c1; ++c) {
+      auto acc = partial[c];
+      for (int64_t blk = c * nblocks / nch; blk < (c + 1) * nblocks / nch; ++blk) {
+        const int64_t q0 = blk * QB, qb = std::min(QB, Q - q0);
+        gather_block<scalar_t>(g, K, P, off, q0, qb, cols.data_ptr<scalar_t>());
+        auto cb = cols.narrow(0, 0, KT * qb).view({KT, qb});
+        at::addmm_out(acc, acc, gg2d.narrow(1, q0, qb), cb.t());
+      }
+    }
+  });
+  return partial.sum(0);
 }
 
 at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -96,16 +158,18 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   }
   const int64_t Hp = s.H + 2 * s.pad_h, Wp = s.W + 2 * s.pad_w;
   auto grid = to_grid(x, Hp, Wp, s.pad_h, s.pad_w).view({s.C_in, s.N * Hp * Wp});
-  const auto w_taps = pack_tap_weights(weight, mask, at::tensor(taps, at::kLong), s);
-  std::vector<at::Tensor> A;
+  // (C_out, T_a * C_in): column a * C_in + c is tap a's weight for input channel c.
+  const auto w_cat = pack_tap_weights(weight, mask, at::tensor(taps, at::kLong), s)
+                         .permute({1, 0, 2})
+                         .reshape({s.C_out, static_cast<int64_t>(taps.size()) * s.C_in});
   std::vector<int64_t> off;
-  for (size_t a = 0; a < taps.size(); ++a) {
-    A.push_back(w_taps[a]);
-    off.push_back((taps[a] / s.kW) * s.dil_h * Wp + (taps[a] % s.kW) * s.dil_w);
-  }
+  for (int64_t t : taps) off.push_back((t / s.kW) * s.dil_h * Wp + (t % s.kW) * s.dil_w);
   // Last column any valid output needs, +1: the final image's last valid pixel.
   const int64_t Q = (s.N - 1) * Hp * Wp + (s.H_out - 1) * Wp + s.W_out;
-  auto out_grid = shifted_gemm(A, grid, off, Q, has_bias ? c10::optional<at::Tensor>(*bias) : c10::nullopt);
+  at::Tensor out_grid;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_conv2d_cpu", [&] {
+    out_grid = shifted_gemm<scalar_t>(w_cat, grid, off, Q, has_bias ? c10::optional<at::Tensor>(*bias) : c10::nullopt);
+  });
   return out_grid.view({s.C_out, s.N, Hp, Wp})
       .narrow(2, 0, s.H_out)
       .narrow(3, 0, s.W_out)
@@ -142,12 +206,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     const int64_t Q = (s.N - 1) * Hp * Wp + (s.H_out - 1) * Wp + s.W_out;
     auto xg = to_grid(x, Hp, Wp, s.pad_h, s.pad_w).view({s.C_in, s.N * Hp * Wp});
     auto gg = to_grid(grad_out, Hp, Wp, 0, 0).view({s.C_out, s.N * Hp * Wp}).narrow(1, 0, Q);
-    auto gw_taps = at::empty({T, s.C_out, s.C_in}, contig);
-    for (int64_t a = 0; a < T; ++a) {
-      const int64_t off = (taps[a] / s.kW) * s.dil_h * Wp + (taps[a] % s.kW) * s.dil_w;
-      auto dst = gw_taps[a];
-      at::mm_out(dst, gg, xg.narrow(1, off, Q).t());
-    }
+    std::vector<int64_t> off;
+    for (int64_t t : taps) off.push_back((t / s.kW) * s.dil_h * Wp + (t % s.kW) * s.dil_w);
+    at::Tensor gw_cat;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_conv2d_backward_cpu", [&] {
+      gw_cat = shifted_gemm_wgrad<scalar_t>(gg, xg, off, Q);
+    });
+    // (C_out, T_a * C_in) -> (T_a, C_out, C_in), the layout the scatter below reads.
+    auto gw_taps = gw_cat.view({s.C_out, T, s.C_in}).permute({1, 0, 2});
     gw.view({s.C_out, s.C_in, s.kH * s.kW}).index_copy_(2, taps_t, gw_taps.permute({1, 2, 0}));
     gw.mul_(mask.to(weight.scalar_type()));
   }
@@ -157,15 +223,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
     const int64_t Hq = s.H + (s.kH - 1) * s.dil_h, Wq = s.W + (s.kW - 1) * s.dil_w;
     const int64_t top = (s.kH - 1) * s.dil_h - s.pad_h, left = (s.kW - 1) * s.dil_w - s.pad_w;
     auto gg = to_grid(grad_out, Hq, Wq, top, left).view({s.C_out, s.N * Hq * Wq});
-    const auto w_taps = pack_tap_weights(weight, mask, taps_t, s);
-    std::vector<at::Tensor> A;
+    // (C_in, T_a * C_out): column a * C_out + o is tap a's weight from output channel o, transposed.
+    const auto wt_cat = pack_tap_weights(weight, mask, taps_t, s).permute({2, 0, 1}).reshape({s.C_in, T * s.C_out});
     std::vector<int64_t> off;
-    for (int64_t a = 0; a < T; ++a) {
-      A.push_back(w_taps[a].t());
-      off.push_back((s.kH - 1 - taps[a] / s.kW) * s.dil_h * Wq + (s.kW - 1 - taps[a] % s.kW) * s.dil_w);
-    }
+    for (int64_t t : taps) off.push_back((s.kH - 1 - t / s.kW) * s.dil_h * Wq + (s.kW - 1 - t % s.kW) * s.dil_w);
     const int64_t Q = (s.N - 1) * Hq * Wq + (s.H - 1) * Wq + s.W;
-    auto gx_grid = shifted_gemm(A, gg, off, Q, c10::nullopt);
+    at::Tensor gx_grid;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "masked_conv2d_backward_cpu", [&] {
+      gx_grid = shifted_gemm<scalar_t>(wt_cat, gg, off, Q, c10::nullopt);
+    });
     gx.copy_(gx_grid.view({s.C_in, s.N, Hq, Wq}).narrow(2, 0, s.H).narrow(3, 0, s.W).permute({1, 0, 2, 3}));
   }
   return {gx, gw, gb};
