@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -22,14 +23,29 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    import glob
+    import os
+    import time
+
     from fastar import bench
 
-    return bench.main(args.families, out_dir=args.out, quick=args.quick, device=args.device,
-                      threads=args.threads)
+    start = time.time()
+    rc = bench.main(args.families, out_dir=args.out, quick=args.quick, device=args.device,
+                    threads=args.threads)
+    if rc == 0 and not getattr(args, "no_plot", False):
+        _plot_new_results(args.out, start)
+    return rc
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments give one line (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastar", description="fastar: fast autoregressive models for PyTorch")
+    p = _Parser(prog="fastar", description="fastar: fast autoregressive models for PyTorch")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -46,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--device", default=None, help="cpu or cuda (default: every device available)")
     pb.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     pb.add_argument("--quick", action="store_true", help="fewer repeats and cases, for a smoke run")
+    pb.add_argument("--no-plot", action="store_true", help="skip the speed-up plot (PNG beside the results)")
     pb.set_defaults(func=_cmd_bench)
+    _add_door_commands(sub)
     return p
 
 
@@ -55,9 +73,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"fastar {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"fastar {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError, OSError) as e:
+        if os.environ.get("FASTAR_DEBUG"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"fastar {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+from fastar._cli_door import _add_door_commands, _plot_new_results  # noqa: E402
 
 
 if __name__ == "__main__":

