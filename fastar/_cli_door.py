@@ -92,6 +92,10 @@ def _cmd_train(args) -> int:
           resume=args.resume, device=args.device, amp=args.amp, seed=args.seed,
           config=_parse_model_args(args.model_arg), levels=args.levels, conditional=args.conditional,
           limit=args.limit, eval_limit=args.eval_limit, segment=args.segment, progress=not args.no_progress)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # under torchrun: leave the group cleanly
+        dist.destroy_process_group()
     return 0
 
 

@@ -183,6 +183,15 @@ def test_demo_on_a_given_checkpoint(tiny_ckpt, tmp_path):
     assert "agree on 100.00% of pixels" in r.stdout
 
 
+def test_demo_trains_when_nothing_is_shipped(tmp_path):
+    # only the GatedPixelCNN is shipped: --model pixelcnn trains one first (tiny here), then runs the demo on it
+    out = tmp_path / "samples.png"
+    r = fastar("demo", "--model", "pixelcnn", "--epochs", 1, "--limit", 64, "-n", 2, "--workdir", tmp_path / "w",
+               "--out", out, "--no-progress")
+    assert "training pixelcnn on mnist" in r.stdout and "speed-up of the cached sampler" in r.stdout
+    assert (tmp_path / "w" / "pixelcnn_mnist" / "last.pt").exists() and out.exists()
+
+
 def test_demo_shipped_checkpoint_loads():
     from fastar import checkpoint
     from fastar.checkpoints import shipped_path
