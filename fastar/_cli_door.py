@@ -339,7 +339,8 @@ def _add_door_commands(sub) -> None:
     ps.add_argument("-n", type=int, default=64, help="images or clips (default: %(default)s)")
     ps.add_argument("--method", default="cached", choices=["cached", "naive"])
     ps.add_argument("--out", required=True, help="FILE.png (image models) or FILE.wav (WaveNet)")
-    ps.add_argument("--class", dest="klass", type=int, default=None, help="class label (conditional models)")
+    ps.add_argument("--class", dest="klass", type=int, default=None,
+                    help="class label for every image (conditional models; default: the batch cycles 0 .. K-1)")
     ps.add_argument("--temperature", type=float, default=1.0)
     ps.add_argument("--prefix", default=None, help="an image of the model's size: its top half is kept, the rest "
                                                    "drawn")

@@ -23,8 +23,6 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    import glob
-    import os
     import time
 
     from fastar import bench

@@ -217,7 +217,8 @@ def test_bench_saves_results_and_speedup_plot(tmp_path):
 def test_bench_plot_without_batch_column_draws_bars(tmp_path):
     from fastar.bench.plot import plot_results
 
-    rows = [{"case": "3x3", "pass": "fwd", "speedup_vs_ref": 2.5}, {"case": "7x7", "pass": "fwd", "speedup_vs_ref": 0.8}]
+    rows = [{"case": "3x3", "pass": "fwd", "speedup_vs_ref": 2.5},
+            {"case": "7x7", "pass": "fwd", "speedup_vs_ref": 0.8}]
     meta = {"family": "masked_conv", "device": "cpu", "machine": {"cpu": "x"}}
     (tmp_path / "m.json").write_text(json.dumps({"meta": meta, "rows": rows}))
     assert os.path.getsize(plot_results(str(tmp_path / "m.json"))) > 1000
