@@ -50,6 +50,11 @@ CUDA_KERNELS = _ops_with_kernel("CUDA")
 _KERNELS = {"cpu": CPU_KERNELS, "cuda": CUDA_KERNELS}
 
 
+def has_ops(*ops: str) -> bool:
+    """Whether the loaded _C registers every op named (a stale build may lack newer ones)."""
+    return C_LOADED and all(op in OPS for op in ops)
+
+
 def get_backend() -> str:
     """The backend in force: "auto", "kernel" or "reference"."""
     return _current

@@ -310,3 +310,17 @@ def test_layer_bad_arguments():
         MaskedConv2d(4, 4, 3, "A", color_groups=2)
     with pytest.raises(TypeError, match="kernel_size must be an odd int"):
         MaskedConv2d(3, 6, (3, 3), "A")
+
+
+def test_autocast_casts_like_a_convolution(device):
+    """Under torch.autocast the op runs in the autocast dtype, as F.conv2d would, and trains float32 weights."""
+    layer = MaskedConv2d(3, 6, 3, "A", color_groups=3).to(device)
+    x = torch.randn(2, 3, 5, 5, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = layer(x)
+        with fastar.backend("reference"):
+            ref = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, **tol(torch.bfloat16))
+    out.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()

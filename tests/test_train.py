@@ -143,9 +143,6 @@ def test_unknown_names():
         registry.default_config("gated_pixelcnn", registry.Dataset("speech", "audio", 256, (16,), None, None))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="masked_conv2d has no autocast rule yet: under torch.autocast its x arrives in bfloat16 "
-                          "while the weight stays float32 (fastar/ops/masked_conv.py, not this issue's file)")
 def test_amp_bfloat16_trains(tmp_path):
     r = _run(tmp_path, 1, amp=True)
     assert all(torch.isfinite(torch.tensor(r["history"])))

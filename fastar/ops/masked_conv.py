@@ -69,8 +69,20 @@ def _check_args(op, x, weight, bias, mask, padding, dilation):
     return list(padding), list(dilation)
 
 
+def _autocast(x, weight, bias):
+    """Under torch.autocast, cast like a convolution: x, weight and bias to the autocast dtype."""
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.is_floating_point():
+            x = x.to(dtype)
+            weight = weight.to(dtype) if isinstance(weight, torch.Tensor) and weight.is_floating_point() else weight
+            bias = bias.to(dtype) if isinstance(bias, torch.Tensor) and bias.is_floating_point() else bias
+    return x, weight, bias
+
+
 def masked_conv2d_ref(x, weight, bias, mask, padding=None, dilation=1):
     """Reference: ``F.conv2d(x, weight * mask, bias, 1, padding, dilation)`` (any device and dtype)."""
+    x, weight, bias = _autocast(x, weight, bias)
     padding, dilation = _check_args("masked_conv2d_ref", x, weight, bias, mask, padding, dilation)
     return F.conv2d(x, weight * mask.to(weight.dtype), bias, 1, padding, dilation)
 
@@ -83,13 +95,15 @@ def masked_conv2d(x, weight, bias, mask, padding=None, dilation=1):
     (N, C_out, H_out, W_out), contiguous. Differentiable in x, weight and bias.
     Runs the compiled kernel or the reference according to :func:`fastar.set_backend`.
     """
+    x, weight, bias = _autocast(x, weight, bias)
     padding, dilation = _check_args("masked_conv2d", x, weight, bias, mask, padding, dilation)
     if _backend.use_kernel("masked_conv2d", x.device, x.dtype, KERNEL_DTYPES):
         return torch.ops.fastar.masked_conv2d(x, weight, bias, mask, padding, dilation)
     return F.conv2d(x, weight * mask.to(weight.dtype), bias, 1, padding, dilation)
 
 
-if _backend.C_LOADED:
+# Registrations only when this build of _C has the ops (a stale build falls back to the reference).
+if _backend.has_ops("masked_conv2d", "masked_conv2d_backward"):
 
     def _out_shape(x, weight, padding, dilation):
         n, _, h, w = x.shape

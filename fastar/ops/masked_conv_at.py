@@ -100,7 +100,8 @@ def masked_conv2d_at(x_cache, x_new, weight, bias, mask, pos, padding=None, dila
     return _ref_impl(x_cache, x_new, weight, bias, mask, pos, padding, dilation)
 
 
-if _backend.C_LOADED:
+# Registrations only when this build of _C has the ops (a stale build falls back to the reference).
+if _backend.has_ops("masked_conv2d_at"):
 
     @torch.library.register_fake("fastar::masked_conv2d_at")
     def _masked_conv2d_at_fake(x_cache, x_new, weight, bias, mask, pos, padding, dilation):

@@ -393,7 +393,8 @@ def sample_discretized_mix_logistic(params, num_mixtures, generator=None, noise=
     return out.reshape(out_shape)
 
 
-if _backend.C_LOADED:
+# Registrations only when this build of _C has the ops (a stale build falls back to the reference).
+if _backend.has_ops("discretized_mix_logistic_nll", "discretized_mix_logistic_nll_backward", "sample_discretized_mix_logistic", "categorical_sample"):
 
     @torch.library.register_fake("fastar::categorical_sample")
     def _categorical_sample_fake(logits, noise, temperature, top_k):

@@ -297,7 +297,8 @@ def wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, con
     _step_impl(*args)
 
 
-if _backend.C_LOADED:
+# Registrations only when this build of _C has the ops (a stale build falls back to the reference).
+if _backend.has_ops("causal_conv1d_update", "wavenet_step"):
 
     @torch.library.register_fake("fastar::causal_conv1d_update")
     def _causal_conv1d_update_fake(x, state, weight, bias, dilation, position):
