@@ -60,7 +60,11 @@ inline StepShape check_wavenet_step(const char* op, const at::Tensor& samples, c
                                     const at::Tensor& in_b, const at::Tensor& conv_w, const at::Tensor& conv_b,
                                     const at::Tensor& res_skip_w, const at::Tensor& res_skip_b,
                                     const at::Tensor& out1_w, const at::Tensor& out1_b, const at::Tensor& out2_w,
-                                    const at::Tensor& out2_b, at::IntArrayRef dilations, int64_t start) {
+                                    const at::Tensor& out2_b, at::IntArrayRef dilations, int64_t start,
+                                    int64_t num_mixtures, int64_t num_bits) {
+  // num_mixtures == 0: softmax head over A codes (samples int64, in_w (A, R), noise (B, T));
+  // num_mixtures == K > 0: mixture head, A = 3K params (samples float in the acc dtype holding
+  // the previous value, in_w (1, R), noise (B, 2, T): component and logistic uniforms).
   TORCH_CHECK(conv_w.dim() == 4, op, ": conv_w must be 4-D (L, k, R, 2D), got shape ", conv_w.sizes());
   StepShape s;
   s.L = conv_w.size(0);
@@ -85,19 +89,27 @@ inline StepShape check_wavenet_step(const char* op, const at::Tensor& samples, c
     TORCH_CHECK(t.device() == conv_w.device(), op, ": ", name, " is on ", t.device(), " but conv_w on ",
                 conv_w.device());
   };
-  want(in_w, "in_w", {s.A, s.R});
+  TORCH_CHECK(num_mixtures >= 0, op, ": num_mixtures must be 0 (softmax head) or positive, got ", num_mixtures);
+  const bool mixture = num_mixtures > 0;
+  if (mixture) {
+    TORCH_CHECK(s.A == 3 * num_mixtures, op, ": out2_w has ", s.A, " output columns, but num_mixtures=",
+                num_mixtures, " needs 3K = ", 3 * num_mixtures, " (K logits, K means, K log-scales)");
+    TORCH_CHECK(num_bits >= 1 && num_bits <= 16, op, ": num_bits must be in [1, 16], got ", num_bits);
+  }
+  want(in_w, "in_w", {mixture ? 1 : s.A, s.R});
   want(in_b, "in_b", {s.R});
   want(conv_b, "conv_b", {s.L, 2 * s.D});
   want(res_skip_b, "res_skip_b", {s.L, s.R + s.S});
   want(out1_w, "out1_w", {s.S, s.S});
   want(out1_b, "out1_b", {s.S});
   want(out2_b, "out2_b", {s.A});
-  TORCH_CHECK(samples.dim() == 2 && samples.scalar_type() == at::kLong, op,
-              ": samples must be a 2-D (B, T) int64 tensor, got ", samples.scalar_type(), " of shape ",
-              samples.sizes());
+  const auto acc = conv_w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto sample_type = mixture ? acc : at::kLong;
+  TORCH_CHECK(samples.dim() == 2 && samples.scalar_type() == sample_type, op, ": samples must be a 2-D (B, T) ",
+              sample_type, mixture ? " tensor of audio values (mixture head)" : " tensor of codes (softmax head)",
+              ", got ", samples.scalar_type(), " of shape ", samples.sizes());
   s.B = samples.size(0);
   s.T = samples.size(1);
-  const auto acc = conv_w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(logits.scalar_type() == acc && logits.dim() == 2 && logits.size(0) == s.B && logits.size(1) == s.A,
               op, ": logits must be a (", s.B, ", ", s.A, ") ", acc, " tensor, got ", logits.scalar_type(),
               " of shape ", logits.sizes());
@@ -116,10 +128,18 @@ inline StepShape check_wavenet_step(const char* op, const at::Tensor& samples, c
   TORCH_CHECK(position.scalar_type() == at::kLong && position.numel() == 1, op,
               ": position must be a (1,) int64 tensor, got ", position.scalar_type(), " of shape ",
               position.sizes());
-  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == s.B && noise.size(1) == s.T &&
-                  at::isFloatingType(noise.scalar_type()),
-              op, ": noise must be a floating (", s.B, ", ", s.T, ") tensor of uniforms, got ", noise.scalar_type(),
-              " of shape ", noise.sizes());
+  if (mixture) {
+    TORCH_CHECK(noise.dim() == 3 && noise.size(0) == s.B && noise.size(1) == 2 && noise.size(2) == s.T &&
+                    noise.scalar_type() == acc,
+                op, ": noise must be a (", s.B, ", 2, ", s.T, ") ", acc,
+                " tensor of uniforms (component, logistic) for the mixture head, got ", noise.scalar_type(),
+                " of shape ", noise.sizes());
+  } else {
+    TORCH_CHECK(noise.dim() == 2 && noise.size(0) == s.B && noise.size(1) == s.T &&
+                    at::isFloatingType(noise.scalar_type()),
+                op, ": noise must be a floating (", s.B, ", ", s.T, ") tensor of uniforms, got ", noise.scalar_type(),
+                " of shape ", noise.sizes());
+  }
   s.Tc = 0;
   if (cond.has_value() && cond->defined()) {
     TORCH_CHECK(cond->dim() == 4 && cond->size(0) == s.B && (cond->size(1) == 1 || cond->size(1) == s.T) &&
@@ -132,7 +152,7 @@ inline StepShape check_wavenet_step(const char* op, const at::Tensor& samples, c
                 conv_w.device());
     s.Tc = cond->size(1);
   }
-  TORCH_CHECK(start >= 0 && start < s.A, op, ": start must be a code in [0, ", s.A, "), got ", start);
+  TORCH_CHECK(mixture || (start >= 0 && start < s.A), op, ": start must be a code in [0, ", s.A, "), got ", start);
   for (const at::Tensor* t : {&samples, &queues, &position, &logits, &noise}) {
     TORCH_CHECK(t->device() == conv_w.device(), op, ": samples, queues, position, logits and noise must be on ",
                 conv_w.device(), " with the weights, got one on ", t->device());

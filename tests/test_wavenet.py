@@ -209,17 +209,119 @@ def test_generate_bad_input():
         plain.generate(4, global_cond=gc, progress=False)
 
 
-def test_mixture_head_needs_the_mixture_ops():
-    m = WaveNet(layers=2, stacks=1, residual_channels=4, dilation_channels=4, skip_channels=8, output="mixture",
+def _tiny_mix(dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(layers=6, stacks=2, residual_channels=8, dilation_channels=8, skip_channels=16, output="mixture",
+               num_mixtures=4)
+    cfg.update(kw)
+    m = WaveNet(**cfg).to(dtype)
+    K = m.num_mixtures
+    with torch.no_grad():
+        m.out2.weight.mul_(4)
+        m.out2.bias[2 * K:] -= 2.0  # log-scales near -2: draws spread over many bins, not piled at +-1
+    return m.eval()
+
+
+def test_mixture_head_shapes_input_and_nll_units():
+    m = _tiny_mix()
+    assert m.input_conv.weight.shape == (8, 1, 1)  # the embedding is a 1x1 conv of the previous scalar
+    x = torch.rand(2, 30, dtype=torch.float64) * 2 - 1
+    out = m(x)
+    assert out.shape == (2, 12, 30)
+    x2 = x.clone()
+    x2[:, 20] = -x2[:, 20]
+    torch.testing.assert_close(m(x2)[:, :, :21], out[:, :, :21])  # causal: position 20 sees x[:, :20]
+    assert not torch.allclose(m(x2)[:, :, 21], out[:, :, 21])
+    nats = m.nll(x)
+    assert torch.isfinite(nats)
+    want = fastar.ops.discretized_mix_logistic_nll_ref(x, out, 4, num_bits=8, reduction="sum") / x.numel()
+    torch.testing.assert_close(nats, want)
+    torch.testing.assert_close(m.nll(x, unit="bits"), nats / math.log(2))
+    with pytest.raises(ValueError, match="floats in"):
+        m(torch.zeros(2, 10, dtype=torch.int64))
+    with pytest.raises(ValueError, match="num_mixtures must be a positive int"):
+        WaveNet(layers=2, stacks=1, output="mixture", num_mixtures=0)
+    with pytest.raises(ValueError, match="num_bits must be an int"):
+        WaveNet(layers=2, stacks=1, output="mixture", num_bits=0)
+
+
+MIX_COND = ["none", "speaker", "both"]
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("cond", MIX_COND)
+def test_mixture_fast_equals_naive_float64(kernel_size, batch, cond):
+    m = _tiny_mix(kernel_size=kernel_size, **COND_CASES[cond])
+    n = 36  # longer than the receptive field: the naive window slides
+    gc, lc = _cond_inputs(cond, batch, n, torch.float64)
+    out = {}
+    for method in ("fast", "naive"):
+        g = torch.Generator().manual_seed(7)
+        out[method] = m.generate(n, batch_size=batch, global_cond=gc, local_cond=lc, generator=g, method=method,
+                                 progress=False, return_logits=True)
+    x, params = out["fast"]
+    assert x.dtype == torch.float64 and x.shape == (batch, n) and params.shape == (batch, 12, n)
+    assert torch.equal(x, out["naive"][0])
+    torch.testing.assert_close(params, out["naive"][1], rtol=1e-10, atol=1e-10)
+    assert len(set(x.flatten().tolist())) > 5  # a real draw, not a constant
+    assert x.abs().max() <= 1
+    torch.testing.assert_close((x + 1) * 127.5, ((x + 1) * 127.5).round(), rtol=0, atol=1e-9)  # 8-bit bins
+
+
+def test_mixture_fast_equals_naive_and_reference_queue_float32_with_prime():
+    m = _tiny_mix(torch.float32, kernel_size=3, **COND_CASES["both"])
+    gc, lc = _cond_inputs("both", 4, 30, torch.float32)
+    prime = torch.rand(4, 10, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    res = []
+    for method, backend in (("fast", "auto"), ("naive", "auto"), ("fast", "reference")):
+        with fastar.backend(backend):
+            res.append(m.generate(20, prime=prime, global_cond=gc, local_cond=lc,
+                                  generator=torch.Generator().manual_seed(3), method=method, progress=False))
+    assert res[0].shape == (4, 20) and res[0].dtype == torch.float32
+    assert torch.equal(res[0], res[1])
+    assert torch.equal(res[0], res[2])
+    # generate_reference_queue (wavenet_step_ref per step) from the same uniforms
+    noise = torch.rand(4, 2, 30, generator=torch.Generator().manual_seed(3))
+    samples = torch.zeros(4, 30)
+    samples[:, :10] = prime
+    m.generate_reference_queue(samples, noise, global_cond=gc, local_cond=lc, num_prime=10)
+    assert torch.equal(samples[:, 10:], res[0])
+
+
+def test_mixture_step_params_equal_teacher_forced_forward():
+    m = _tiny_mix(torch.float32, **COND_CASES["local"])
+    _, lc = _cond_inputs("local", 4, 50, torch.float32)
+    x, params = m.generate(50, batch_size=4, local_cond=lc, generator=torch.Generator().manual_seed(0),
+                           progress=False, return_logits=True)
+    with torch.no_grad():
+        forced = m(x, local_cond=lc)
+    torch.testing.assert_close(params, forced, rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_generate_bad_input():
+    m = _tiny_mix()
+    with pytest.raises(ValueError, match=r"prime must be \(B, P\) floats"):
+        m.generate(4, prime=torch.zeros(1, 3, dtype=torch.int64), progress=False)
+
+
+def test_mixture_nll_falls_on_a_synthetic_signal():
+    torch.manual_seed(0)
+    m = WaveNet(layers=4, stacks=1, residual_channels=8, dilation_channels=8, skip_channels=16, output="mixture",
                 num_mixtures=3)
-    x = torch.rand(2, 10) * 2 - 1
-    assert m(x).shape == (2, 9, 10)
-    if not hasattr(fastar.ops, "discretized_mix_logistic_nll"):
-        with pytest.raises(NotImplementedError, match="discretized_mix_logistic_nll"):
-            m.nll(x)
-    if not hasattr(fastar.ops, "sample_discretized_mix_logistic"):
-        with pytest.raises(NotImplementedError, match="sample_discretized_mix_logistic"):
-            m.generate(4, progress=False)
+    t = torch.arange(512, dtype=torch.float32)
+    x = (0.6 * torch.sin(2 * math.pi * t / 32) + 0.2 * torch.sin(2 * math.pi * t / 9)).reshape(4, 128)
+    x = torch.round((x + 1) * 127.5) / 127.5 - 1  # on the 8-bit bins
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = m.nll(x)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.5, losses
 
 
 # ---------------------------------------------------------------------------------------------

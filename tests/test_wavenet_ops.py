@@ -289,3 +289,143 @@ def test_wavenet_step_kernel_rejects_bad_prime_code():
     st["samples"][1, 2] = 40  # A = 32
     with pytest.raises(RuntimeError, match=r"samples\[1, 2\] = 40 is not a code in \[0, 32\)"):
         _call(torch.ops.fastar.wavenet_step.default, st, c, w, dil, num_prime=4, num_steps=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# wavenet_step, mixture head (num_mixtures = K > 0: float samples, in_w (1, R), noise (B, 2, T))
+
+
+def _mix_case(device, dtype, K=4, B=3, T=12, k=2, cond=None, seed=0, num_prime=0):
+    st, c, w, dil = _step_case(device, dtype, B=B, T=T, k=k, A=3 * K, cond=cond, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    acc = st["queues"].dtype
+    w["in_w"] = w["in_w"][:1].contiguous()
+    # log-scales around e^-2: draws spread over many bins instead of piling up at +-1
+    w["out2_w"] = w["out2_w"] * 0.15  # means mostly inside [-1, 1]
+    w["out2_b"] = w["out2_b"] * 0.3
+    w["out2_b"][2 * K:] -= 2.0
+    st["samples"] = (torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1).to(device, acc)
+    st["noise"] = torch.rand(B, 2, T, generator=g, dtype=torch.float64).to(device, acc)
+    return st, c, w, dil
+
+
+def _mcall(fn, st, c, w, dil, K=4, num_prime=0, temperature=1.0, num_steps=1, num_bits=8):
+    return fn(st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c, w["in_w"], w["in_b"],
+              w["conv_w"], w["conv_b"], w["res_skip_w"], w["res_skip_b"], w["out1_w"], w["out1_b"], w["out2_w"],
+              w["out2_b"], dil, num_prime, temperature, 0, num_steps, num_mixtures=K, num_bits=num_bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("cond", [None, "global", "local"])
+def test_wavenet_step_mixture_kernel_matches_ref(device, dtype, k, cond):
+    requires_kernel("wavenet_step", device)
+    st, c, w, dil = _mix_case(device, dtype, k=k, cond=cond)
+    st_k, st_r = _clone(st), _clone(st)
+    T = st["samples"].shape[1]
+    for t in range(T):
+        with fastar.backend("kernel"):
+            _mcall(wavenet_step, st_k, c, w, dil, num_prime=3)
+        _mcall(wavenet_step_ref, st_r, c, w, dil, num_prime=3)
+        torch.testing.assert_close(st_k["logits"], st_r["logits"], **tol(dtype, 10))
+        torch.testing.assert_close(st_k["queues"], st_r["queues"], **tol(dtype, 10))
+        if dtype == torch.float64:
+            assert torch.equal(st_k["samples"], st_r["samples"]), f"samples differ at step {t}"
+        else:  # a float32 draw within rounding of a bin edge may land one bin over
+            torch.testing.assert_close(st_k["samples"], st_r["samples"], rtol=0, atol=2 / 255 + 1e-6)
+            st_r["samples"].copy_(st_k["samples"])
+    assert torch.equal(st_k["samples"][:, :3], st["samples"][:, :3])  # primed positions kept
+    bins = (st_k["samples"][:, 3:] + 1) * 255 / 2
+    torch.testing.assert_close(bins, bins.round(), rtol=0, atol=1e-4)  # on the 8-bit bin centres
+    assert len(set(st_k["samples"][:, 3:].flatten().tolist())) > 5
+    assert int(st_k["position"]) == T == int(st_r["position"])
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_wavenet_step_mixture_multi_step_temperature_bits(device, batch):
+    requires_kernel("wavenet_step", device)
+    for temperature, bits in ((0.0, 8), (0.7, 8), (1.0, 16)):
+        st, c, w, dil = _mix_case(device, torch.float64, B=batch, T=10, seed=3)
+        st_k, st_r = _clone(st), _clone(st)
+        with fastar.backend("kernel"):
+            _mcall(wavenet_step, st_k, c, w, dil, temperature=temperature, num_steps=4, num_bits=bits)
+            _mcall(wavenet_step, st_k, c, w, dil, temperature=temperature, num_steps=6, num_bits=bits)
+        _mcall(wavenet_step_ref, st_r, c, w, dil, temperature=temperature, num_steps=10, num_bits=bits)
+        assert torch.equal(st_k["samples"], st_r["samples"])
+        torch.testing.assert_close(st_k["logits"], st_r["logits"], **tol(torch.float64))
+
+
+def test_wavenet_step_mixture_opcheck(device):
+    requires_kernel("wavenet_step", device)
+    st, c, w, dil = _mix_case(device, torch.float32, T=6, cond="local")
+    args = (st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c, w["in_w"], w["in_b"],
+            w["conv_w"], w["conv_b"], w["res_skip_w"], w["res_skip_b"], w["out1_w"], w["out1_b"], w["out2_w"],
+            w["out2_b"], dil, 0, 1.0, 0, 2, 4, 8)
+    torch.library.opcheck(torch.ops.fastar.wavenet_step.default, args)
+
+
+def test_wavenet_step_mixture_compiles(device):
+    requires_kernel("wavenet_step", device)
+    st, c, w, dil = _mix_case(device, torch.float64, T=5, cond="global")
+    st_r = _clone(st)
+
+    @torch.compile(fullgraph=True)
+    def step(samples, queues, position, logits):
+        wavenet_step(samples, queues, position, logits, st["noise"], c, w["in_w"], w["in_b"], w["conv_w"],
+                     w["conv_b"], w["res_skip_w"], w["res_skip_b"], w["out1_w"], w["out1_b"], w["out2_w"],
+                     w["out2_b"], dil, 0, 1.0, 0, num_mixtures=4, num_bits=8)
+
+    for _ in range(5):
+        step(st["samples"], st["queues"], st["position"], st["logits"])
+        _mcall(wavenet_step_ref, st_r, c, w, dil)
+    assert torch.equal(st["samples"], st_r["samples"])
+    torch.testing.assert_close(st["logits"], st_r["logits"], **tol(torch.float64, 10))
+
+
+def test_wavenet_step_mixture_bad_input():
+    st, c, w, dil = _mix_case("cpu", torch.float32, B=3, T=6)
+    with pytest.raises(ValueError, match=r"num_mixtures=5 needs 3K = 15"):
+        _mcall(wavenet_step, _clone(st), c, w, dil, K=5)
+    with pytest.raises(ValueError, match="num_mixtures must be 0"):
+        _mcall(wavenet_step, _clone(st), c, w, dil, K=-1)
+    with pytest.raises(ValueError, match=r"num_bits must be an int in \[1, 16\]"):
+        _mcall(wavenet_step, _clone(st), c, w, dil, num_bits=17)
+    bad = _clone(st)
+    bad["noise"] = torch.rand(3, 6)
+    with pytest.raises(ValueError, match=r"noise must be 3-D \(B, 2, T\)"):
+        _mcall(wavenet_step, bad, c, w, dil)
+    bad["noise"] = torch.rand(3, 1, 6)
+    with pytest.raises(ValueError, match=r"noise must have shape \[3, 2, 6\]"):
+        _mcall(wavenet_step, bad, c, w, dil)
+    bad = _clone(st)
+    bad["noise"] = torch.rand(3, 2, 6, dtype=torch.float64)
+    with pytest.raises(TypeError, match="noise must be torch.float32"):
+        _mcall(wavenet_step, bad, c, w, dil)
+    bad = _clone(st)
+    bad["samples"] = torch.zeros(3, 6, dtype=torch.int64)
+    with pytest.raises(TypeError, match="audio values"):
+        _mcall(wavenet_step, bad, c, w, dil)
+    w2 = dict(w, in_w=torch.zeros(12, 8))
+    with pytest.raises(ValueError, match=r"in_w must have shape \[1, 8\]"):
+        _mcall(wavenet_step, _clone(st), c, w2, dil)
+
+
+def test_wavenet_step_mixture_kernel_rejects_bad_input():
+    requires_kernel("wavenet_step", "cpu")
+    st, c, w, dil = _mix_case("cpu", torch.float32, B=3, T=6)
+    op = torch.ops.fastar.wavenet_step.default
+    with pytest.raises(RuntimeError, match=r"num_mixtures=5 needs 3K = 15"):
+        _mcall(op, _clone(st), c, w, dil, K=5)
+    with pytest.raises(RuntimeError, match=r"num_bits must be in \[1, 16\]"):
+        _mcall(op, _clone(st), c, w, dil, num_bits=0)
+    bad = _clone(st)
+    bad["noise"] = torch.rand(3, 6)
+    with pytest.raises(RuntimeError, match=r"noise must be a \(3, 2, 6\)"):
+        _mcall(op, bad, c, w, dil)
+    bad = _clone(st)
+    bad["samples"] = torch.zeros(3, 6, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="samples must be a 2-D"):
+        _mcall(op, bad, c, w, dil)
+    w2 = dict(w, in_w=torch.zeros(12, 8))
+    with pytest.raises(RuntimeError, match="in_w must have shape"):
+        _mcall(op, _clone(st), c, w2, dil)

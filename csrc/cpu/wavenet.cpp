@@ -1,7 +1,8 @@
 // CPU kernels of the dilated-causal-queue family (see fastar/ops/wavenet.py for the contract).
 //
 // causal_conv1d_update: one decoding step of a dilated conv1d on a ring-buffer state.
-// wavenet_step: one generation step of a whole softmax WaveNet in one fused loop.
+// wavenet_step: one generation step of a whole WaveNet in one fused loop (softmax head, or the
+// discretized logistic mixture head when num_mixtures > 0).
 //
 // Design of wavenet_step. At batch 1 a step is ~0.9M multiply-adds against ~3.5 MB of
 // float32 weights, so it is bound by how fast the weights stream from cache, not by
@@ -16,6 +17,8 @@
 // Gates use a vectorised exp (Cephes polynomial, ~2 ulp) in float32 and std::tanh/std::exp
 // in float64. Sampling follows categorical_sample's contract: inverse CDF of softmax(logits /
 // temperature) on the step's uniform, clamped to the last category of non-zero probability.
+// The mixture head draws with mix::pixel_sample (csrc/mixture.h), the very per-position code of
+// sample_discretized_mix_logistic's kernels, and feeds the float value back through in_w (1, R).
 #include <ATen/ATen.h>
 #include <ATen/Config.h>
 #include <ATen/Parallel.h>
@@ -33,6 +36,7 @@
 #define FASTAR_X86 1
 #endif
 
+#include "mixture.h"
 #include "wavenet.h"
 
 namespace fastar {
@@ -301,7 +305,9 @@ struct StepArgs {
   int64_t p;
   int64_t num_prime, start;
   double temperature;
-  int64_t* samples;
+  int64_t K, num_bits;  // K = num_mixtures: 0 for the softmax head
+  int64_t* samples;     // softmax head: codes
+  T* xs;                // mixture head: audio values
   T* queues;
   T* logits;
   const void* noise;
@@ -371,10 +377,16 @@ struct Stepper {
   void input(int64_t b0, int64_t nb, Scratch<T>& sc) {
     for (int64_t r = 0; r < nb; ++r) {
       const int64_t b = b0 + r;
-      const int64_t c = g.p > 0 ? g.samples[b * s.T + g.p - 1] : g.start;  // checked by check_codes
-      const T* e = g.in_w + c * s.R;
       T* h = sc.h.data() + r * s.R;
-      for (int64_t i = 0; i < s.R; ++i) h[i] = e[i] + g.in_b[i];
+      if (g.K > 0) {
+        // the 1x1 input conv of the previous value (0 before the first sample)
+        const T x = g.p > 0 ? g.xs[b * s.T + g.p - 1] : T(0);
+        for (int64_t i = 0; i < s.R; ++i) h[i] = g.in_w[i] * x + g.in_b[i];
+      } else {
+        const int64_t c = g.p > 0 ? g.samples[b * s.T + g.p - 1] : g.start;  // checked by check_codes
+        const T* e = g.in_w + c * s.R;
+        for (int64_t i = 0; i < s.R; ++i) h[i] = e[i] + g.in_b[i];
+      }
       std::fill(sc.skip.begin() + r * s.S, sc.skip.begin() + (r + 1) * s.S, T(0));
     }
   }
@@ -460,6 +472,15 @@ struct Stepper {
     for (int64_t r = 0; r < nb; ++r) {
       const int64_t b = b0 + r;
       if (g.p < g.num_prime) continue;
+      if (g.K > 0) {
+        const double bins = std::ldexp(1.0, static_cast<int>(g.num_bits)) - 1.0;
+        const mix::PixelParams<T> pp{g.logits + b * s.A, 1};
+        // noise (B, 2, T): the component uniform at [b, 0, p], the logistic one T further
+        const T* u = static_cast<const T*>(g.noise) + b * 2 * s.T + g.p;
+        mix::pixel_sample<T, T, 1>(pp, u, s.T, g.K, static_cast<T>(g.temperature), static_cast<T>(bins / 2.0),
+                                   static_cast<T>(bins), g.xs + b * s.T + g.p, 1);
+        continue;
+      }
       const double u = g.noise_double ? static_cast<const double*>(g.noise)[b * s.T + g.p]
                                       : static_cast<double>(static_cast<const float*>(g.noise)[b * s.T + g.p]);
       g.samples[b * s.T + g.p] = sample_row<T>(g.logits + b * s.A, s.A, g.temperature, u);
@@ -598,10 +619,11 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
                       const at::Tensor& res_skip_w, const at::Tensor& res_skip_b, const at::Tensor& out1_w,
                       const at::Tensor& out1_b, const at::Tensor& out2_w, const at::Tensor& out2_b,
                       at::IntArrayRef dilations, int64_t num_prime, double temperature, int64_t start,
-                      int64_t num_steps) {
+                      int64_t num_steps, int64_t num_mixtures, int64_t num_bits) {
   const char* op = "wavenet_step";
   const auto s = check_wavenet_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b,
-                                    res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, start);
+                                    res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, start,
+                                    num_mixtures, num_bits);
   TORCH_CHECK(conv_w.scalar_type() == at::kFloat || conv_w.scalar_type() == at::kDouble, op,
               ": the CPU kernel supports float32 and float64 weights, got ", conv_w.scalar_type());
   TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
@@ -613,8 +635,10 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
     position.data_ptr<int64_t>()[0] = p + num_steps;
     return;
   }
-  check_codes(samples, s, p, num_steps, num_prime);
-  const auto nz = (noise.scalar_type() == at::kDouble ? noise : noise.to(at::kFloat)).contiguous();
+  const bool mixture = num_mixtures > 0;
+  if (!mixture) check_codes(samples, s, p, num_steps, num_prime);
+  // the mixture head reads its uniforms in the acc dtype (checked), the softmax head in float or double
+  const auto nz = (mixture || noise.scalar_type() == at::kDouble ? noise : noise.to(at::kFloat)).contiguous();
   const auto cc = (cond.has_value() && cond->defined()) ? cond->contiguous() : at::Tensor();
   const auto iw = in_w.contiguous(), ib = in_b.contiguous(), cw = conv_w.contiguous(), cb = conv_b.contiguous(),
              rw = res_skip_w.contiguous(), rb = res_skip_b.contiguous(), o1w = out1_w.contiguous(),
@@ -627,7 +651,10 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
     g.num_prime = num_prime;
     g.start = start;
     g.temperature = temperature;
-    g.samples = samples.data_ptr<int64_t>();
+    g.K = num_mixtures;
+    g.num_bits = num_bits;
+    g.samples = mixture ? nullptr : samples.data_ptr<int64_t>();
+    g.xs = mixture ? samples.data_ptr<scalar_t>() : nullptr;
     g.queues = queues.data_ptr<scalar_t>();
     g.logits = logits.data_ptr<scalar_t>();
     g.noise = nz.data_ptr();

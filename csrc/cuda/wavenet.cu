@@ -10,13 +10,16 @@
 // (plus the launch's offset inside a multi-step call) and a one-thread kernel advances it
 // after the last step, so a call is capturable in a CUDA graph and replays without the host.
 // Weights may be float32, float64, float16 or bfloat16; activations, queues and sums are
-// float32 (float64 for float64 weights).
+// float32 (float64 for float64 weights). With num_mixtures > 0 the head is the discretized
+// logistic mixture: the previous float value enters through in_w (1, R) and one thread per row
+// draws with mix::pixel_sample (csrc/mixture.h), the per-position code of the mixture sampler.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "mixture.h"
 #include "wavenet.h"
 
 namespace fastar {
@@ -103,7 +106,8 @@ constexpr int kMaxLayers = 128;
 
 template <typename W, typename A>
 struct StepParams {
-  int64_t* samples;
+  int64_t* samples;  // softmax head: codes
+  A* xs;             // mixture head: audio values
   A* queues;
   const int64_t* position;
   A* logits;
@@ -116,6 +120,8 @@ struct StepParams {
   int64_t B, T, L, k, R, D, S, A_, Tc, Ntot;
   int64_t num_prime, start;
   double temperature;
+  int64_t K;  // num_mixtures; 0 = softmax head
+  A half_bins, bins;
 };
 
 template <typename A>
@@ -146,9 +152,15 @@ __global__ void wavenet_step_kernel(StepParams<W, A> P, int64_t step_offset) {
   const A zero = A(0);
 
   for (int r = 0; r < nr; ++r) {
-    int64_t c = p > 0 ? P.samples[(b0 + r) * P.T + p - 1] : P.start;
-    c = c < 0 ? 0 : (c >= AA ? AA - 1 : c);
-    for (int64_t i = tid; i < R; i += nt) h[r * R + i] = to_acc(P.in_w[c * R + i], zero) + to_acc(P.in_b[i], zero);
+    if (P.K > 0) {
+      const A x = p > 0 ? P.xs[(b0 + r) * P.T + p - 1] : zero;
+      for (int64_t i = tid; i < R; i += nt) h[r * R + i] = to_acc(P.in_w[i], zero) * x + to_acc(P.in_b[i], zero);
+    } else {
+      int64_t c = p > 0 ? P.samples[(b0 + r) * P.T + p - 1] : P.start;
+      c = c < 0 ? 0 : (c >= AA ? AA - 1 : c);
+      for (int64_t i = tid; i < R; i += nt)
+        h[r * R + i] = to_acc(P.in_w[c * R + i], zero) + to_acc(P.in_b[i], zero);
+    }
     for (int64_t i = tid; i < S; i += nt) skip[r * S + i] = zero;
   }
   __syncthreads();
@@ -253,6 +265,15 @@ __global__ void wavenet_step_kernel(StepParams<W, A> P, int64_t step_offset) {
 
   // Inverse-CDF draw (categorical_sample's contract), one thread per row: A is small and the
   // sequential cumulative sum keeps the kernel's rounding close to the reference's.
+  if (P.K > 0) {
+    if (tid < nr && p >= P.num_prime) {
+      const int r = tid;
+      const mix::PixelParams<A> pp{lg + r * AA, 1};
+      mix::pixel_sample<A, A, 1>(pp, P.noise + (b0 + r) * 2 * P.T + p, P.T, P.K, static_cast<A>(P.temperature),
+                                 P.half_bins, P.bins, P.xs + (b0 + r) * P.T + p, 1);
+    }
+    return;
+  }
   if (tid < nr && p >= P.num_prime) {
     const int r = tid;
     const A* row = lg + r * AA;
@@ -319,10 +340,11 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
                        const at::Tensor& res_skip_w, const at::Tensor& res_skip_b, const at::Tensor& out1_w,
                        const at::Tensor& out1_b, const at::Tensor& out2_w, const at::Tensor& out2_b,
                        at::IntArrayRef dilations, int64_t num_prime, double temperature, int64_t start,
-                       int64_t num_steps) {
+                       int64_t num_steps, int64_t num_mixtures, int64_t num_bits) {
   const char* op = "wavenet_step";
   const auto s = check_wavenet_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b,
-                                    res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, start);
+                                    res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, start,
+                                    num_mixtures, num_bits);
   TORCH_CHECK(num_steps >= 1, op, ": num_steps must be at least 1, got ", num_steps);
   TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
   const c10::cuda::CUDAGuard guard(conv_w.device());
@@ -341,7 +363,8 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
       auto run = [&](auto acc_tag) {
         using A = decltype(acc_tag);
         StepParams<W, A> P;
-        P.samples = samples.data_ptr<int64_t>();
+        P.samples = num_mixtures > 0 ? nullptr : samples.data_ptr<int64_t>();
+        P.xs = num_mixtures > 0 ? samples.data_ptr<A>() : nullptr;
         P.queues = queues.data_ptr<A>();
         P.position = position.data_ptr<int64_t>();
         P.logits = logits.data_ptr<A>();
@@ -374,6 +397,10 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
         P.num_prime = num_prime;
         P.start = start;
         P.temperature = temperature;
+        P.K = num_mixtures;
+        const double bins = std::ldexp(1.0, static_cast<int>(num_bits)) - 1.0;
+        P.half_bins = static_cast<A>(bins / 2.0);
+        P.bins = static_cast<A>(bins);
         launch_steps<W, A>(P, num_steps, stream);
       };
       if (acc_type == at::kDouble)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastar.nn.causal_conv import CausalConv1d
-from fastar.ops.mixture import categorical_sample_ref
+from fastar.ops.mixture import categorical_sample_ref, discretized_mix_logistic_nll, sample_discretized_mix_logistic
 from fastar.ops.wavenet import queue_sizes, wavenet_step, wavenet_step_ref
 
 __all__ = ["WaveNet"]
@@ -35,6 +35,14 @@ class WaveNet(nn.Module):
     (mixture). The output at t sees x[:, :t] only (the input is shifted right by one, with
     the mu-law zero code ``quantization // 2``, or 0.0, in front).
 
+    Mixture head (``output="mixture"``): the model works on raw (linear, not mu-law) audio values
+    in [-1, 1], discretized to ``2**num_bits`` levels (default 8 bits: the bin centres
+    ``-1 + 2 i / 255``); ``quantization`` is then unused. The input embedding is the 1x1 conv of
+    the previous scalar sample (``input_conv`` has 1 input channel), the head gives (B, 3K, T)
+    parameters in the layout of :func:`fastar.ops.discretized_mix_logistic_nll`'s audio variant,
+    ``nll`` is that loss per sample, and ``generate`` returns (B, T) floats at the bin centres
+    (float64 for a float64 model, else float32).
+
     Conditioning: ``global_cond`` (B,) int64 speaker ids when ``num_speakers`` is set (an
     embedding of ``global_cond_channels``), else (B, global_cond_channels) floats.
     ``local_cond`` (B, local_cond_channels, T') at a lower rate, upsampled by transposed
@@ -46,7 +54,7 @@ class WaveNet(nn.Module):
                  skip_channels: int = 256, quantization: int = 256, kernel_size: int = 2,
                  global_cond_channels: int | None = None, num_speakers: int | None = None,
                  local_cond_channels: int | None = None, upsample_factors=None, output: str = "softmax",
-                 num_mixtures: int = 10):
+                 num_mixtures: int = 10, num_bits: int = 8):
         super().__init__()
         if layers < 1 or stacks < 1 or layers % stacks:
             raise ValueError(f"WaveNet: layers ({layers}) must be a positive multiple of stacks ({stacks})")
@@ -62,6 +70,13 @@ class WaveNet(nn.Module):
         self.layers, self.stacks, self.kernel_size = layers, stacks, kernel_size
         self.residual_channels, self.dilation_channels, self.skip_channels = R, D, S
         self.quantization, self.output, self.num_mixtures = quantization, output, num_mixtures
+        if output == "mixture" and (isinstance(num_mixtures, bool) or not isinstance(num_mixtures, int)
+                                    or num_mixtures < 1):
+            raise ValueError(f"WaveNet: num_mixtures must be a positive int, got {num_mixtures!r}")
+        if output == "mixture" and (isinstance(num_bits, bool) or not isinstance(num_bits, int)
+                                    or not 1 <= num_bits <= 16):
+            raise ValueError(f"WaveNet: num_bits must be an int in [1, 16], got {num_bits!r}")
+        self.num_bits = num_bits
         self.global_cond_channels, self.num_speakers = global_cond_channels, num_speakers
         self.local_cond_channels = local_cond_channels
         self.upsample_factors = list(upsample_factors or [])
@@ -89,6 +104,10 @@ class WaveNet(nn.Module):
     @property
     def start_code(self) -> int:
         return self.quantization // 2
+
+    @property
+    def _mixture(self) -> bool:
+        return self.output == "mixture"
 
     @property
     def upsample_factor(self) -> int:
@@ -182,19 +201,21 @@ class WaveNet(nn.Module):
         return self._stack(self._embed(inp), g, c)
 
     def nll(self, x, global_cond=None, local_cond=None, unit: str = "nats"):
-        """Mean negative log-likelihood per sample, in ``unit`` "nats" or "bits" (a scalar)."""
+        """Mean negative log-likelihood per sample, in ``unit`` "nats" or "bits" (a scalar).
+
+        Softmax head: cross-entropy over the codes. Mixture head: x (B, T) floats in [-1, 1]
+        (values off the bin centres are scored in the bin that holds them), the summed
+        :func:`fastar.ops.discretized_mix_logistic_nll` divided by ``B * T``.
+        """
         if unit not in ("nats", "bits"):
             raise ValueError(f"WaveNet.nll: unit must be 'nats' or 'bits', got {unit!r}")
         out = self(x, global_cond, local_cond)
         if self.output == "softmax":
             nats = F.cross_entropy(out, x)
         else:
-            from fastar import ops  # the mixture ops live in fastar.ops once that family lands
-
-            if not hasattr(ops, "discretized_mix_logistic_nll"):
-                raise NotImplementedError("WaveNet(output='mixture') needs fastar.ops.discretized_mix_logistic_nll, "
-                                          "which this build of fastar does not have yet")
-            nats = ops.discretized_mix_logistic_nll(out, x).sum() / x.numel()
+            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+            nats = discretized_mix_logistic_nll(x.to(acc), out, self.num_mixtures, num_bits=self.num_bits,
+                                                reduction="sum") / x.numel()
         return nats / math.log(2) if unit == "bits" else nats
 
     # ---- generation ----------------------------------------------------------------------
@@ -230,25 +251,32 @@ class WaveNet(nn.Module):
     def generate(self, num_samples: int, batch_size: int = 1, global_cond=None, local_cond=None, prime=None,
                  temperature: float = 1.0, generator: torch.Generator | None = None, method: str = "fast",
                  progress: bool = True, return_logits: bool = False, use_cuda_graph: bool = True):
-        """Sample ``num_samples`` new values; returns (B, num_samples) int64 codes (softmax head).
+        """Sample ``num_samples`` new values; returns (B, num_samples) int64 codes (softmax head) or
+        floats in [-1, 1] at the ``2**num_bits`` bin centres (mixture head; float64 for a float64
+        model, else float32).
 
-        ``prime`` (B, P) int64 codes continues given audio (the result holds only the new
-        samples; local_cond must then cover P + num_samples samples). The uniforms for all
-        steps are drawn up front from ``generator`` (torch.rand, float64 for a float64 model),
-        so ``method="fast"`` (queues, one fused step per sample) and ``method="naive"`` (the
-        full forward pass over the receptive-field window per sample) draw the same sequence.
-        ``return_logits=True`` also returns the per-step logits (B, quantization, num_samples).
+        ``prime`` (B, P) int64 codes (floats in [-1, 1] for the mixture head) continues given
+        audio (the result holds only the new samples; local_cond must then cover P + num_samples
+        samples). The uniforms for all steps are drawn up front from ``generator`` (torch.rand,
+        float64 for a float64 model; shape (B, T) for softmax, (B, 2, T) for the mixture: the
+        component and the logistic uniform of each step), so ``method="fast"`` (queues, one fused
+        step per sample) and ``method="naive"`` (the full forward pass over the receptive-field
+        window per sample) draw the same sequence. ``return_logits=True`` also returns the
+        per-step logits (B, quantization, num_samples), or mixture params (B, 3K, num_samples).
         """
         if method not in ("fast", "naive"):
             raise ValueError(f"WaveNet.generate: method must be 'fast' or 'naive', got {method!r}")
-        if self.output != "softmax":
-            raise NotImplementedError("WaveNet.generate for the mixture head needs "
-                                      "fastar.ops.sample_discretized_mix_logistic (not in this build yet)")
         if not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"WaveNet.generate: num_samples must be a non-negative int, got {num_samples!r}")
         dev, dt = self.out1.weight.device, self.out1.weight.dtype
+        mixture = self._mixture
         if prime is not None:
-            if prime.dtype != torch.int64 or prime.dim() != 2:
+            if mixture and (not isinstance(prime, torch.Tensor) or not prime.is_floating_point()
+                            or prime.dim() != 2):
+                raise ValueError(f"WaveNet.generate: prime must be (B, P) floats in [-1, 1] (mixture head), got "
+                                 f"{getattr(prime, 'dtype', type(prime).__name__)} of shape "
+                                 f"{list(getattr(prime, 'shape', []))}")
+            if not mixture and (prime.dtype != torch.int64 or prime.dim() != 2):
                 raise ValueError(f"WaveNet.generate: prime must be (B, P) int64 codes, got {prime.dtype} of shape "
                                  f"{list(prime.shape)}")
             if prime.shape[0] != batch_size and batch_size != 1:
@@ -260,11 +288,13 @@ class WaveNet(nn.Module):
         c = self._local_features(local_cond, B, T)
         acc = torch.float64 if dt == torch.float64 else torch.float32
         gen_dev = generator.device if generator is not None else dev
-        noise = torch.rand(B, T, generator=generator, device=gen_dev, dtype=acc).to(dev)
-        samples = torch.zeros(B, T, dtype=torch.int64, device=dev)
+        nshape = (B, 2, T) if mixture else (B, T)
+        noise = torch.rand(nshape, generator=generator, device=gen_dev, dtype=acc).to(dev)
+        samples = torch.zeros(B, T, dtype=acc if mixture else torch.int64, device=dev)
         if P:
-            samples[:, :P] = prime.to(dev)
-        logits_all = torch.empty(B, self.quantization, T, dtype=acc, device=dev) if return_logits else None
+            samples[:, :P] = prime.to(dev, samples.dtype)
+        width = 3 * self.num_mixtures if mixture else self.quantization
+        logits_all = torch.empty(B, width, T, dtype=acc, device=dev) if return_logits else None
         bar = _progress(T, progress, f"WaveNet {method}")
         if method == "naive":
             self._generate_naive(samples, noise, g, c, P, temperature, logits_all, bar)
@@ -277,7 +307,8 @@ class WaveNet(nn.Module):
     def _generate_naive(self, samples, noise, g, c, P, temperature, logits_all, bar):
         B, T = samples.shape
         rf = self.receptive_field
-        inp = torch.full_like(samples, self.start_code)
+        mixture = self._mixture
+        inp = torch.full_like(samples, 0.0 if mixture else self.start_code)
         inp[:, 1:] = samples[:, :-1]
         for t in range(T):
             if t < P and logits_all is None:  # primed positions: nothing to draw, nothing asked for
@@ -289,7 +320,11 @@ class WaveNet(nn.Module):
             logits = logits.to(noise.dtype)
             if logits_all is not None:
                 logits_all[:, :, t] = logits
-            if t >= P:
+            if t >= P and mixture:
+                samples[:, t] = sample_discretized_mix_logistic(
+                    logits.unsqueeze(2), self.num_mixtures, noise=noise[:, :, t:t + 1], temperature=temperature,
+                    num_bits=self.num_bits)[:, 0]
+            elif t >= P:
                 samples[:, t] = categorical_sample_ref(logits, dim=1, noise=noise[:, t], temperature=temperature)
             if t + 1 < T:
                 inp[:, t + 1] = samples[:, t]
@@ -303,13 +338,14 @@ class WaveNet(nn.Module):
         queues = torch.zeros(B, sum(queue_sizes(self.dilations, self.kernel_size)), self.residual_channels,
                              dtype=acc, device=samples.device)
         position = torch.zeros(1, dtype=torch.int64, device=samples.device)
-        logits = torch.empty(B, self.quantization, dtype=acc, device=samples.device)
+        logits = torch.empty(B, self.out2.weight.shape[0], dtype=acc, device=samples.device)
         args = (samples, queues, position, logits, noise, cond, packed["in_w"], packed["in_b"], packed["conv_w"],
                 packed["conv_b"], packed["res_skip_w"], packed["res_skip_b"], packed["out1_w"], packed["out1_b"],
-                packed["out2_w"], packed["out2_b"], self.dilations, P, float(temperature), self.start_code)
+                packed["out2_w"], packed["out2_b"], self.dilations, P, float(temperature), self._start_arg)
+        head = self._head_kwargs()
 
         def step(n):
-            wavenet_step(*args, num_steps=n)
+            wavenet_step(*args, num_steps=n, **head)
 
         if samples.is_cuda and use_cuda_graph and T > 0:
             _run_graph(step, args, T, logits_all, bar)
@@ -330,7 +366,8 @@ class WaveNet(nn.Module):
                                  temperature=1.0):
         """The "PyTorch queue" path (:func:`fastar.ops.wavenet_step_ref` per step), for benchmarks and checks.
 
-        samples (B, T) int64 holds the prime in its first ``num_prime`` columns and receives the draws.
+        samples (B, T) int64 (mixture head: floats in the acc dtype) holds the prime in its first
+        ``num_prime`` columns and receives the draws; noise is (B, T) (mixture head: (B, 2, T)).
         """
         B, T = samples.shape
         g = self._global_vector(global_cond, B)
@@ -339,13 +376,22 @@ class WaveNet(nn.Module):
         queues = torch.zeros(B, sum(queue_sizes(self.dilations, self.kernel_size)), self.residual_channels,
                              dtype=noise.dtype, device=samples.device)
         position = torch.zeros(1, dtype=torch.int64, device=samples.device)
-        logits = torch.empty(B, self.quantization, dtype=noise.dtype, device=samples.device)
+        logits = torch.empty(B, self.out2.weight.shape[0], dtype=noise.dtype, device=samples.device)
         cond = self._step_cond(g, c)
         for _ in range(T):
             wavenet_step_ref(samples, queues, position, logits, noise, cond, p["in_w"], p["in_b"], p["conv_w"],
                              p["conv_b"], p["res_skip_w"], p["res_skip_b"], p["out1_w"], p["out1_b"], p["out2_w"],
-                             p["out2_b"], self.dilations, num_prime, temperature, self.start_code)
+                             p["out2_b"], self.dilations, num_prime, temperature, self._start_arg,
+                             **self._head_kwargs())
         return samples
+
+    @property
+    def _start_arg(self) -> int:
+        # wavenet_step ignores `start` for the mixture head (its first input is 0.0)
+        return 0 if self._mixture else self.start_code
+
+    def _head_kwargs(self):
+        return dict(num_mixtures=self.num_mixtures, num_bits=self.num_bits) if self._mixture else {}
 
 
 def _run_graph(step, args, T, logits_all, bar, steps_per_graph=64):

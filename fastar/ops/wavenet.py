@@ -14,8 +14,8 @@ zero padding before time 0.
 
 ``wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b,
 res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature,
-start, num_steps=1)`` runs ``num_steps`` time steps (one call, so the per-call overhead is
-paid once per chunk) of a whole softmax WaveNet (see :class:`fastar.models.WaveNet`),
+start, num_steps=1, num_mixtures=0, num_bits=8)`` runs ``num_steps`` time steps (one call, so
+the per-call overhead is paid once per chunk) of a whole WaveNet (see :class:`fastar.models.WaveNet`),
 reading the step index ``p`` from the device tensor ``position`` so that the call can be
 captured in a CUDA graph and replayed:
 
@@ -29,6 +29,15 @@ captured in a CUDA graph and replayed:
 4. sampling: ``samples[:, p] = categorical_sample(logits, noise=noise[:, p],
    temperature=temperature)`` unless ``p < num_prime`` (primed positions are kept);
    then ``position += 1``; repeated ``num_steps`` times.
+
+Mixture head (``num_mixtures = K > 0``): ``A = 3K`` (out2 gives K logits, K means, K
+log-scales, the layout of :func:`fastar.ops.discretized_mix_logistic_nll`'s audio variant);
+samples (B, T) holds audio values in the acc dtype (float64 for float64 weights, else float32);
+step 1 reads ``x = samples[:, p-1]`` (0.0 when p == 0, ``start`` is ignored) and ``h = x *
+in_w[0] + in_b`` with in_w (1, R); step 4 is ``samples[:, p] =
+sample_discretized_mix_logistic(logits[:, :, None], K, noise=noise[:, :, p, None],
+temperature=temperature, num_bits=num_bits)`` with noise (B, 2, T) in the acc dtype (channel 0
+picks the component, channel 1 drives the logistic draw); ``logits`` then holds the 3K params.
 
 Layouts (weights are pre-packed once, as ``x @ W`` with W stored (in, out), so the
 kernels stream each matrix row by row): samples (B, T) int64; queues (B, sum_l
@@ -50,7 +59,7 @@ import torch.nn.functional as F
 
 from fastar import _backend
 from fastar.ops._common import check_same_device, check_tensor
-from fastar.ops.mixture import categorical_sample_ref
+from fastar.ops.mixture import categorical_sample_ref, sample_discretized_mix_logistic_ref
 
 __all__ = ["causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref",
            "queue_sizes"]
@@ -157,7 +166,8 @@ def causal_conv1d_update(x, state, weight, bias, dilation, position):
 
 
 def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
-                res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_steps):
+                res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_steps,
+                num_mixtures=0, num_bits=8):
     check_tensor(op, "conv_w", conv_w, dim=4, layout="(L, k, R, 2D)")
     L, k, R, D2 = conv_w.shape
     if D2 % 2:
@@ -171,7 +181,16 @@ def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, 
     check_tensor(op, "out2_w", out2_w, dim=2, layout="(S, A)")
     A = out2_w.shape[1]
     dt = conv_w.dtype
-    want = {"in_w": (in_w, (A, R)), "in_b": (in_b, (R,)), "conv_b": (conv_b, (L, D2)),
+    if isinstance(num_mixtures, bool) or not isinstance(num_mixtures, int) or num_mixtures < 0:
+        raise ValueError(f"{op}: num_mixtures must be 0 (softmax head) or a positive int, got {num_mixtures!r}")
+    mixture = num_mixtures > 0
+    if mixture:
+        if A != 3 * num_mixtures:
+            raise ValueError(f"{op}: out2_w has {A} output columns, but num_mixtures={num_mixtures} needs 3K = "
+                             f"{3 * num_mixtures} (K logits, K means, K log-scales)")
+        if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 1 <= num_bits <= 16:
+            raise ValueError(f"{op}: num_bits must be an int in [1, 16], got {num_bits!r}")
+    want = {"in_w": (in_w, (1 if mixture else A, R)), "in_b": (in_b, (R,)), "conv_b": (conv_b, (L, D2)),
             "res_skip_b": (res_skip_b, (L, R + S)), "out1_w": (out1_w, (S, S)), "out1_b": (out1_b, (S,)),
             "out2_w": (out2_w, (S, A)), "out2_b": (out2_b, (A,)), "logits": (logits, None)}
     for name, (t, shape) in want.items():
@@ -180,12 +199,13 @@ def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, 
             raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
         if name != "logits" and t.dtype != dt:
             raise TypeError(f"{op}: {name} dtype {t.dtype} must match conv_w dtype {dt}")
-    if not isinstance(samples, torch.Tensor) or samples.dtype != torch.int64 or samples.dim() != 2:
-        raise TypeError(f"{op}: samples must be a 2-D (B, T) int64 tensor of codes, got "
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    want_dt, what = (acc, "audio values (mixture head)") if mixture else (torch.int64, "codes")
+    if not isinstance(samples, torch.Tensor) or samples.dtype != want_dt or samples.dim() != 2:
+        raise TypeError(f"{op}: samples must be a 2-D (B, T) {want_dt} tensor of {what}, got "
                         f"{getattr(samples, 'dtype', type(samples).__name__)} of shape "
                         f"{list(getattr(samples, 'shape', []))}")
     B, T = samples.shape
-    acc = torch.float64 if dt == torch.float64 else torch.float32
     if logits.dtype != acc or tuple(logits.shape) != (B, A):
         raise ValueError(f"{op}: logits must be a ({B}, {A}) {acc} tensor (batch, quantization levels), got "
                          f"{logits.dtype} of shape {list(logits.shape)}")
@@ -201,9 +221,18 @@ def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, 
     if not isinstance(position, torch.Tensor) or position.dtype != torch.int64 or tuple(position.shape) != (1,):
         raise TypeError(f"{op}: position must be a (1,) int64 tensor (the step counter), got "
                         f"{getattr(position, 'dtype', type(position).__name__)}")
-    check_tensor(op, "noise", noise, dim=2, layout="(B, T)")
-    if tuple(noise.shape) != (B, T):
-        raise ValueError(f"{op}: noise must have shape [{B}, {T}] (one uniform per sample), got {list(noise.shape)}")
+    if mixture:
+        check_tensor(op, "noise", noise, dim=3, layout="(B, 2, T)")
+        if tuple(noise.shape) != (B, 2, T):
+            raise ValueError(f"{op}: noise must have shape [{B}, 2, {T}] (a component and a logistic uniform per "
+                             f"sample, mixture head), got {list(noise.shape)}")
+        if noise.dtype != acc:
+            raise TypeError(f"{op}: noise must be {acc} for {dt} weights (mixture head), got {noise.dtype}")
+    else:
+        check_tensor(op, "noise", noise, dim=2, layout="(B, T)")
+        if tuple(noise.shape) != (B, T):
+            raise ValueError(f"{op}: noise must have shape [{B}, {T}] (one uniform per sample), got "
+                             f"{list(noise.shape)}")
     if cond is not None:
         check_tensor(op, "cond", cond, dim=4, layout="(B, Tc, L, 2D)")
         if cond.shape[0] != B or cond.shape[2:] != (L, D2) or cond.shape[1] not in (1, T):
@@ -215,29 +244,34 @@ def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, 
         raise ValueError(f"{op}: temperature must be a non-negative number, got {temperature!r}")
     if num_steps < 1:
         raise ValueError(f"{op}: num_steps must be at least 1, got {num_steps}")
-    if not 0 <= int(start) < A:
+    if not mixture and not 0 <= int(start) < A:
         raise ValueError(f"{op}: start must be a code in [0, {A}), got {start}")
     check_same_device(op, samples=samples, queues=queues, position=position, logits=logits, noise=noise, cond=cond,
                       in_w=in_w, conv_w=conv_w, res_skip_w=res_skip_w, out2_w=out2_w)
 
 
 def _step_impl(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-               out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_steps=1):
+               out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_steps=1,
+               num_mixtures=0, num_bits=8):
     args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-            out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start)
+            out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_mixtures, num_bits)
     for _ in range(num_steps):
         _one_step(*args)
 
 
 def _one_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-              out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start):
+              out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_mixtures, num_bits):
     L, k, R, D2 = conv_w.shape
     D = D2 // 2
     acc = queues.dtype
     p = position
     prev = samples.index_select(1, torch.clamp(p - 1, min=0)).squeeze(1)
-    prev = torch.where(p > 0, prev, torch.full_like(prev, int(start)))
-    h = (in_w.index_select(0, prev) + in_b).to(acc)
+    if num_mixtures:
+        prev = torch.where(p > 0, prev, torch.zeros_like(prev))
+        h = prev.unsqueeze(1) * in_w[0].to(acc) + in_b.to(acc)
+    else:
+        prev = torch.where(p > 0, prev, torch.full_like(prev, int(start)))
+        h = (in_w.index_select(0, prev) + in_b).to(acc)
     skip = None
     off = 0
     for layer, d in enumerate(dilations):
@@ -259,8 +293,13 @@ def _one_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w
     y = torch.relu(torch.relu(skip) @ out1_w.to(acc) + out1_b.to(acc))
     lg = y @ out2_w.to(acc) + out2_b.to(acc)
     logits.copy_(lg)
-    u = noise.index_select(1, p).squeeze(1)
-    new = categorical_sample_ref(lg, dim=1, noise=u, temperature=float(temperature))
+    if num_mixtures:
+        u = noise.index_select(2, p)  # (B, 2, 1)
+        new = sample_discretized_mix_logistic_ref(lg.unsqueeze(2), num_mixtures, noise=u,
+                                                  temperature=float(temperature), num_bits=num_bits).squeeze(1)
+    else:
+        u = noise.index_select(1, p).squeeze(1)
+        new = categorical_sample_ref(lg, dim=1, noise=u, temperature=float(temperature))
     old = samples.index_select(1, p).squeeze(1)
     new = torch.where(p < num_prime, old, new)
     samples.index_copy_(1, p, new.unsqueeze(1))
@@ -269,19 +308,23 @@ def _one_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w
 
 def wavenet_step_ref(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
                      res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime=0, temperature=1.0,
-                     start=128, num_steps=1):
+                     start=128, num_steps=1, num_mixtures=0, num_bits=8):
     """Reference of :func:`wavenet_step`: the "PyTorch queue" path, a few torch ops per layer (any device/dtype)."""
     args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
             out1_w, out1_b, out2_w, out2_b, [int(d) for d in dilations], int(num_prime), float(temperature),
-            int(start), int(num_steps))
+            int(start), int(num_steps), num_mixtures, num_bits)
     _check_step("wavenet_step_ref", *args)
     _step_impl(*args)
 
 
 def wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
                  res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime=0, temperature=1.0, start=128,
-                 num_steps=1):
-    """One generation step of a whole softmax WaveNet, fused (see the module docstring for every layout).
+                 num_steps=1, num_mixtures=0, num_bits=8):
+    """One generation step of a whole WaveNet, fused (see the module docstring for every layout).
+
+    ``num_mixtures=0``: softmax head (samples int64 codes, noise (B, T)); ``num_mixtures=K``:
+    discretized logistic mixture head (samples float audio values in the acc dtype, in_w (1, R),
+    noise (B, 2, T), ``num_bits`` the quantisation of the draws).
 
     Mutates samples[:, p] (unless p < num_prime), queues, position (+1) and logits; returns None.
     One fused C++ loop on CPU, one kernel launch on CUDA, capturable in a CUDA graph (the step
@@ -289,7 +332,7 @@ def wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, con
     """
     args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
             out1_w, out1_b, out2_w, out2_b, [int(d) for d in dilations], int(num_prime), float(temperature),
-            int(start), int(num_steps))
+            int(start), int(num_steps), num_mixtures, num_bits)
     _check_step("wavenet_step", *args)
     if _backend.use_kernel("wavenet_step", conv_w.device, conv_w.dtype, STEP_KERNEL_DTYPES):
         torch.ops.fastar.wavenet_step(*args)
@@ -307,5 +350,5 @@ if _backend.has_ops("causal_conv1d_update", "wavenet_step"):
     @torch.library.register_fake("fastar::wavenet_step")
     def _wavenet_step_fake(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
                            res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start,
-                           num_steps):
+                           num_steps, num_mixtures=0, num_bits=8):
         return None
