@@ -247,12 +247,6 @@ WAVENET_TINY = ["--model-arg", "layers=4", "--model-arg", "stacks=1", "--model-a
                 "--model-arg", "dilation_channels=8", "--model-arg", "skip_channels=16"]
 
 
-@pytest.mark.skipif(_has_wavenet(), reason="WaveNet is part of this build (the missing-model path cannot happen)")
-def test_wavenet_missing_is_one_line(tmp_path):
-    one_line_error(fastar("train", "wavenet", "--data", "speech", "--out", tmp_path, check=False),
-                   r"model 'wavenet' \(fastar.models.WaveNet\) is not part of this build")
-
-
 @pytest.fixture(scope="module")
 def wavenet_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("wavenet")
