@@ -58,7 +58,9 @@ def _extension():
         if os.path.isdir(cu13):
             include_dirs.append(cu13)
             break
-    cxx = ["-O3", "-DFASTAR_PYTHON_MODULE"]
+    # -fopenmp: at::parallel_for is a header template; without the flag its `omp parallel`
+    # compiles away and every CPU kernel runs on one thread whatever torch.get_num_threads() says.
+    cxx = ["-O3", "-DFASTAR_PYTHON_MODULE", "-fopenmp"]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     archs = []
     if with_cuda:
@@ -74,7 +76,8 @@ def _extension():
     _write_build_config(with_cuda, archs)
     print(f"fastar: building _C with CUDA={'yes' if with_cuda else 'no'}"
           + (f", archs {archs}" if archs else ""), flush=True)
-    return ext_cls("fastar._C", sources, include_dirs=include_dirs, extra_compile_args=extra)
+    return ext_cls("fastar._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+                   extra_link_args=["-fopenmp"])
 
 
 def _write_build_config(with_cuda, archs):

@@ -295,8 +295,8 @@ def test_wavenet_step_kernel_rejects_bad_prime_code():
 # wavenet_step, mixture head (num_mixtures = K > 0: float samples, in_w (1, R), noise (B, 2, T))
 
 
-def _mix_case(device, dtype, K=4, B=3, T=12, k=2, cond=None, seed=0, num_prime=0):
-    st, c, w, dil = _step_case(device, dtype, B=B, T=T, k=k, A=3 * K, cond=cond, seed=seed)
+def _mix_case(device, dtype, K=4, B=3, T=12, k=2, cond=None, seed=0, num_prime=0, **sizes):
+    st, c, w, dil = _step_case(device, dtype, B=B, T=T, k=k, A=3 * K, cond=cond, seed=seed, **sizes)
     g = torch.Generator().manual_seed(seed + 100)
     acc = st["queues"].dtype
     w["in_w"] = w["in_w"][:1].contiguous()
@@ -429,3 +429,66 @@ def test_wavenet_step_mixture_kernel_rejects_bad_input():
     w2 = dict(w, in_w=torch.zeros(12, 8))
     with pytest.raises(RuntimeError, match="in_w must have shape"):
         _mcall(op, _clone(st), c, w2, dil)
+
+
+def _with_threads(n, fn):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("k", [2, 3])
+def test_wavenet_step_small_batch_path_is_thread_count_invariant(batch, k):
+    # float32 with batch <= 4 runs the packed two-part path on CPUs with AVX-512 (the
+    # blocked path elsewhere): odd widths (D = 40, S = 72, A = 100 are not multiples of 16)
+    # exercise the panel padding; one thread running both parts must give the very bits
+    # two threads give, and both must match the reference.
+    requires_kernel("wavenet_step", "cpu")
+    st, c, w, dil = _step_case("cpu", torch.float32, B=batch, T=24, L=5, k=k, R=24, D=40, S=72, A=100,
+                               cond="local", seed=5)
+    runs = {}
+    for threads in (1, 2):
+        s = _clone(st)
+
+        def go():
+            with fastar.backend("kernel"):
+                _call(wavenet_step, s, c, w, dil, num_prime=3, num_steps=10)
+                _call(wavenet_step, s, c, w, dil, num_prime=3, num_steps=14)
+
+        _with_threads(threads, go)
+        runs[threads] = s
+    for key in ("samples", "logits", "queues"):
+        assert torch.equal(runs[1][key], runs[2][key]), key
+    ref = _clone(st)
+    _call(wavenet_step_ref, ref, c, w, dil, num_prime=3, num_steps=24)
+    assert torch.equal(runs[2]["samples"], ref["samples"])
+    torch.testing.assert_close(runs[2]["logits"], ref["logits"], **tol(torch.float32, 10))
+    torch.testing.assert_close(runs[2]["queues"], ref["queues"], **tol(torch.float32, 10))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_wavenet_step_small_batch_path_mixture_head(batch):
+    # the packed two-part path with the mixture head (A = 3K = 48 splits into two parts)
+    requires_kernel("wavenet_step", "cpu")
+    st, c, w, dil = _mix_case("cpu", torch.float32, K=16, B=batch, T=20, k=2, cond="global", seed=9, R=16, D=32,
+                              S=48)
+    runs = {}
+    for threads in (1, 2):
+        s = _clone(st)
+
+        def go():
+            with fastar.backend("kernel"):
+                _mcall(wavenet_step, s, c, w, dil, K=16, num_prime=2, num_steps=20)
+
+        _with_threads(threads, go)
+        runs[threads] = s
+    assert torch.equal(runs[1]["samples"], runs[2]["samples"])
+    assert torch.equal(runs[1]["logits"], runs[2]["logits"])
+    ref = _clone(st)
+    _mcall(wavenet_step_ref, ref, c, w, dil, K=16, num_prime=2, num_steps=20)
+    torch.testing.assert_close(runs[2]["samples"], ref["samples"], **tol(torch.float32, 10))
+    torch.testing.assert_close(runs[2]["logits"], ref["logits"], **tol(torch.float32, 10))

@@ -352,7 +352,7 @@ class WaveNet(nn.Module):
             return
         # Several steps per call so the per-call overhead is paid once per chunk; one per call
         # when the caller wants every step's logits.
-        chunk = 1 if logits_all is not None else 64
+        chunk = 1 if logits_all is not None else 256
         t = 0
         while t < T:
             n = min(chunk, T - t)
