@@ -213,7 +213,8 @@ class _CachedRun:
         n, C, H, W, dev = plan.n, plan.C, plan.H, plan.W, plan.device
         self.x_img = torch.zeros(n, C, H, W, dtype=plan.dtype, device=dev)
         self.out = torch.zeros(n, C * H * W, dtype=torch.int64, device=dev)
-        can_fuse = fused_pixel_step_supported(model)
+        # The CUDA kernel keeps the per-block residual flags in one 32-bit word.
+        can_fuse = fused_pixel_step_supported(model) and (dev.type != "cuda" or len(model.blocks) <= 32)
         if fused and not can_fuse:
             raise ValueError(f"fused=True: {type(model).__name__}'s pixel step does not fit the fused op "
                              "(a Gated PixelCNN with equal block widths is needed)")
