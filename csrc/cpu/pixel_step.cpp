@@ -36,8 +36,8 @@ struct Ptrs {
 
 // out[r, o] += sum_k x[r * xs + k] * w[k * ldw + o] for R rows, K inputs, O outputs.
 template <typename T>
-inline void gemm_acc(const T* x, int64_t xs, int64_t R, const T* w, int64_t ldw, int64_t K, int64_t O, T* out,
-                     int64_t os) {
+inline void gemm_acc_body(const T* x, int64_t xs, int64_t R, const T* w, int64_t ldw, int64_t K, int64_t O, T* out,
+                          int64_t os) {
   for (int64_t k = 0; k < K; ++k) {
     const T* wr = w + k * ldw;
     for (int64_t r = 0; r < R; ++r) {
@@ -47,6 +47,22 @@ inline void gemm_acc(const T* x, int64_t xs, int64_t R, const T* w, int64_t ldw,
       for (int64_t q = 0; q < O; ++q) o[q] += xv * wr[q];
     }
   }
+}
+
+// The build targets baseline x86-64 (SSE2); the step's GEMMs are its whole cost, so they are
+// cloned for AVX2+FMA and AVX-512 and the loader picks the best the CPU has.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTAR_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define FASTAR_CLONES
+#endif
+FASTAR_CLONES void gemm_acc(const float* x, int64_t xs, int64_t R, const float* w, int64_t ldw, int64_t K, int64_t O,
+                            float* out, int64_t os) {
+  gemm_acc_body(x, xs, R, w, ldw, K, O, out, os);
+}
+FASTAR_CLONES void gemm_acc(const double* x, int64_t xs, int64_t R, const double* w, int64_t ldw, int64_t K,
+                            int64_t O, double* out, int64_t os) {
+  gemm_acc_body(x, xs, R, w, ldw, K, O, out, os);
 }
 
 // Inverse-CDF draw with categorical_sample_ref's exact rule: the index is the number of

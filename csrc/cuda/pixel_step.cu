@@ -152,7 +152,7 @@ __device__ int64_t warp_pick(const T* lg, int K, bool binary, double temperature
 
 template <typename T, int ROWS>
 __global__ void __launch_bounds__(kThreads) gated_pixelcnn_step_kernel(Args<T> A) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sm = reinterpret_cast<T*>(smem_raw);
   const int C = static_cast<int>(A.C), C2 = 2 * C, K = static_cast<int>(A.K);
   const int kmax = static_cast<int>(A.kmax);
