@@ -23,13 +23,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["naive", "cached"])
+@pytest.mark.parametrize("method", ["naive", "cached", "cached_unfused"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_sample(benchmark, case, method, device):
     name, cin, levels, ch, size, n = case
     torch.manual_seed(0)
     model = GatedPixelCNN(cin, levels, layers=15, channels=ch).to(device).eval()
-    fn = sampling.cached_sample if method == "cached" else sampling.naive_sample
+    fn = {"naive": sampling.naive_sample, "cached": sampling.cached_sample,
+          "cached_unfused": lambda m, p: sampling.cached_sample(m, p, fused=False)}[method]
 
     def step():
         plan = sampling.prepare(model, n, (size, size), generator=torch.Generator(device).manual_seed(1))
@@ -39,4 +40,5 @@ def test_sample(benchmark, case, method, device):
         return out
 
     benchmark.group = f"{name} {device}"
-    benchmark.pedantic(step, rounds=3 if method == "cached" else 1, warmup_rounds=1 if method == "cached" else 0)
+    benchmark.pedantic(step, rounds=1 if method == "naive" else 3,
+                       warmup_rounds=0 if method == "naive" else 1)

@@ -70,4 +70,15 @@ TORCH_LIBRARY(fastar, m) {
   m.def(
       "masked_conv2d_at(Tensor(a!) x_cache, Tensor? x_new, Tensor weight, Tensor? bias, Tensor mask, "
       "Tensor pos, int[2] padding, int[2] dilation) -> Tensor");
+
+  // ---- Gated PixelCNN pixel step (cached sampling; fastar/ops/pixel_step.py, layouts in csrc/pixel_step.h) ----
+  // One whole pixel step for the batch: every block's horizontal stack at the current
+  // position (reading/writing row_cache), the head, the draw of sub-pixel t = step[0], the
+  // writes into codes, image and logits, and step[0] += 1 (so a graph replay advances).
+  m.def(
+      "gated_pixelcnn_step(Tensor(a!) image, Tensor(b!) row_cache, Tensor(c!) codes, Tensor(d!) step, "
+      "Tensor(e!) logits, Tensor noise, Tensor links, Tensor? class_bias, Tensor? cond_map, Tensor? map_w, "
+      "Tensor? prefix, Tensor? given, Tensor h_w, Tensor h_b, Tensor so_w, Tensor so_b, Tensor head1_w, "
+      "Tensor head1_b, Tensor head2_w, Tensor head2_b, int[2] taps, int[] residual, int levels, "
+      "float temperature) -> ()");
 }

@@ -7,7 +7,8 @@ only. Time to sample one batch, untrained float32 weights (speed does not depend
 Naive runs that would take longer than ``NAIVE_BUDGET_S`` are not run to the end: their time is
 the sub-pixel count times the median of 5 full forward passes on the same batch, and the row
 says so in ``naive_how`` ("extrapolated"). Where the naive run is complete, ``same_images`` says
-whether both samplers returned identical images from the same seed.
+whether both samplers returned identical images from the same seed. ``unfused_s`` times the cached
+engine without the fused pixel step (``fused=False``), so the fused op's own gain is visible.
 """
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ from fastar.bench.timing import sync
 from fastar.models import GatedPixelCNN
 
 COLUMNS = ["case", "batch", "steps", "naive_s", "naive_how", "cached_s", "speedup", "cached_ms_per_step",
-           "same_images"]
+           "unfused_s", "fused_gain", "same_images"]
 
 NOTES = ("GatedPixelCNN, 15 layers; time to sample one batch (seconds). naive = one full forward pass per "
          "sub-pixel; cached = fastar.sampling cached engine (masked_conv2d_at per layer per step, the vertical "
          "stack once per row; CUDA graphs on GPU). naive_how 'extrapolated' = steps x median of 5 full "
          "passes (the full naive run would exceed the time budget); 'full run' = the whole naive sampler "
-         "timed. speedup = naive_s / cached_s. cached_s is the median of 3 runs. Run with a fixed thread "
+         "timed. speedup = naive_s / cached_s. cached_s is the median of 3 runs. cached = the fused pixel step "
+         "(fastar.ops.gated_pixelcnn_step: one C++ call / one CUDA launch per sub-pixel for every block, the "
+         "head and the draw); unfused_s = the same engine with fused=False (a few torch ops per block per "
+         "step), one run (median of 3 on GPU); fused_gain = unfused_s / cached_s. Run with a fixed thread "
          "count (--threads); the CPU is shared, so figures move by tens of percent between runs.")
 
 NAIVE_BUDGET_S = 120.0
@@ -64,9 +68,9 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 continue
             steps = cin * size * size
 
-            def cached():
+            def cached(fused=None):
                 plan = sampling.prepare(model, n, (size, size), generator=torch.Generator(dev).manual_seed(1))
-                return sampling.cached_sample(model, plan)
+                return sampling.cached_sample(model, plan, fused=fused)
 
             cached()  # warm-up (allocator, BLAS handles, graph capture paths)
             reps = 1 if quick else 3
@@ -75,6 +79,9 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 t, x_cached = _timed(cached, dev)
                 times.append(t)
             cached_s = statistics.median(times)
+            cached(False)  # warm-up of the per-op path
+            reps_u = 3 if dev.type == "cuda" and not quick else 1
+            unfused_s = statistics.median(_timed(lambda: cached(False), dev)[0] for _ in range(reps_u))
 
             x0 = torch.zeros(n, cin, size, size, dtype=torch.int64, device=dev)
             with torch.no_grad():
@@ -91,7 +98,8 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 naive_s, how = estimate, "extrapolated"
             rows.append({"case": name, "batch": n, "steps": steps, "naive_s": naive_s, "naive_how": how,
                          "cached_s": cached_s, "speedup": naive_s / cached_s,
-                         "cached_ms_per_step": cached_s / steps * 1e3, "same_images": same})
+                         "cached_ms_per_step": cached_s / steps * 1e3, "unfused_s": unfused_s,
+                         "fused_gain": unfused_s / cached_s, "same_images": same})
             print(f"  {name:<20} b{n:<4} naive {naive_s:9.2f} s ({how})  cached {cached_s:7.3f} s  "
-                  f"x{naive_s / cached_s:.0f}", flush=True)
+                  f"x{naive_s / cached_s:.0f}  (unfused {unfused_s:7.3f} s)", flush=True)
     return rows

@@ -5,9 +5,11 @@ from fastar.ops.mixture import (categorical_sample, categorical_sample_ref, disc
                                 discretized_mix_logistic_nll_ref, sample_discretized_mix_logistic,
                                 sample_discretized_mix_logistic_ref)
 from fastar.ops.wavenet import causal_conv1d_update, causal_conv1d_update_ref, wavenet_step, wavenet_step_ref
+from fastar.ops.pixel_step import gated_pixelcnn_step, gated_pixelcnn_step_ref
 
 __all__ = ["masked_conv2d", "masked_conv2d_ref", "masked_conv2d_at", "masked_conv2d_at_ref",
            "categorical_sample", "categorical_sample_ref",
            "discretized_mix_logistic_nll", "discretized_mix_logistic_nll_ref",
            "sample_discretized_mix_logistic", "sample_discretized_mix_logistic_ref",
-           "causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref"]
+           "causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref",
+           "gated_pixelcnn_step", "gated_pixelcnn_step_ref"]

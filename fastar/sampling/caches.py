@@ -24,7 +24,7 @@ from fastar import _backend
 from fastar.nn.gated import GatedMaskedConv2d
 from fastar.ops import masked_conv_at as _mca
 
-__all__ = ["make_cache", "GatedCache", "PixelCNNCache"]
+__all__ = ["make_cache", "GatedCache", "PixelCNNCache", "fused_pixel_step_supported", "pack_gated_pixel_step"]
 
 
 def _new_cache(x_img, channels):
@@ -108,7 +108,9 @@ class GatedCache:
 
     has_rows = True
 
-    def __init__(self, model, x_img: torch.Tensor, cond=None):
+    def __init__(self, model, x_img: torch.Tensor, cond=None, pixel: bool = True):
+        # pixel=False: only the row step is wanted (the fused pixel step keeps its own
+        # horizontal caches), so the per-block horizontal caches and map terms are skipped.
         n, _, h, w = x_img.shape
         self.x_img = x_img
         self.blocks = []
@@ -124,18 +126,19 @@ class GatedCache:
                                  f"{list(mv.shape[2:])}")
             link_b = blk.link.bias if blk.link.bias is not None else x_img.new_zeros(c2)
             v_in = x_img if li == 0 else _new_cache(x_img, blk.in_channels)
-            h_in = x_img if li == 0 else _new_cache(x_img, blk.in_channels)
+            h_in = x_img if li == 0 or not pixel else _new_cache(x_img, blk.in_channels)
             self.blocks.append(dict(
                 blk=blk,
                 v_conv=_ConvAt(v_in, blk.v_conv.weight, blk.v_conv.bias, blk.v_mask, blk.v_conv.padding),
-                h_conv=_ConvAt(h_in, blk.h_conv.weight, blk.h_conv.bias, blk.h_mask, blk.h_conv.padding),
+                h_conv=(_ConvAt(h_in, blk.h_conv.weight, blk.h_conv.bias, blk.h_mask, blk.h_conv.padding)
+                        if pixel else None),
                 # (W, N, 2C): a step's column is one contiguous slice. Row 0 has
                 # nothing above it: its link term is the link's bias alone.
                 link_row=(self.links[li] if self.links is not None else x_img.new_zeros(w, n, c2)),
                 link_wt=blk.link.weight.view(c2, c2).t(), link_b=link_b,
                 cv=None if cv is None else cv.unsqueeze(-1), ch=ch,
                 mv=None if mv is None else mv.flatten(2).contiguous(),
-                mh=None if mh is None else mh.flatten(2).contiguous(),
+                mh=None if mh is None or not pixel else mh.flatten(2).contiguous(),
                 so_wt=torch.cat([_eff(blk.skip, blk.skip_mask), _eff(blk.out, blk.out_mask)], 0).t(),
                 so_b=torch.cat([blk.skip.bias, blk.out.bias], 0)))
             self.blocks[-1]["link_row"].copy_(link_b.view(1, 1, c2).expand(w, n, c2))
@@ -174,11 +177,90 @@ class GatedCache:
         return _apply_head(self.head, skip)
 
 
-def make_cache(model, x_img, cond=None):
-    """The cache object for `model` (a PixelCNN or GatedPixelCNN, recognised by its layers)."""
+def make_cache(model, x_img, cond=None, pixel: bool = True):
+    """The cache object for `model` (a PixelCNN or GatedPixelCNN, recognised by its layers).
+
+    pixel=False (Gated PixelCNN only): the caches of the row step alone, for the fused pixel step.
+    """
     blocks = getattr(model, "blocks", None)
     if blocks is not None and len(blocks) and isinstance(blocks[0], GatedMaskedConv2d):
-        return GatedCache(model, x_img, cond)
+        return GatedCache(model, x_img, cond, pixel)
     if hasattr(model, "input_conv"):
         return PixelCNNCache(model, x_img, cond)
     raise TypeError(f"cached sampling supports fastar.models.PixelCNN and GatedPixelCNN, got {type(model).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused pixel step (fastar.ops.gated_pixelcnn_step): structure check and weight packing.
+
+
+def _live_taps(blk):
+    # The horizontal filter is 1 x k: taps right of the centre are masked off, so the live
+    # ones are the k // 2 + 1 columns left of and at the centre.
+    k = blk.h_conv.weight.shape[-1]
+    m = blk.h_mask
+    if m.shape[-2] != 1 or bool(m[..., k // 2 + 1:].any()):
+        return None
+    return k // 2 + 1
+
+
+def fused_pixel_step_supported(model) -> bool:
+    """Whether `model`'s pixel step fits :func:`fastar.ops.gated_pixelcnn_step`: a Gated PixelCNN whose blocks
+    all have the same width, whose later blocks share one horizontal filter width, and whose head is
+    two 1x1 convs (GatedPixelCNN always qualifies). Otherwise the engine keeps the per-op path."""
+    blocks = getattr(model, "blocks", None)
+    if not blocks or not all(isinstance(b, GatedMaskedConv2d) for b in blocks):
+        return False
+    if not all(hasattr(model, a) for a in ("head1", "head2", "in_channels", "levels")):
+        return False
+    c = blocks[0].channels
+    if any(b.channels != c for b in blocks) or blocks[0].in_channels != model.in_channels:
+        return False
+    if any(b.in_channels != c for b in blocks[1:]):
+        return False
+    taps = [_live_taps(b) for b in blocks]
+    if any(t is None for t in taps) or len({*taps[1:]}) > 1:
+        return False
+    if model.head1.weight.shape[-2:] != (1, 1) or model.head2.weight.shape[-2:] != (1, 1):
+        return False
+    return True
+
+
+def pack_gated_pixel_step(model, cache: GatedCache, cond=None) -> dict:
+    """Pack `model`'s weights (and the run's conditioning) once per sampling run into the layouts of
+    :func:`fastar.ops.gated_pixelcnn_step` (see its module docstring). `cache` is the run's
+    :class:`GatedCache` (its ``links`` table and class biases are shared, not copied). Returns a dict
+    of the op's tensor and int arguments, except the run state (image, codes, step, logits, noise,
+    prefix, given). The model must pass :func:`fused_pixel_step_supported`."""
+    blocks = list(model.blocks)
+    x_img = cache.x_img
+    n, ci, h, w = x_img.shape
+    dt = x_img.dtype
+    c = blocks[0].channels
+    c2 = 2 * c
+    taps = [_live_taps(b) for b in blocks]
+    h_w, h_b, so_w, so_b = [], [], [], []
+    for blk in blocks:
+        nt = _live_taps(blk)
+        eff = (blk.h_conv.weight * blk.h_mask.to(blk.h_conv.weight.dtype))[:, :, 0, :nt]     # (2C, C_in, nt)
+        h_w.append(eff.permute(2, 1, 0).reshape(-1))
+        h_b.append(blk.h_conv.bias if blk.h_conv.bias is not None else x_img.new_zeros(c2))
+        so_w.append(torch.cat([_eff(blk.skip, blk.skip_mask), _eff(blk.out, blk.out_mask)], 0).t())
+        so_b.append(torch.cat([blk.skip.bias, blk.out.bias], 0))
+    w1, b1, w2, b2 = _head(model)
+    b1 = b1 if b1 is not None else x_img.new_zeros(w1.shape[0])
+    b2 = b2 if b2 is not None else x_img.new_zeros(w2.shape[0])
+    class_bias = cond_map = map_w = None
+    if cache.blocks[0]["ch"] is not None:
+        class_bias = torch.stack([b["ch"] for b in cache.blocks]).contiguous()                # (L, N, 2C)
+    _, cmap = blocks[0].split_cond(cond)
+    if cmap is not None:
+        cond_map = cmap.permute(0, 2, 3, 1).reshape(n, h * w, -1).to(dt).contiguous()        # (N, HW, Cc)
+        map_w = torch.stack([b.map_h.weight.flatten(1).t() for b in blocks]).contiguous()    # (L, Cc, 2C)
+    f = lambda t: t.detach().to(dt).contiguous()  # noqa: E731
+    return dict(
+        row_cache=x_img.new_zeros(len(blocks) - 1, n, w, c), links=cache.links,
+        class_bias=class_bias, cond_map=cond_map, map_w=map_w,
+        h_w=f(torch.cat(h_w)), h_b=f(torch.stack(h_b)), so_w=f(torch.stack(so_w)), so_b=f(torch.stack(so_b)),
+        head1_w=f(w1.t()), head1_b=f(b1), head2_w=f(w2.t()), head2_b=f(b2),
+        taps=[taps[0], taps[1] if len(taps) > 1 else 1], residual=[int(b.residual) for b in blocks])

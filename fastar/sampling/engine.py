@@ -12,7 +12,9 @@ rare).
   (T full forward passes).
 - :func:`cached_sample`: per step only the new position through every layer, reading
   the per-layer caches (:mod:`fastar.sampling.caches`); Gated PixelCNN's vertical
-  stack runs once per row. The position counter lives on the device and every index is
+  stack runs once per row. A Gated PixelCNN's pixel step is one fused op,
+  :func:`fastar.ops.gated_pixelcnn_step` (one C++ call / one CUDA launch for every block,
+  the head and the draw), wherever its kernel is built; else a few torch ops per block. The position counter lives on the device and every index is
   a device gather, so a step has no host sync; on CUDA the first pixel step and the
   first row step run eagerly (warm-up), the second ones are captured in CUDA graphs,
   and every later step is a graph replay.
@@ -27,8 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fastar import _backend
+from fastar.ops import pixel_step as _ps
 from fastar.ops.mixture import categorical_sample
-from fastar.sampling.caches import make_cache
+from fastar.sampling.caches import fused_pixel_step_supported, make_cache, pack_gated_pixel_step
 
 __all__ = ["SamplePlan", "prepare", "sample", "naive_sample", "cached_sample"]
 
@@ -204,12 +208,22 @@ def naive_sample(model, plan: SamplePlan, progress: bool = False, return_logits:
 class _CachedRun:
     """The state of one cached sampling run: caches, device counters, index tables and the two steps."""
 
-    def __init__(self, model, plan: SamplePlan):
+    def __init__(self, model, plan: SamplePlan, fused: bool | None = None):
         self.plan, self.model = plan, model
         n, C, H, W, dev = plan.n, plan.C, plan.H, plan.W, plan.device
         self.x_img = torch.zeros(n, C, H, W, dtype=plan.dtype, device=dev)
         self.out = torch.zeros(n, C * H * W, dtype=torch.int64, device=dev)
-        self.cache = make_cache(model, self.x_img, plan.cond)
+        # The CUDA kernel keeps the per-block residual flags in one 32-bit word.
+        can_fuse = fused_pixel_step_supported(model) and (dev.type != "cuda" or len(model.blocks) <= 32)
+        if fused and not can_fuse:
+            raise ValueError(f"fused=True: {type(model).__name__}'s pixel step does not fit the fused op "
+                             "(a Gated PixelCNN with equal block widths is needed)")
+        if fused is None:
+            fused = can_fuse and _backend.use_kernel("gated_pixelcnn_step", dev, plan.dtype, _ps.KERNEL_DTYPES)
+        self.fused = bool(fused)
+        self.cache = make_cache(model, self.x_img, plan.cond, pixel=not self.fused)
+        if self.fused:
+            self._set_up_fused()
         # Step t -> [i, j, c, i * W + j, c * H * W + i * W + j], gathered on the device
         # with the step counter so that a captured step needs no host input.
         t = torch.arange(plan.T, device=dev)
@@ -225,7 +239,28 @@ class _CachedRun:
         self.r = torch.zeros(1, dtype=torch.int64, device=dev)
         self.scale = 2.0 / (plan.levels - 1)
 
+    def _set_up_fused(self):
+        plan = self.plan
+        k = 1 if plan.levels == 2 else plan.levels
+        pk = pack_gated_pixel_step(self.model, self.cache, plan.cond)
+        self.step = torch.zeros(2, dtype=torch.int64, device=plan.device)   # [t, the CUDA arrival counter]
+        self.logits = torch.zeros(plan.n, k, dtype=plan.dtype, device=plan.device)
+        args = (self.x_img, pk["row_cache"], self.out, self.step, self.logits, plan.noise, pk["links"],
+                pk["class_bias"], pk["cond_map"], pk["map_w"], plan.prefix, plan.given, pk["h_w"], pk["h_b"],
+                pk["so_w"], pk["so_b"], pk["head1_w"], pk["head1_b"], pk["head2_w"], pk["head2_b"], pk["taps"],
+                pk["residual"], plan.levels, plan.temperature)
+        # Checked once here; a step then calls the op directly (the checks would cost more than it).
+        _ps._check("gated_pixelcnn_step", *args)
+        if _backend.use_kernel("gated_pixelcnn_step", plan.device, plan.dtype, _ps.KERNEL_DTYPES):
+            self._fused_fn = torch.ops.fastar.gated_pixelcnn_step
+        else:  # fused=True under the reference backend: the op's PyTorch twin
+            self._fused_fn = _ps._ref_impl
+        self._fused_args = args
+
     def pixel_step(self):
+        if self.fused:
+            self._fused_fn(*self._fused_args)
+            return self.logits[:, 0] if self.plan.levels == 2 else self.logits
         plan = self.plan
         cur = self.table.index_select(0, self.t)                    # (1, 5)
         pos, c, hw, flat = cur[:, 0:2], cur[0, 2:3], cur[0, 3:4], cur[0, 4:5]
@@ -277,12 +312,16 @@ class _GraphRunner:
 
 @torch.no_grad()
 def cached_sample(model, plan: SamplePlan, progress: bool = False, return_logits: bool = False,
-                  cuda_graphs: bool | None = None):
+                  cuda_graphs: bool | None = None, fused: bool | None = None):
     """Cached sampling; returns (N, C, H, W) int64 (and the per-step logits if asked).
 
     cuda_graphs: None = on for CUDA tensors (unless return_logits), False = eager steps.
+    fused: None = a Gated PixelCNN's pixel step runs as one :func:`fastar.ops.gated_pixelcnn_step`
+    call when its kernel is available for the device and dtype (else the per-op path: a few torch
+    ops per block); False = always the per-op path; True = the fused op (its PyTorch twin under the
+    reference backend).
     """
-    run = _CachedRun(model, plan)
+    run = _CachedRun(model, plan, fused)
     use_graphs = plan.device.type == "cuda" and not return_logits if cuda_graphs is None else cuda_graphs
     if use_graphs and plan.device.type != "cuda":
         raise ValueError("cuda_graphs=True needs the model on a CUDA device")
@@ -297,7 +336,7 @@ def cached_sample(model, plan: SamplePlan, progress: bool = False, return_logits
             row()
         lg = pixel()
         if rec is not None:
-            rec.append(lg)
+            rec.append(lg.clone())   # the fused step reuses its logits buffer
         if bar is not None:
             bar.update()
     if bar is not None:

@@ -1,0 +1,222 @@
+"""One whole pixel step of a Gated PixelCNN (cached sampling), fused: ``gated_pixelcnn_step``.
+
+``gated_pixelcnn_step(image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w,
+prefix, given, h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps, residual, levels,
+temperature)`` generates sub-pixel ``t = step[0]`` (raster order, colours inside a pixel:
+``t = (i * W + j) * C_img + c``) for the whole batch:
+
+1. for every block l: the horizontal-stack convolution at (i, j) over its live taps (the 1 x k
+   filter's columns j - taps + 1 .. j, masked weights packed in ``h_w``; block 0 reads ``image``,
+   a later block reads ``row_cache[l - 1]``, into whose column j it first writes its input, the
+   previous block's output), + ``h_b`` + the link term ``links[l, j]`` + ``class_bias[l]`` +
+   ``map_w[l]^T cond_map[:, i * W + j]``; gate ``tanh(a[:C]) * sigmoid(a[C:])``; one GEMM to
+   [skip | out]; skip summed over blocks, out (+ the input when ``residual[l]``) feeds block l+1;
+2. the head: ``relu(skip) @ head1_w + head1_b``, ReLU, ``@ head2_w + head2_b``, only the K
+   logits of colour c (K = 1 for ``levels == 2``, a Bernoulli logit drawn as categories (0, logit),
+   else K = levels), written to ``logits``;
+3. the draw: :func:`fastar.ops.categorical_sample`'s contract (inverse CDF of
+   softmax(logits / temperature) on the uniform ``noise[t]``; temperature 0 = argmax); where
+   ``given[:, f]`` (f = c * H * W + i * W + j) the value is ``prefix[:, f]`` instead;
+4. the writes: ``codes[:, f] = val``, ``image[:, c, i, j] = val * 2 / (levels - 1) - 1`` and
+   ``step[0] += 1``.
+
+Layouts (dt = float32 or float64 everywhere; all contiguous; L blocks of C channels, C2 = 2C;
+matrices are input-major (K_in, K_out), the transpose of nn.Linear's, so that a GEMV reads whole
+rows): image (N, C_img, H, W); row_cache (L - 1, N, W, C) (only the current row of a horizontal
+input is ever read); codes, prefix (N, C_img * H * W) int64, given the same shape bool; step (2,)
+int64 [t, 0] (element 1 is the CUDA kernel's arrival counter and stays 0 between calls); logits
+(N, K); noise (C_img * H * W, N); links (L, W, N, C2); class_bias (L, N, C2) or None; cond_map
+(N, H * W, Cc) and map_w (L, Cc, C2), or both None; h_w flat: block 0 (taps[0], C_img, C2) then
+each later block (taps[1], C, C2); h_b, so_b (L, C2); so_w (L, C, C2); head1_w (C, C); head1_b (C,);
+head2_w (C, C_img * K); head2_b (C_img * K,); taps [block 0's live taps, the later blocks']; residual
+L ints (0/1). :func:`fastar.sampling.caches.pack_gated_pixel_step` builds all of them from a model.
+
+Mutates image, row_cache, codes, step and logits; returns None. One C++ call on CPU (OpenMP over
+batch rows), ONE kernel launch on CUDA (a CTA per few batch rows, every block in shared memory),
+capturable in a CUDA graph: t is read on the device and advanced by the op itself. Not
+differentiable (sampling). PyTorch equivalent: :func:`gated_pixelcnn_step_ref` (a few torch ops
+per block; ``GatedCache.pixel`` + the engine's draw on the unpacked model compute the same).
+Devices and dtypes: CPU and CUDA kernels, float32 and float64.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastar import _backend
+from fastar.ops._common import check_same_device, check_tensor
+from fastar.ops.mixture import categorical_sample_ref
+
+__all__ = ["gated_pixelcnn_step", "gated_pixelcnn_step_ref"]
+
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64),
+}
+
+
+def _shape(op, name, t, want, dt):
+    check_tensor(op, name, t)
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"{op}: {name} must have shape {list(want)}, got {list(t.shape)}")
+    if t.dtype != dt:
+        raise TypeError(f"{op}: {name} dtype {t.dtype} must match the weights' dtype {dt}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (pack it with fastar.sampling.caches."
+                         "pack_gated_pixel_step)")
+
+
+def _check(op, image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given,
+           h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps, residual, levels, temperature):
+    check_tensor(op, "h_b", h_b, dim=2, layout="(L, 2C)")
+    L, C2 = h_b.shape
+    if L < 1 or C2 < 2 or C2 % 2:
+        raise ValueError(f"{op}: h_b must be (L, 2C) with at least one block and an even width, got "
+                         f"{list(h_b.shape)}")
+    dt = h_b.dtype
+    if dt not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: the weights must be float32 or float64, got {dt}")
+    C = C2 // 2
+    check_tensor(op, "image", image, dim=4, layout="(N, C_img, H, W)")
+    N, Ci, H, W = image.shape
+    if min(N, Ci, H, W) < 1:
+        raise ValueError(f"{op}: image must be non-empty, got shape {list(image.shape)}")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"{op}: levels must be an int >= 2 (2 = binary), got {levels!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"{op}: temperature must be a non-negative number, got {temperature!r}")
+    K = 1 if levels == 2 else levels
+    Tt = Ci * H * W
+    if len(taps) != 2 or min(taps) < 1:
+        raise ValueError(f"{op}: taps must be two positive ints (live taps of block 0, of the later blocks), "
+                         f"got {list(taps)}")
+    if len(residual) != L:
+        raise ValueError(f"{op}: residual must list {L} flags (one per block), got {len(residual)}")
+    if residual[0] and Ci != C:
+        raise ValueError(f"{op}: block 0 can only be residual when the image has as many channels as the blocks "
+                         f"({C}), got {Ci}")
+    n_hw = (taps[0] * Ci + (L - 1) * taps[1] * C) * C2
+    _shape(op, "h_w", h_w, (n_hw,), dt)
+    for name, t, want in (("h_b", h_b, (L, C2)), ("so_w", so_w, (L, C, C2)), ("so_b", so_b, (L, C2)),
+                          ("head1_w", head1_w, (C, C)), ("head1_b", head1_b, (C,)),
+                          ("head2_w", head2_w, (C, Ci * K)), ("head2_b", head2_b, (Ci * K,)),
+                          ("image", image, (N, Ci, H, W)), ("row_cache", row_cache, (L - 1, N, W, C)),
+                          ("links", links, (L, W, N, C2)), ("logits", logits, (N, K)), ("noise", noise, (Tt, N))):
+        _shape(op, name, t, want, dt)
+    for name, t, dtype in (("codes", codes, torch.int64), ("prefix", prefix, torch.int64),
+                           ("given", given, torch.bool)):
+        if name != "codes" and t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != (N, Tt) or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be a contiguous ({N}, {Tt}) {dtype} tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} of shape {list(getattr(t, 'shape', []))}")
+    if (prefix is None) != (given is None):
+        raise ValueError(f"{op}: prefix and given come together, got only {'prefix' if given is None else 'given'}")
+    if not isinstance(step, torch.Tensor) or step.dtype != torch.int64 or tuple(step.shape) != (2,):
+        raise TypeError(f"{op}: step must be a (2,) int64 tensor [t, 0] (the step counter), got "
+                        f"{getattr(step, 'dtype', type(step).__name__)} of shape "
+                        f"{list(getattr(step, 'shape', []))}")
+    if class_bias is not None:
+        _shape(op, "class_bias", class_bias, (L, N, C2), dt)
+    if (cond_map is None) != (map_w is None):
+        raise ValueError(f"{op}: cond_map and map_w come together, got only "
+                         f"{'cond_map' if map_w is None else 'map_w'}")
+    if cond_map is not None:
+        check_tensor(op, "cond_map", cond_map, dim=3, layout="(N, H*W, Cc)")
+        Cc = cond_map.shape[2]
+        _shape(op, "cond_map", cond_map, (N, H * W, Cc), dt)
+        _shape(op, "map_w", map_w, (L, Cc, C2), dt)
+    check_same_device(op, image=image, row_cache=row_cache, codes=codes, step=step, logits=logits, noise=noise,
+                      links=links, class_bias=class_bias, cond_map=cond_map, map_w=map_w, prefix=prefix,
+                      given=given, h_w=h_w, so_w=so_w, head2_w=head2_w)
+
+
+def _ref_impl(image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given,
+              h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps, residual, levels, temperature):
+    N, Ci, H, W = image.shape
+    L, C2 = h_b.shape
+    C = C2 // 2
+    K = 1 if levels == 2 else levels
+    t = step[:1]                                             # stays on the device: no host sync
+    c, p = t % Ci, t // Ci
+    i, j = p // W, p % W
+    flat = c * (H * W) + p
+    h = skip = None
+    off = 0
+    for l in range(L):
+        nt, cin = (taps[0], Ci) if l == 0 else (taps[1], C)
+        w = h_w[off:off + nt * cin * C2].view(nt, cin, C2)
+        off += nt * cin * C2
+        cols = j + torch.arange(-(nt - 1), 1, device=image.device)                  # (nt,)
+        inside = (cols >= 0).to(image.dtype)
+        colc = cols.clamp(min=0)
+        if l == 0:
+            x = image.index_select(2, i).squeeze(2).index_select(2, colc).transpose(1, 2)   # (N, nt, Ci)
+        else:
+            rc = row_cache[l - 1]
+            rc.index_copy_(1, j, h.unsqueeze(1))
+            x = rc.index_select(1, colc)                                              # (N, nt, C)
+        x = x * inside.view(1, nt, 1)
+        a = torch.einsum("nak,ako->no", x, w) + h_b[l] + links[l].index_select(0, j).squeeze(0)
+        if class_bias is not None:
+            a = a + class_bias[l]
+        if cond_map is not None:
+            a = a + cond_map.index_select(1, p).squeeze(1) @ map_w[l]
+        g = torch.tanh(a[:, :C]) * torch.sigmoid(a[:, C:])
+        so = g @ so_w[l] + so_b[l]
+        skip = so[:, :C] if skip is None else skip + so[:, :C]
+        h = so[:, C:] + h if residual[l] else so[:, C:]
+    y = torch.relu(torch.relu(skip) @ head1_w + head1_b)
+    lg = (y @ head2_w + head2_b).view(N, Ci, K).index_select(1, c).squeeze(1)      # (N, K)
+    logits.copy_(lg)
+    u = noise.index_select(0, t).squeeze(0)
+    if levels == 2:
+        val = categorical_sample_ref(torch.cat([torch.zeros_like(lg), lg], 1), dim=1, noise=u,
+                                     temperature=float(temperature))
+    else:
+        val = categorical_sample_ref(lg, dim=1, noise=u, temperature=float(temperature))
+    if prefix is not None:
+        val = torch.where(given.index_select(1, flat).squeeze(1), prefix.index_select(1, flat).squeeze(1), val)
+    codes.index_copy_(1, flat, val.unsqueeze(1))
+    image.view(N, -1).index_copy_(1, flat, (val.to(image.dtype) * (2.0 / (levels - 1)) - 1.0).unsqueeze(1))
+    step[:1].add_(1)
+
+
+def gated_pixelcnn_step_ref(image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix,
+                            given, h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps, residual, levels,
+                            temperature=1.0):
+    """Reference of :func:`gated_pixelcnn_step` in plain PyTorch (any device, float32/float64): a few torch ops
+    per block. Mutates image, row_cache, codes, step and logits like the op."""
+    args = (image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given, h_w,
+            h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, [int(v) for v in taps], [int(v) for v in residual],
+            levels, float(temperature))
+    _check("gated_pixelcnn_step_ref", *args)
+    _ref_impl(*args)
+
+
+def gated_pixelcnn_step(image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix,
+                        given, h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps, residual, levels,
+                        temperature=1.0):
+    """Generate sub-pixel ``step[0]`` of a Gated PixelCNN for the whole batch, fused (see the module docstring).
+
+    Mutates image, row_cache, codes, step (+1) and logits; returns None. Runs the compiled kernel
+    (one call on CPU, one launch on CUDA) or :func:`gated_pixelcnn_step_ref` according to
+    :func:`fastar.set_backend`.
+    """
+    args = (image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given, h_w,
+            h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, [int(v) for v in taps], [int(v) for v in residual],
+            levels, float(temperature))
+    _check("gated_pixelcnn_step", *args)
+    if _backend.use_kernel("gated_pixelcnn_step", h_b.device, h_b.dtype, KERNEL_DTYPES):
+        torch.ops.fastar.gated_pixelcnn_step(*args)
+        return
+    _ref_impl(*args)
+
+
+# Registrations only when this build of _C has the op (a stale build falls back to the reference).
+if _backend.has_ops("gated_pixelcnn_step"):
+
+    @torch.library.register_fake("fastar::gated_pixelcnn_step")
+    def _gated_pixelcnn_step_fake(image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w,
+                                  prefix, given, h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps,
+                                  residual, levels, temperature):
+        return None

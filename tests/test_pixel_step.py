@@ -1,0 +1,263 @@
+"""gated_pixelcnn_step: the fused Gated PixelCNN pixel step against its PyTorch twin, the engine on the fused
+path against the naive sampler and the per-op path, opcheck, torch.compile, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastar
+from fastar import sampling
+from fastar.models import GatedPixelCNN
+from fastar.ops import gated_pixelcnn_step, gated_pixelcnn_step_ref
+from fastar.ops import pixel_step as ps
+from fastar.sampling.engine import _CachedRun
+from tests.conftest import requires_kernel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _model(device, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    return GatedPixelCNN(**kw).to(device, dtype).eval()
+
+
+def _plan(model, n, shape, cond=None, prefix=None, mask=None, temperature=1.0, seed=1):
+    return sampling.prepare(model, n, shape, cond, torch.Generator().manual_seed(seed), temperature, prefix, mask)
+
+
+def _walk(model, plan, fn):
+    """Every step of a fused run with `fn` as the pixel step; returns (codes, per-step logits)."""
+    run = _CachedRun(model, plan, fused=True)
+    per_row = plan.C * plan.W
+    rec = []
+    with torch.no_grad():
+        for t in range(plan.T):
+            if t and t % per_row == 0:
+                run.row_step()
+            fn(*run._fused_args)
+            rec.append(run.logits.clone())
+    return run.out.clone(), torch.stack(rec), run
+
+
+CASES = [
+    # (model kwargs, shape, batch, cond kind, prefix)
+    (dict(in_channels=1, levels=2, layers=3, channels=8), (5, 4), 5, None, False),
+    (dict(in_channels=3, levels=256, layers=3, channels=6), (3, 4), 1, None, False),
+    (dict(in_channels=3, levels=2, layers=2, channels=6), (4, 3), 5, "class", False),
+    (dict(in_channels=1, levels=7, layers=3, channels=4, first_kernel_size=5), (4, 5), 1, "map", False),
+    (dict(in_channels=3, levels=5, layers=2, channels=6), (4, 4), 5, "both", True),
+]
+
+
+def _cond(kind, n, shape, device, dtype):
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 3, (n,), generator=g).to(device)
+    cmap = torch.randn(n, 2, *shape, generator=g, dtype=torch.float64).to(device, dtype)
+    return {None: None, "class": labels, "map": cmap, "both": (labels, cmap)}[kind]
+
+
+def _case(i, device, dtype):
+    kw, shape, n, kind, use_prefix = CASES[i]
+    kw = dict(kw)
+    if kind in ("class", "both"):
+        kw["num_classes"] = 3
+    if kind in ("map", "both"):
+        kw["cond_channels"] = 2
+    model = _model(device, dtype, **kw)
+    cond = _cond(kind, n, shape, device, dtype)
+    prefix = mask = None
+    if use_prefix:
+        g = torch.Generator().manual_seed(3)
+        prefix = torch.randint(0, kw["levels"], (n, kw["in_channels"]) + shape, generator=g).to(device)
+        mask = torch.rand(n, kw["in_channels"], *shape, generator=g).to(device) < 0.4
+    return model, shape, n, cond, prefix, mask
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_kernel_equals_ref_float64(device, case):
+    requires_kernel("gated_pixelcnn_step", device)
+    model, shape, n, cond, prefix, mask = _case(case, device, torch.float64)
+    plan = _plan(model, n, shape, cond, prefix, mask)
+    xk, lk, rk = _walk(model, plan, torch.ops.fastar.gated_pixelcnn_step)
+    xr, lr, rr = _walk(model, plan, ps._ref_impl)
+    assert torch.equal(xk, xr)
+    torch.testing.assert_close(lk, lr, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(rk.x_img, rr.x_img, rtol=0, atol=0)
+    assert int(rk.step[0]) == plan.T and int(rk.step[1]) == 0
+    if prefix is not None:
+        m = mask.reshape(n, -1)
+        assert torch.equal(xk[m], prefix.reshape(n, -1)[m])
+    assert len(torch.unique(xk)) > 1
+
+
+@pytest.mark.parametrize("case", [0, 1, 4])
+def test_kernel_close_to_ref_float32(device, case):
+    # One step from the same state (a float32 run may legitimately draw a different value on a
+    # CDF boundary, after which the runs diverge): logits close, same draw and writes.
+    requires_kernel("gated_pixelcnn_step", device)
+    model, shape, n, cond, prefix, mask = _case(case, device, torch.float32)
+    plan = _plan(model, n, shape, cond, prefix, mask)
+    _, _, run = _walk(model, plan, torch.ops.fastar.gated_pixelcnn_step)
+    run.step[0] = plan.T // 2     # any state serves: both sides start from copies of it
+    a = [x.clone() if isinstance(x, torch.Tensor) else x for x in run._fused_args]
+    b = [x.clone() if isinstance(x, torch.Tensor) else x for x in run._fused_args]
+    torch.ops.fastar.gated_pixelcnn_step(*a)
+    ps._ref_impl(*b)
+    torch.testing.assert_close(a[4], b[4], rtol=1e-4, atol=1e-4)          # logits
+    for k in (0, 1, 2, 3):                                                  # image, row cache, codes, step
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cached_fused_equals_naive_float64(device, case):
+    model, shape, n, cond, prefix, mask = _case(case, device, torch.float64)
+    xn, ln = sampling.naive_sample(model, _plan(model, n, shape, cond, prefix, mask), return_logits=True)
+    xf, lf = sampling.cached_sample(model, _plan(model, n, shape, cond, prefix, mask), return_logits=True,
+                                    fused=True)
+    xu = sampling.cached_sample(model, _plan(model, n, shape, cond, prefix, mask), fused=False)
+    assert torch.equal(xn, xf) and torch.equal(xu, xf)
+    torch.testing.assert_close(lf, ln, rtol=1e-8, atol=1e-8)
+
+
+def test_temperature_zero_and_other_temperature(device):
+    model, shape, n, cond, prefix, mask = _case(1, device, torch.float64)
+    for temp in (0.0, 0.7):
+        xn = sampling.naive_sample(model, _plan(model, 2, shape, temperature=temp))
+        xf = sampling.cached_sample(model, _plan(model, 2, shape, temperature=temp, seed=1), fused=True)
+        assert torch.equal(xn, xf)
+    greedy = sampling.cached_sample(model, _plan(model, 2, shape, temperature=0.0, seed=9), fused=True)
+    assert torch.equal(greedy[0], greedy[1])
+
+
+def test_engine_uses_the_fused_op_by_default(device):
+    # So the engine tests in test_sampling.py run the fused path wherever its kernel is built.
+    requires_kernel("gated_pixelcnn_step", device)
+    model = _model(device, in_channels=1, levels=2, layers=2, channels=4)
+    plan = _plan(model, 2, (3, 3))
+    assert _CachedRun(model, plan).fused
+    with fastar.backend("reference"):
+        assert not _CachedRun(model, plan).fused
+    assert not _CachedRun(model, plan, fused=False).fused
+
+
+def _args(device, dtype=torch.float64):
+    model = _model(device, dtype, in_channels=3, levels=4, layers=2, channels=6, num_classes=3, cond_channels=2)
+    n, shape = 2, (3, 3)
+    g = torch.Generator().manual_seed(4)
+    cond = (torch.tensor([0, 2], device=device), torch.randn(n, 2, *shape, generator=g, dtype=dtype).to(device))
+    prefix = torch.zeros(n, 3, *shape, dtype=torch.int64, device=device)
+    mask = torch.zeros(n, 3, *shape, dtype=torch.bool, device=device)
+    mask[:, :, 0, 0] = True
+    return list(_CachedRun(model, _plan(model, n, shape, cond, prefix, mask), fused=True)._fused_args)
+
+
+def test_opcheck(device):
+    requires_kernel("gated_pixelcnn_step", device)
+    torch.library.opcheck(torch.ops.fastar.gated_pixelcnn_step, tuple(_args(device)))
+
+
+def test_torch_compile_fullgraph(device):
+    requires_kernel("gated_pixelcnn_step", device)
+    a, b = _args(device), _args(device)
+
+    def steps(args):
+        for _ in range(3):
+            gated_pixelcnn_step(*args)
+        return args[2].clone()
+
+    eager = steps(a)
+    compiled = torch.compile(steps, fullgraph=True)(b)
+    assert torch.equal(eager, compiled) and int(b[3][0]) == 3
+
+
+def test_public_fn_and_ref_agree_and_advance(device):
+    a, b = _args(device), _args(device)
+    gated_pixelcnn_step(*a)
+    gated_pixelcnn_step_ref(*b)
+    assert int(a[3][0]) == int(b[3][0]) == 1
+    assert torch.equal(a[2], b[2])
+
+
+def test_bad_input(device):
+    args = _args(device)
+    bad = list(args)
+    bad[13] = args[13].float()                                    # h_b float32, the rest float64
+    with pytest.raises(TypeError, match="must match the weights' dtype"):
+        gated_pixelcnn_step(*bad)
+    bad = list(args)
+    bad[4] = args[4][:, :2].contiguous()                          # logits too narrow
+    with pytest.raises(ValueError, match=r"logits must have shape \[2, 4\]"):
+        gated_pixelcnn_step(*bad)
+    bad = list(args)
+    bad[11] = None                                                # prefix without given
+    with pytest.raises(ValueError, match="prefix and given come together"):
+        gated_pixelcnn_step(*bad)
+    bad = list(args)
+    bad[3] = torch.zeros(1, dtype=torch.int64, device=device)
+    with pytest.raises(TypeError, match=r"step must be a \(2,\) int64"):
+        gated_pixelcnn_step(*bad)
+    bad = list(args)
+    bad[22] = 1
+    with pytest.raises(ValueError, match="levels must be an int >= 2"):
+        gated_pixelcnn_step(*bad)
+    bad = list(args)
+    bad[20] = [1]
+    with pytest.raises(ValueError, match="taps must be two positive ints"):
+        gated_pixelcnn_step(*bad)
+    bad = list(args)
+    bad[8] = None                                                 # map_w without cond_map
+    with pytest.raises(ValueError, match="cond_map and map_w come together"):
+        gated_pixelcnn_step(*bad)
+    with pytest.raises(ValueError, match="temperature"):
+        gated_pixelcnn_step(*args[:-1], -1.0)
+
+
+def test_kernel_bad_input(device):
+    # The compiled kernel's own checks (a caller that bypasses the Python side).
+    requires_kernel("gated_pixelcnn_step", device)
+    args = _args(device)
+    op = torch.ops.fastar.gated_pixelcnn_step
+    bad = list(args)
+    bad[1] = args[1][:, :1].clone()
+    with pytest.raises(RuntimeError, match="row_cache must have shape"):
+        op(*bad)
+    bad = list(args)
+    bad[12] = args[12][:-1].clone()
+    with pytest.raises(RuntimeError, match="h_w must be 1-D holding"):
+        op(*bad)
+    bad = list(args)
+    bad[11] = args[11].long()
+    with pytest.raises(RuntimeError, match="given must be a contiguous"):
+        op(*bad)
+    bad = list(args)
+    bad[21] = [0]
+    with pytest.raises(RuntimeError, match="residual must list 2 flags"):
+        op(*bad)
+    if device.type == "cpu":
+        args[3][0] = 27                                           # past the 3 x 3 x 3 sub-pixels
+        with pytest.raises(RuntimeError, match="step counter is 27"):
+            op(*args)
+
+
+def test_fused_true_rejects_unfusable_model():
+    model = _model("cpu", in_channels=1, levels=2, layers=2, channels=4)
+    model.blocks[1].h_conv = torch.nn.Conv2d(4, 8, (1, 5), padding=(0, 2)).double()
+    model.blocks[1].h_mask = torch.ones(8, 4, 1, 5, dtype=torch.float64)   # taps right of the centre live
+    with pytest.raises(ValueError, match="does not fit the fused op"):
+        _CachedRun(model, _plan(model, 1, (2, 2)), fused=True)
+
+
+def test_cuda_graph_fused_matches_eager(device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    model = _model(device, torch.float32, in_channels=3, levels=256, layers=4, channels=12)
+    plans = [sampling.prepare(model, 6, (5, 4), None, torch.Generator(device).manual_seed(3)) for _ in range(2)]
+    a = sampling.cached_sample(model, plans[0], cuda_graphs=True, fused=True)
+    b = sampling.cached_sample(model, plans[1], cuda_graphs=False, fused=True)
+    assert torch.equal(a, b)
