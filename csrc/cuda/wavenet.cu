@@ -177,6 +177,67 @@ __device__ int64_t sample_code_row(const A* row, int64_t AA, double temperature,
   return idx;
 }
 
+// sample_code_row's draw by one warp (the persistent kernel has a warp per row and is latency
+// bound, so a 256-step serial loop per step matters there). Same arithmetic per element and
+// double accumulation, only the summation order differs: the float-rounded CDF can differ from
+// the serial one only when a partial sum lies within double rounding of a float boundary.
+// Lane q owns the contiguous chunk [q c, (q+1) c) so the CDF is an exclusive scan of chunk sums.
+__device__ int64_t warp_sample_code(const float* row, int64_t AA, double temperature, float u, int lane) {
+  const int64_t c = (AA + 31) / 32, i0 = lane * c, i1 = (i0 + c < AA) ? i0 + c : AA;
+  if (temperature == 0.0) {  // first index of the maximum
+    float m = row[0];
+    int64_t idx = 0;
+    for (int64_t i = i0; i < i1; ++i)
+      if (row[i] > m) {
+        m = row[i];
+        idx = i;
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float om = __shfl_xor_sync(0xffffffffu, m, o);
+      const int64_t oi = __shfl_xor_sync(0xffffffffu, idx, o);
+      if (om > m || (om == m && oi < idx)) {
+        m = om;
+        idx = oi;
+      }
+    }
+    return idx;
+  }
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  float m = row[0] * inv_t;
+  for (int64_t i = i0; i < i1; ++i) m = fmaxf(m, row[i] * inv_t);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  double sum = 0;
+  for (int64_t i = i0; i < i1; ++i) sum += expf(row[i] * inv_t - m);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv_sum = static_cast<float>(1.0 / sum);
+  double part = 0;
+  for (int64_t i = i0; i < i1; ++i) part += expf(row[i] * inv_t - m) * inv_sum;
+  double incl = part;  // inclusive scan of the chunk sums
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  double cdf = __shfl_up_sync(0xffffffffu, incl, 1);  // exclusive: the chunks before this lane's
+  if (lane == 0) cdf = 0;
+  int64_t idx = 0, last = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const float pi = expf(row[i] * inv_t - m) * inv_sum;
+    cdf += pi;
+    if (static_cast<float>(cdf) <= u) idx = i + 1;
+    if (pi > 0.f) last = i;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    idx = max(idx, static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, idx, o)));
+    last = max(last, static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, last, o)));
+  }
+  return idx < last ? idx : last;
+}
+
 template <typename W, typename A, int ROWS>
 __global__ void wavenet_step_kernel(StepParams<W, A> P, int64_t step_offset) {
   extern __shared__ unsigned char smem_raw[];
@@ -337,7 +398,7 @@ __global__ void advance_position_kernel(int64_t* position, int64_t n) { *positio
 // from the gathered z, reading its weights from L2: that costs far less than the grid barrier
 // that sharing h would need. Per step: one grid barrier per layer (z_l exchanged through
 // global memory), one after the skip sums, one after out1, one after out2 (L + 3 barriers);
-// every CTA then draws the same sample from the same logits (sample_code_row or
+// every CTA then draws the same sample from the same logits (warp_sample_code or
 // mix::pixel_sample, deterministic) and CTA 0 stores it, so no barrier is spent on the draw.
 // Exchanged values are read with __ldcg (L2, never a stale L1 line).
 struct PersistLayout {
@@ -397,7 +458,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 template <typename W>
-__global__ void __launch_bounds__(256) wavenet_persistent_kernel(PersistParams<W> Q) {
+__global__ void __launch_bounds__(256, 1) wavenet_persistent_kernel(PersistParams<W> Q) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const StepParams<W, float>& P = Q.P;
   const int64_t B = P.B, R = P.R, D = P.D, S = P.S, AA = P.A_, L = P.L, k = P.k, D2 = 2 * D, RS = R + S;
@@ -572,9 +633,20 @@ __global__ void __launch_bounds__(256) wavenet_persistent_kernel(PersistParams<W
     for (int64_t e = tid; e < B * AA; e += nt) hin[e] = __ldcg(P.logits + e);
     __syncthreads();
     // Every CTA draws the same values from the same logits; CTA 0 stores them.
-    if (tid < B) {
+    if (P.K == 0 && warp < B) {  // softmax head: a warp per row
+      const int64_t b = warp;
+      int64_t c;
+      if (p < P.num_prime)
+        c = P.samples[b * P.T + p];
+      else
+        c = warp_sample_code(hin + b * AA, AA, P.temperature, P.noise[b * P.T + p], lane);
+      if (lane == 0) {
+        if (g == 0 && p >= P.num_prime) P.samples[b * P.T + p] = c;
+        prevc[b] = c;
+      }
+    } else if (P.K > 0 && tid < B) {
       const int64_t b = tid;
-      if (P.K > 0) {
+      {
         float x;
         if (p < P.num_prime) {
           x = P.xs[b * P.T + p];
@@ -585,15 +657,6 @@ __global__ void __launch_bounds__(256) wavenet_persistent_kernel(PersistParams<W
           if (g == 0) P.xs[b * P.T + p] = x;
         }
         prevf[b] = x;
-      } else {
-        int64_t c;
-        if (p < P.num_prime) {
-          c = P.samples[b * P.T + p];
-        } else {
-          c = sample_code_row<float>(hin + b * AA, AA, P.temperature, P.noise[b * P.T + p]);
-          if (g == 0) P.samples[b * P.T + p] = c;
-        }
-        prevc[b] = c;
       }
     }
     __syncthreads();
