@@ -401,6 +401,8 @@ __global__ void advance_position_kernel(int64_t* position, int64_t n) { *positio
 // every CTA then draws the same sample from the same logits (warp_sample_code or
 // mix::pixel_sample, deterministic) and CTA 0 stores it, so no barrier is spent on the draw.
 // Exchanged values are read with __ldcg (L2, never a stale L1 line).
+constexpr int kPersistThreads = 256;  // the persistent kernel's block size (its launch bounds)
+
 struct PersistLayout {
   int64_t nch, nsk, no1, no2;  // per-CTA maxima: conv channels, skip/out1/out2 columns
   size_t w_off, bytes;         // offset of the weight slices, total dynamic shared memory
@@ -415,7 +417,8 @@ PersistLayout persist_layout(int64_t G, int64_t B, int64_t L, int64_t k, int64_t
   pl.no1 = pl.nsk;
   pl.no2 = (A + G - 1) / G;
   const int64_t head = S > A ? S : A;
-  const int64_t nf = B * (R + D + pl.nsk + head + 1);  // h, z, skip sums, head input, prev value
+  // h, z, skip sums, head input, prev value; residual partial sums
+  const int64_t nf = B * (R + D + pl.nsk + head + 1) + kPersistThreads;
   // int64 codes first (8-byte aligned), then the floats, then the weights at a 16-byte boundary
   pl.w_off = ((static_cast<size_t>(B) * sizeof(int64_t) + static_cast<size_t>(nf) * sizeof(float)) + 15) / 16 * 16;
   const int64_t nw = pl.nch * 2 * k * R + pl.nsk * L * D + pl.no1 * S + pl.no2 * S;
@@ -458,7 +461,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 template <typename W>
-__global__ void __launch_bounds__(256, 1) wavenet_persistent_kernel(PersistParams<W> Q) {
+__global__ void __launch_bounds__(kPersistThreads, 1) wavenet_persistent_kernel(PersistParams<W> Q) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const StepParams<W, float>& P = Q.P;
   const int64_t B = P.B, R = P.R, D = P.D, S = P.S, AA = P.A_, L = P.L, k = P.k, D2 = 2 * D, RS = R + S;
@@ -470,6 +473,7 @@ __global__ void __launch_bounds__(256, 1) wavenet_persistent_kernel(PersistParam
   float* skl = zf + B * D;                                 // B x nsk: this CTA's running skip sums
   float* hin = skl + B * nsk;                              // B x max(S, A): gathered head input
   float* prevf = hin + B * head;                           // B: previous audio value (mixture head)
+  float* red = prevf + B;                                  // kPersistThreads: residual partial sums
   W* cw = reinterpret_cast<W*>(smem_raw + Q.pl.w_off);     // nch x 2 x (k R): filter, gate
   W* sw = cw + Q.pl.nch * 2 * k * R;                       // nsk x L x D
   W* o1 = sw + nsk * L * D;                                // no1 x S
@@ -550,12 +554,28 @@ __global__ void __launch_bounds__(256, 1) wavenet_persistent_kernel(PersistParam
         }
         __syncthreads();  // the queue write read h before the update below
         if (l < L) {
-          for (int64_t e = tid; e < B * R; e += nt) {
-            const int64_t b = e / R, o = e % R;
+          // These weights come from L2: with split threads per output each thread issues its
+          // D / split independent loads at once, so the layer pays about one L2 round trip.
+          const int64_t BR = B * R, split = BR >= nt ? 1 : nt / BR, chunk = (D + split - 1) / split;
+          for (int64_t e = tid; e < BR * split; e += nt) {
+            const int64_t q = e / BR, be = e % BR, b = be / R, o = be % R;
+            const int64_t i0 = q * chunk, i1 = i0 + chunk < D ? i0 + chunk : D;
             const W* wr = P.rs_w + lp * D * RS + o;
-            float acc = static_cast<float>(P.rs_b[lp * RS + o]);
-            for (int64_t i = 0; i < D; ++i) acc += static_cast<float>(wr[i * RS]) * zf[b * D + i];
-            h[e] += acc;
+            float acc = 0.f;
+#pragma unroll 16
+            for (int64_t i = i0; i < i1; ++i) acc += static_cast<float>(wr[i * RS]) * zf[b * D + i];
+            if (split == 1)
+              h[be] += acc + static_cast<float>(P.rs_b[lp * RS + o]);
+            else
+              red[e] = acc;  // e < BR * split <= nt
+          }
+          if (split > 1) {
+            __syncthreads();
+            for (int64_t e = tid; e < BR; e += nt) {
+              float acc = static_cast<float>(P.rs_b[lp * RS + e % R]);
+              for (int64_t q = 0; q < split; ++q) acc += red[q * BR + e];
+              h[e] += acc;
+            }
           }
           __syncthreads();
         }
@@ -669,7 +689,6 @@ __global__ void __launch_bounds__(256, 1) wavenet_persistent_kernel(PersistParam
 // batches, configs too big) runs the per-step block kernel. "persistent" fails with a sentence
 // when the persistent kernel cannot run this call (a test can then tell which path ran).
 constexpr int64_t kPersistMaxBatch = 8;
-constexpr int kPersistThreads = 256;
 
 enum class PathChoice { Auto, Persistent, Blocks };
 
