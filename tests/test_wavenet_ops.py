@@ -492,3 +492,126 @@ def test_wavenet_step_small_batch_path_mixture_head(batch):
     _mcall(wavenet_step_ref, ref, c, w, dil, K=16, num_prime=2, num_steps=20)
     torch.testing.assert_close(runs[2]["samples"], ref["samples"], **tol(torch.float32, 10))
     torch.testing.assert_close(runs[2]["logits"], ref["logits"], **tol(torch.float32, 10))
+# ---------------------------------------------------------------------------------------------
+# wavenet_step, both CUDA paths (FASTAR_WAVENET_CUDA_PATH=persistent|blocks; ignored on CPU, where
+# these tests check the CPU kernel). With the path forced to "persistent", a CUDA call that the
+# persistent kernel cannot take raises instead of falling back, so a passing test ran that path.
+
+_PATHS = ["persistent", "blocks"]
+
+
+@pytest.mark.parametrize("path", _PATHS)
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("head", ["softmax", "mixture"])
+def test_wavenet_step_cuda_paths_match_ref(device, monkeypatch, path, batch, k, head):
+    requires_kernel("wavenet_step", device)
+    monkeypatch.setenv("FASTAR_WAVENET_CUDA_PATH", path)
+    T = 14
+    if head == "softmax":
+        st, c, w, dil = _step_case(device, torch.float32, B=batch, T=T, k=k, cond="local", seed=21)
+        call = _call
+    else:
+        st, c, w, dil = _mix_case(device, torch.float32, B=batch, T=T, k=k, cond="local", seed=21)
+        call = _mcall
+    st_k, st_r = _clone(st), _clone(st)
+    with fastar.backend("kernel"):
+        call(wavenet_step, st_k, c, w, dil, num_prime=2, num_steps=1)
+        call(wavenet_step, st_k, c, w, dil, num_prime=2, num_steps=5)  # several steps in one launch
+    call(wavenet_step_ref, st_r, c, w, dil, num_prime=2, num_steps=6)
+    torch.testing.assert_close(st_k["logits"], st_r["logits"], **tol(torch.float32, 10))
+    torch.testing.assert_close(st_k["queues"], st_r["queues"], **tol(torch.float32, 10))
+    if head == "softmax":
+        assert torch.equal(st_k["samples"], st_r["samples"])
+    else:  # a float32 draw within rounding of a bin edge may land one bin over
+        torch.testing.assert_close(st_k["samples"], st_r["samples"], rtol=0, atol=2 / 255 + 1e-6)
+    assert torch.equal(st_k["samples"][:, :2], st["samples"][:, :2])
+    assert int(st_k["position"]) == 6
+
+
+@pytest.mark.parametrize("path", _PATHS)
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.bfloat16])
+def test_wavenet_step_cuda_paths_half_weights(device, monkeypatch, path, wdtype):
+    # float16/bfloat16 weights have a kernel on CUDA only (on CPU the op falls back to the
+    # reference); teacher-forced: the kernel's samples and queues feed both sides each step
+    requires_kernel("wavenet_step", device)
+    monkeypatch.setenv("FASTAR_WAVENET_CUDA_PATH", path)
+    st, c, w, dil = _step_case(device, torch.float32, B=3, T=8, k=2, cond="global", seed=5)
+    wh = {k: v.to(wdtype) for k, v in w.items()}
+    ch = c.to(wdtype)
+    st_k, st_r = _clone(st), _clone(st)
+    for _ in range(8):
+        with fastar.backend("kernel" if device.type == "cuda" else "auto"):
+            _call(wavenet_step, st_k, ch, wh, dil)
+        _call(wavenet_step_ref, st_r, ch, wh, dil)
+        # the reference adds in_w[c] + in_b in the weight dtype, the kernels in float32
+        torch.testing.assert_close(st_k["logits"], st_r["logits"], **tol(wdtype))
+        st_r["samples"].copy_(st_k["samples"])
+        st_r["queues"].copy_(st_k["queues"])
+    assert len(set(st_k["samples"].flatten().tolist())) > 2
+
+
+@pytest.mark.parametrize("path", _PATHS)
+@pytest.mark.parametrize("head", ["softmax", "mixture"])
+def test_wavenet_step_cuda_paths_graph_replay(device, monkeypatch, path, head):
+    # On CUDA one 4-step call is captured in a CUDA graph and replayed 3 times (the step counter
+    # advances on the device); on CPU the same calls run eagerly.
+    requires_kernel("wavenet_step", device)
+    monkeypatch.setenv("FASTAR_WAVENET_CUDA_PATH", path)
+    if head == "softmax":
+        st, c, w, dil = _step_case(device, torch.float32, B=2, T=12, k=2, cond="local", seed=8)
+        call = _call
+    else:
+        st, c, w, dil = _mix_case(device, torch.float32, B=2, T=12, k=2, cond="local", seed=8)
+        call = _mcall
+    st_k, st_r = _clone(st), _clone(st)
+
+    def four():
+        with fastar.backend("kernel"):
+            call(wavenet_step, st_k, c, w, dil, num_steps=4)
+
+    if device.type == "cuda":
+        saved = _clone(st_k)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            four()  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            four()
+        for name, v in saved.items():
+            st_k[name].copy_(v)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    else:
+        for _ in range(3):
+            four()
+    call(wavenet_step_ref, st_r, c, w, dil, num_steps=12)
+    assert int(st_k["position"]) == 12
+    torch.testing.assert_close(st_k["logits"], st_r["logits"], **tol(torch.float32, 10))
+    if head == "softmax":
+        assert torch.equal(st_k["samples"], st_r["samples"])
+    else:
+        torch.testing.assert_close(st_k["samples"], st_r["samples"], rtol=0, atol=2 / 255 + 1e-6)
+
+
+def test_wavenet_step_forced_persistent_path_refuses_what_it_cannot_run(device, monkeypatch):
+    requires_kernel("wavenet_step", device)
+    st, c, w, dil = _step_case(device, torch.float64, B=2, T=4)
+    monkeypatch.setenv("FASTAR_WAVENET_CUDA_PATH", "persistent")
+    if device.type == "cuda":
+        with pytest.raises(RuntimeError, match="persistent kernel does not take float64"):
+            _call(torch.ops.fastar.wavenet_step.default, _clone(st), c, w, dil)
+        st9, c9, w9, dil9 = _step_case(device, torch.float32, B=9, T=4)
+        with pytest.raises(RuntimeError, match="batch 9 > 8"):
+            _call(torch.ops.fastar.wavenet_step.default, st9, c9, w9, dil9)
+        monkeypatch.setenv("FASTAR_WAVENET_CUDA_PATH", "sideways")
+        with pytest.raises(RuntimeError, match="must be auto, persistent or blocks"):
+            _call(torch.ops.fastar.wavenet_step.default, _clone(st), c, w, dil)
+    else:  # the CPU kernel ignores the variable
+        st_r = _clone(st)
+        _call(torch.ops.fastar.wavenet_step.default, st, c, w, dil)
+        _call(wavenet_step_ref, st_r, c, w, dil)
+        assert torch.equal(st["samples"], st_r["samples"])

@@ -2,7 +2,12 @@
 //
 // causal_conv1d_update: one thread per (batch row, output channel).
 //
-// wavenet_step: one launch per step covers the whole network and the sampling. A block owns
+// wavenet_step has two paths (chosen per call, see path_choice / launch_persistent below):
+// - persistent (B <= 8, float32/float16/bfloat16 weights, slices that fit shared memory): one
+//   launch runs all num_steps steps; one CTA per SM holds its slice of every matrix in shared
+//   memory for the whole launch and the CTAs meet at L + 3 grid barriers per step (details at
+//   wavenet_persistent_kernel). Compiled, but not yet run on a GPU in this project.
+// - blocks (everything else), below: one launch per step covers the whole network and the sampling. A block owns
 // ROWS batch rows and keeps their activations (h, gate input, z, skip, head) in shared memory;
 // its threads split the output columns of every matrix, so each weight element loaded from
 // L2 (the packed (in, out) layout makes consecutive threads read consecutive columns:
@@ -18,6 +23,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
 
 #include "mixture.h"
 #include "wavenet.h"
@@ -131,6 +142,100 @@ __device__ __forceinline__ A dev_exp(A v) {
 template <>
 __device__ __forceinline__ float dev_exp<float>(float v) {
   return expf(v);
+}
+
+// Inverse-CDF draw of one row (categorical_sample's contract), by one thread: A is small and the
+// sequential cumulative sum keeps the kernel's rounding close to the reference's. Shared by
+// both wavenet_step kernels so that they draw the same codes.
+template <typename A>
+__device__ int64_t sample_code_row(const A* row, int64_t AA, double temperature, A u) {
+  int64_t idx = 0;
+  if (temperature == 0.0) {
+    A m = row[0];
+    for (int64_t i = 1; i < AA; ++i)
+      if (row[i] > m) {
+        m = row[i];
+        idx = i;
+      }
+  } else {
+    const A inv_t = A(1.0 / temperature);
+    A m = row[0] * inv_t;
+    for (int64_t i = 1; i < AA; ++i) m = max(m, row[i] * inv_t);
+    double sum = 0;
+    for (int64_t i = 0; i < AA; ++i) sum += dev_exp<A>(row[i] * inv_t - m);
+    const A inv_sum = A(1.0 / sum);
+    double cdf = 0;
+    int64_t last = 0;
+    for (int64_t i = 0; i < AA; ++i) {
+      const A pi = dev_exp<A>(row[i] * inv_t - m) * inv_sum;
+      cdf += pi;
+      if (static_cast<A>(cdf) <= u) idx = i + 1;
+      if (pi > A(0)) last = i;
+    }
+    idx = idx < last ? idx : last;
+  }
+  return idx;
+}
+
+// sample_code_row's draw by one warp (the persistent kernel has a warp per row and is latency
+// bound, so a 256-step serial loop per step matters there). Same arithmetic per element and
+// double accumulation, only the summation order differs: the float-rounded CDF can differ from
+// the serial one only when a partial sum lies within double rounding of a float boundary.
+// Lane q owns the contiguous chunk [q c, (q+1) c) so the CDF is an exclusive scan of chunk sums.
+__device__ int64_t warp_sample_code(const float* row, int64_t AA, double temperature, float u, int lane) {
+  const int64_t c = (AA + 31) / 32, i0 = lane * c, i1 = (i0 + c < AA) ? i0 + c : AA;
+  if (temperature == 0.0) {  // first index of the maximum
+    float m = row[0];
+    int64_t idx = 0;
+    for (int64_t i = i0; i < i1; ++i)
+      if (row[i] > m) {
+        m = row[i];
+        idx = i;
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float om = __shfl_xor_sync(0xffffffffu, m, o);
+      const int64_t oi = __shfl_xor_sync(0xffffffffu, idx, o);
+      if (om > m || (om == m && oi < idx)) {
+        m = om;
+        idx = oi;
+      }
+    }
+    return idx;
+  }
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  float m = row[0] * inv_t;
+  for (int64_t i = i0; i < i1; ++i) m = fmaxf(m, row[i] * inv_t);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  double sum = 0;
+  for (int64_t i = i0; i < i1; ++i) sum += expf(row[i] * inv_t - m);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv_sum = static_cast<float>(1.0 / sum);
+  double part = 0;
+  for (int64_t i = i0; i < i1; ++i) part += expf(row[i] * inv_t - m) * inv_sum;
+  double incl = part;  // inclusive scan of the chunk sums
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const double v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  double cdf = __shfl_up_sync(0xffffffffu, incl, 1);  // exclusive: the chunks before this lane's
+  if (lane == 0) cdf = 0;
+  int64_t idx = 0, last = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const float pi = expf(row[i] * inv_t - m) * inv_sum;
+    cdf += pi;
+    if (static_cast<float>(cdf) <= u) idx = i + 1;
+    if (pi > 0.f) last = i;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    idx = max(idx, static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, idx, o)));
+    last = max(last, static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, last, o)));
+  }
+  return idx < last ? idx : last;
 }
 
 template <typename W, typename A, int ROWS>
@@ -276,46 +381,415 @@ __global__ void wavenet_step_kernel(StepParams<W, A> P, int64_t step_offset) {
   }
   if (tid < nr && p >= P.num_prime) {
     const int r = tid;
-    const A* row = lg + r * AA;
-    int64_t idx = 0;
-    if (P.temperature == 0.0) {
-      A m = row[0];
-      for (int64_t i = 1; i < AA; ++i)
-        if (row[i] > m) {
-          m = row[i];
-          idx = i;
-        }
-    } else {
-      const A inv_t = A(1.0 / P.temperature);
-      A m = row[0] * inv_t;
-      for (int64_t i = 1; i < AA; ++i) m = max(m, row[i] * inv_t);
-      double sum = 0;
-      for (int64_t i = 0; i < AA; ++i) sum += dev_exp<A>(row[i] * inv_t - m);
-      const A inv_sum = A(1.0 / sum);
-      const A u = P.noise[(b0 + r) * P.T + p];
-      double cdf = 0;
-      int64_t last = 0;
-      for (int64_t i = 0; i < AA; ++i) {
-        const A pi = dev_exp<A>(row[i] * inv_t - m) * inv_sum;
-        cdf += pi;
-        if (static_cast<A>(cdf) <= u) idx = i + 1;
-        if (pi > A(0)) last = i;
-      }
-      idx = idx < last ? idx : last;
-    }
-    P.samples[(b0 + r) * P.T + p] = idx;
+    P.samples[(b0 + r) * P.T + p] = sample_code_row<A>(lg + r * AA, AA, P.temperature, P.noise[(b0 + r) * P.T + p]);
   }
 }
 
 __global__ void advance_position_kernel(int64_t* position, int64_t n) { *position += n; }
 
+// ------------------------------------------------------------------------------------------
+// wavenet_step, persistent path (small batches): one launch runs all num_steps steps.
+//
+// G co-resident CTAs (one per SM) split the output columns of every matrix and keep their
+// slice of the weights in shared memory for the whole launch: conv channel j = l*D + c (filter
+// and gate columns of all k taps, so the owner gates locally) belongs to CTA j % G; skip
+// column o (of every layer, so its running sum stays in the owner's shared memory) and head
+// columns o belong to CTA o % G. The residual 1x1 (R x D per layer) is recomputed by every CTA
+// from the gathered z, reading its weights from L2: that costs far less than the grid barrier
+// that sharing h would need. Per step: one grid barrier per layer (z_l exchanged through
+// global memory), one after the skip sums, one after out1, one after out2 (L + 3 barriers);
+// every CTA then draws the same sample from the same logits (warp_sample_code or
+// mix::pixel_sample, deterministic) and CTA 0 stores it, so no barrier is spent on the draw.
+// Exchanged values are read with __ldcg (L2, never a stale L1 line).
+constexpr int kPersistThreads = 256;  // the persistent kernel's block size (its launch bounds)
+
+struct PersistLayout {
+  int64_t nch, nsk, no1, no2;  // per-CTA maxima: conv channels, skip/out1/out2 columns
+  size_t w_off, bytes;         // offset of the weight slices, total dynamic shared memory
+};
+
+template <typename W>
+PersistLayout persist_layout(int64_t G, int64_t B, int64_t L, int64_t k, int64_t R, int64_t D, int64_t S,
+                             int64_t A) {
+  PersistLayout pl;
+  pl.nch = (L * D + G - 1) / G;
+  pl.nsk = (S + G - 1) / G;
+  pl.no1 = pl.nsk;
+  pl.no2 = (A + G - 1) / G;
+  const int64_t head = S > A ? S : A;
+  // h, z, skip sums, head input, prev value; residual partial sums
+  const int64_t nf = B * (R + D + pl.nsk + head + 1) + kPersistThreads;
+  // int64 codes first (8-byte aligned), then the floats, then the weights at a 16-byte boundary
+  pl.w_off = ((static_cast<size_t>(B) * sizeof(int64_t) + static_cast<size_t>(nf) * sizeof(float)) + 15) / 16 * 16;
+  const int64_t nw = pl.nch * 2 * k * R + pl.nsk * L * D + pl.no1 * S + pl.no2 * S;
+  pl.bytes = pl.w_off + static_cast<size_t>(nw) * sizeof(W);
+  return pl;
+}
+
+template <typename W>
+struct PersistParams {
+  StepParams<W, float> P;
+  float* zbuf;     // (L, B, D) gated activations of each layer
+  float* skipbuf;  // (B, S) relu(skip)
+  float* y1buf;    // (B, S) relu(out1)
+  unsigned long long* barrier;  // zeroed before the launch
+  int64_t num_steps;
+  PersistLayout pl;
+};
+
+// All CTAs are co-resident (cooperative launch, grid <= occupancy x SMs), so spinning cannot
+// deadlock. The counter only grows (64 bits: no wrap); barrier n completes when it reaches
+// n * G. __syncthreads orders the CTA's writes before thread 0's fence and arrival (fences are
+// cumulative in the PTX memory model); the fence after the spin orders the later reads after
+// every other CTA's arrival, the pattern of cooperative_groups' grid sync.
+__device__ __forceinline__ void grid_barrier(unsigned long long* ctr, unsigned long long target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(ctr, 1ull);
+    while (*reinterpret_cast<volatile unsigned long long*>(ctr) < target) {
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename W>
+__global__ void __launch_bounds__(kPersistThreads, 1) wavenet_persistent_kernel(PersistParams<W> Q) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const StepParams<W, float>& P = Q.P;
+  const int64_t B = P.B, R = P.R, D = P.D, S = P.S, AA = P.A_, L = P.L, k = P.k, D2 = 2 * D, RS = R + S;
+  const int64_t G = gridDim.x, g = blockIdx.x;
+  const int64_t nsk = Q.pl.nsk, head = S > AA ? S : AA;
+  int64_t* prevc = reinterpret_cast<int64_t*>(smem_raw);  // B: previous code (softmax head), 8-aligned first
+  float* h = reinterpret_cast<float*>(prevc + B);         // B x R
+  float* zf = h + B * R;                                   // B x D
+  float* skl = zf + B * D;                                 // B x nsk: this CTA's running skip sums
+  float* hin = skl + B * nsk;                              // B x max(S, A): gathered head input
+  float* prevf = hin + B * head;                           // B: previous audio value (mixture head)
+  float* red = prevf + B;                                  // kPersistThreads: residual partial sums
+  W* cw = reinterpret_cast<W*>(smem_raw + Q.pl.w_off);     // nch x 2 x (k R): filter, gate
+  W* sw = cw + Q.pl.nch * 2 * k * R;                       // nsk x L x D
+  W* o1 = sw + nsk * L * D;                                // no1 x S
+  W* o2 = o1 + Q.pl.no1 * S;                               // no2 x S
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5, nw = nt >> 5;
+
+  // This CTA's weight slices, once per launch.
+  const int64_t kR = k * R;
+  for (int64_t e = tid; e < Q.pl.nch * 2 * kR; e += nt) {
+    const int64_t m = e / (2 * kR), f = (e / kR) % 2, ji = e % kR, j = g + m * G;
+    if (j >= L * D) continue;
+    const int64_t l = j / D, c = j % D;
+    cw[e] = P.conv_w[(l * kR + ji) * D2 + f * D + c];
+  }
+  for (int64_t e = tid; e < nsk * L * D; e += nt) {
+    const int64_t n = e / (L * D), li = e % (L * D), o = g + n * G;
+    if (o < S) sw[e] = P.rs_w[li * RS + R + o];
+  }
+  for (int64_t e = tid; e < Q.pl.no1 * S; e += nt) {
+    const int64_t n = e / S, i = e % S, o = g + n * G;
+    if (o < S) o1[e] = P.o1_w[i * S + o];
+  }
+  for (int64_t e = tid; e < Q.pl.no2 * S; e += nt) {
+    const int64_t n = e / S, i = e % S, o = g + n * G;
+    if (o < AA) o2[e] = P.o2_w[i * AA + o];
+  }
+  const int64_t p0 = *P.position;
+  if (tid < B && p0 > 0) {
+    if (P.K > 0)
+      prevf[tid] = P.xs[tid * P.T + p0 - 1];
+    else
+      prevc[tid] = P.samples[tid * P.T + p0 - 1];
+  } else if (tid < B) {
+    prevf[tid] = 0.f;
+    prevc[tid] = P.start;
+  }
+  __syncthreads();
+
+  unsigned long long nbar = 0;
+  for (int64_t s = 0; s < Q.num_steps; ++s) {
+    const int64_t p = p0 + s;
+    if (p >= P.T) break;  // uniform over the grid: every CTA read the same position
+    for (int64_t e = tid; e < B * R; e += nt) {
+      const int64_t b = e / R, i = e % R;
+      float v;
+      if (P.K > 0) {
+        v = static_cast<float>(P.in_w[i]) * prevf[b];
+      } else {
+        int64_t c = prevc[b];
+        c = c < 0 ? 0 : (c >= AA ? AA - 1 : c);
+        v = static_cast<float>(P.in_w[c * R + i]);
+      }
+      h[e] = v + static_cast<float>(P.in_b[i]);
+    }
+    for (int64_t e = tid; e < B * nsk; e += nt) skl[e] = 0.f;
+    __syncthreads();
+
+    for (int64_t l = 0; l <= L; ++l) {
+      if (l > 0) {
+        // Residual and skip 1x1 of layer l-1 from its gathered z.
+        const int64_t lp = l - 1, Np = (k - 1) * P.dil[lp], off_prev = P.offsets[lp];
+        for (int64_t e = tid; e < B * D; e += nt) zf[e] = __ldcg(Q.zbuf + lp * B * D + e);
+        __syncthreads();
+        if (Np > 0 && lp % G == g) {  // every reader of this slot passed the barrier
+          const int64_t slot = p % Np;
+          for (int64_t e = tid; e < B * R; e += nt) {
+            const int64_t b = e / R, i = e % R;
+            P.queues[(b * P.Ntot + off_prev + slot) * R + i] = h[e];
+          }
+        }
+        for (int64_t e = tid; e < B * nsk; e += nt) {
+          const int64_t b = e / nsk, n = e % nsk, o = g + n * G;
+          if (o >= S) continue;
+          const W* wv = sw + (n * L + lp) * D;
+          float acc = static_cast<float>(P.rs_b[lp * RS + R + o]);
+          for (int64_t i = 0; i < D; ++i) acc += static_cast<float>(wv[i]) * zf[b * D + i];
+          skl[e] += acc;
+        }
+        __syncthreads();  // the queue write read h before the update below
+        if (l < L) {
+          // These weights come from L2: with split threads per output each thread issues its
+          // D / split independent loads at once, so the layer pays about one L2 round trip.
+          const int64_t BR = B * R, split = BR >= nt ? 1 : nt / BR, chunk = (D + split - 1) / split;
+          for (int64_t e = tid; e < BR * split; e += nt) {
+            const int64_t q = e / BR, be = e % BR, b = be / R, o = be % R;
+            const int64_t i0 = q * chunk, i1 = i0 + chunk < D ? i0 + chunk : D;
+            const W* wr = P.rs_w + lp * D * RS + o;
+            float acc = 0.f;
+#pragma unroll 16
+            for (int64_t i = i0; i < i1; ++i) acc += static_cast<float>(wr[i * RS]) * zf[b * D + i];
+            if (split == 1)
+              h[be] += acc + static_cast<float>(P.rs_b[lp * RS + o]);
+            else
+              red[e] = acc;  // e < BR * split <= nt
+          }
+          if (split > 1) {
+            __syncthreads();
+            for (int64_t e = tid; e < BR; e += nt) {
+              float acc = static_cast<float>(P.rs_b[lp * RS + e % R]);
+              for (int64_t q = 0; q < split; ++q) acc += red[q * BR + e];
+              h[e] += acc;
+            }
+          }
+          __syncthreads();
+        }
+      }
+      if (l == L) break;
+      // Conv + gate of this CTA's channels of layer l: one warp per (channel, row).
+      const int64_t d = P.dil[l], N = (k - 1) * d, off = P.offsets[l], lD = l * D;
+      const int64_t m_lo = lD > g ? (lD - g + G - 1) / G : 0;
+      const int64_t m_hi = lD + D > g ? (lD + D - g + G - 1) / G : 0;
+      const int64_t items = (m_hi - m_lo) * B;
+      for (int64_t it = warp; it < items; it += nw) {
+        const int64_t m = m_lo + it / B, b = it % B, c = g + m * G - lD;
+        const W* wf = cw + m * 2 * kR;
+        const W* wg = wf + kR;
+        float af = 0.f, ag = 0.f;
+        for (int64_t j = 0; j + 1 < k; ++j) {
+          int64_t slot = (p - (k - 1 - j) * d) % N;
+          if (slot < 0) slot += N;
+          const float* q = P.queues + (b * P.Ntot + off + slot) * R;
+          for (int64_t i = lane; i < R; i += 32) {
+            const float x = __ldcg(q + i);
+            af += static_cast<float>(wf[j * R + i]) * x;
+            ag += static_cast<float>(wg[j * R + i]) * x;
+          }
+        }
+        for (int64_t i = lane; i < R; i += 32) {
+          const float x = h[b * R + i];
+          af += static_cast<float>(wf[(k - 1) * R + i]) * x;
+          ag += static_cast<float>(wg[(k - 1) * R + i]) * x;
+        }
+        af = warp_sum(af);
+        ag = warp_sum(ag);
+        if (lane == 0) {
+          af += static_cast<float>(P.conv_b[l * D2 + c]);
+          ag += static_cast<float>(P.conv_b[l * D2 + D + c]);
+          if (P.cond) {
+            const W* cv = P.cond + ((b * P.Tc + (P.Tc == 1 ? 0 : p)) * L + l) * D2;
+            af += static_cast<float>(cv[c]);
+            ag += static_cast<float>(cv[D + c]);
+          }
+          Q.zbuf[(l * B + b) * D + c] = tanhf(af) * (1.f / (1.f + expf(-ag)));
+        }
+      }
+      grid_barrier(Q.barrier, ++nbar * G);
+    }
+
+    // Head: relu(skip) -> out1 -> relu -> out2, columns split over the CTAs.
+    for (int64_t e = tid; e < B * nsk; e += nt) {
+      const int64_t b = e / nsk, o = g + (e % nsk) * G;
+      if (o < S) Q.skipbuf[b * S + o] = fmaxf(skl[e], 0.f);
+    }
+    grid_barrier(Q.barrier, ++nbar * G);
+    for (int64_t e = tid; e < B * S; e += nt) hin[e] = __ldcg(Q.skipbuf + e);
+    __syncthreads();
+    for (int64_t it = warp; it < Q.pl.no1 * B; it += nw) {
+      const int64_t n = it / B, b = it % B, o = g + n * G;
+      if (o >= S) continue;
+      float acc = 0.f;
+      for (int64_t i = lane; i < S; i += 32) acc += static_cast<float>(o1[n * S + i]) * hin[b * S + i];
+      acc = warp_sum(acc);
+      if (lane == 0) Q.y1buf[b * S + o] = fmaxf(acc + static_cast<float>(P.o1_b[o]), 0.f);
+    }
+    grid_barrier(Q.barrier, ++nbar * G);
+    for (int64_t e = tid; e < B * S; e += nt) hin[e] = __ldcg(Q.y1buf + e);
+    __syncthreads();
+    for (int64_t it = warp; it < Q.pl.no2 * B; it += nw) {
+      const int64_t n = it / B, b = it % B, o = g + n * G;
+      if (o >= AA) continue;
+      float acc = 0.f;
+      for (int64_t i = lane; i < S; i += 32) acc += static_cast<float>(o2[n * S + i]) * hin[b * S + i];
+      acc = warp_sum(acc);
+      if (lane == 0) P.logits[b * AA + o] = acc + static_cast<float>(P.o2_b[o]);
+    }
+    grid_barrier(Q.barrier, ++nbar * G);
+    for (int64_t e = tid; e < B * AA; e += nt) hin[e] = __ldcg(P.logits + e);
+    __syncthreads();
+    // Every CTA draws the same values from the same logits; CTA 0 stores them.
+    if (P.K == 0 && warp < B) {  // softmax head: a warp per row
+      const int64_t b = warp;
+      int64_t c;
+      if (p < P.num_prime)
+        c = P.samples[b * P.T + p];
+      else
+        c = warp_sample_code(hin + b * AA, AA, P.temperature, P.noise[b * P.T + p], lane);
+      if (lane == 0) {
+        if (g == 0 && p >= P.num_prime) P.samples[b * P.T + p] = c;
+        prevc[b] = c;
+      }
+    } else if (P.K > 0 && tid < B) {
+      const int64_t b = tid;
+      {
+        float x;
+        if (p < P.num_prime) {
+          x = P.xs[b * P.T + p];
+        } else {
+          const mix::PixelParams<float> pp{hin + b * AA, 1};
+          mix::pixel_sample<float, float, 1>(pp, P.noise + b * 2 * P.T + p, P.T, P.K,
+                                             static_cast<float>(P.temperature), P.half_bins, P.bins, &x, 1);
+          if (g == 0) P.xs[b * P.T + p] = x;
+        }
+        prevf[b] = x;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Path choice: FASTAR_WAVENET_CUDA_PATH=auto (default) | persistent | blocks, read per call.
+// auto takes the persistent kernel for float32/float16/bfloat16 weights at B <= 8 when the
+// per-CTA weight slices fit the shared memory of one SM; everything else (float64, larger
+// batches, configs too big) runs the per-step block kernel. "persistent" fails with a sentence
+// when the persistent kernel cannot run this call (a test can then tell which path ran).
+constexpr int64_t kPersistMaxBatch = 8;
+
+enum class PathChoice { Auto, Persistent, Blocks };
+
+PathChoice path_choice() {
+  const char* v = std::getenv("FASTAR_WAVENET_CUDA_PATH");
+  if (v == nullptr || std::strcmp(v, "auto") == 0 || v[0] == '\0') return PathChoice::Auto;
+  if (std::strcmp(v, "persistent") == 0) return PathChoice::Persistent;
+  if (std::strcmp(v, "blocks") == 0) return PathChoice::Blocks;
+  TORCH_CHECK(false, "wavenet_step: FASTAR_WAVENET_CUDA_PATH must be auto, persistent or blocks, got '", v, "'");
+  return PathChoice::Auto;
+}
+
+// Returns false (with the reason in why) when the persistent kernel cannot take this call.
+template <typename W>
+bool launch_persistent(const StepParams<W, float>& P, int64_t num_steps, cudaStream_t stream, std::string& why) {
+  if (P.B > kPersistMaxBatch) {
+    why = "batch " + std::to_string(P.B) + " > " + std::to_string(kPersistMaxBatch);
+    return false;
+  }
+  const int dev = at::cuda::current_device();
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(dev);
+  if (!prop->cooperativeLaunch) {
+    why = "the device does not support cooperative launches";
+    return false;
+  }
+  const int64_t sms = prop->multiProcessorCount;
+  const auto pl = persist_layout<W>(sms, P.B, P.L, P.k, P.R, P.D, P.S, P.A_);
+  const size_t limit = prop->sharedMemPerBlockOptin;
+  if (pl.bytes > limit) {
+    why = "the weight slices need " + std::to_string(pl.bytes) + " bytes of shared memory per CTA, the device " +
+          "allows " + std::to_string(limit);
+    return false;
+  }
+  // Raised once to the device maximum (not a stream operation, so legal during graph capture;
+  // later calls never touch it again).
+  static std::atomic<uint64_t> attr_set{0};  // one bit per device (the attribute is per device)
+  const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
+  if (bit == 0 || !(attr_set.load() & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(wavenet_persistent_kernel<W>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(limit)));
+    attr_set.fetch_or(bit);
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wavenet_persistent_kernel<W>,
+                                                               kPersistThreads, pl.bytes));
+  if (per_sm < 1) {
+    why = "the occupancy calculator fits no CTA on an SM";
+    return false;
+  }
+  // One CTA per SM: G = SMs <= per_sm x SMs, so every CTA is resident at once and the spinning
+  // barrier cannot deadlock; the cooperative launch makes the runtime refuse rather than hang.
+  const int64_t G = sms;
+  auto opts = at::TensorOptions().device(at::kCUDA, dev);
+  auto ws = at::empty({P.L * P.B * P.D + 2 * P.B * P.S}, opts.dtype(at::kFloat));
+  auto bar = at::zeros({1}, opts.dtype(at::kLong));
+  PersistParams<W> Q;
+  Q.P = P;
+  Q.zbuf = ws.template data_ptr<float>();
+  Q.skipbuf = Q.zbuf + P.L * P.B * P.D;
+  Q.y1buf = Q.skipbuf + P.B * P.S;
+  Q.barrier = reinterpret_cast<unsigned long long*>(bar.template data_ptr<int64_t>());
+  Q.num_steps = num_steps;
+  Q.pl = pl;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(G));
+  cfg.blockDim = dim3(kPersistThreads);
+  cfg.dynamicSmemBytes = pl.bytes;
+  cfg.stream = stream;
+  // The cooperative attribute is "valid for graph nodes, launches" (driver_types.h of CUDA 13),
+  // so the launch captures into a CUDA graph. FASTAR_WAVENET_CUDA_COOP=0 drops it (a plain
+  // launch of G <= occupancy x SMs CTAs) in case a driver refuses it under capture.
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  const char* coop = std::getenv("FASTAR_WAVENET_CUDA_COOP");
+  const bool use_coop = !(coop != nullptr && std::strcmp(coop, "0") == 0);
+  cfg.attrs = attr;
+  cfg.numAttrs = use_coop ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, wavenet_persistent_kernel<W>, Q));
+  return true;
+}
+
 template <typename W, typename A>
 void launch_steps(const StepParams<W, A>& P, int64_t num_steps, cudaStream_t stream) {
   const int threads = 256;
   const size_t per_row = static_cast<size_t>(P.R + 3 * P.D + 2 * P.S + P.A_) * sizeof(A);
-  // Several rows per block share each weight load once the batch fills the GPU anyway.
+  // Several rows per block share each weight load once the batch fills the GPU anyway
+  // (2 rows from B = 128: 64+ blocks still cover most SMs, 4 rows from B = 512).
   if (P.B >= 512) {
     constexpr int ROWS = 4;
+    const int blocks = static_cast<int>((P.B + ROWS - 1) / ROWS);
+    const size_t smem = per_row * ROWS;
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(wavenet_step_kernel<W, A, ROWS>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    for (int64_t i = 0; i < num_steps; ++i) {
+      wavenet_step_kernel<W, A, ROWS><<<blocks, threads, smem, stream>>>(P, i);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  } else if (P.B >= 128) {
+    constexpr int ROWS = 2;
     const int blocks = static_cast<int>((P.B + ROWS - 1) / ROWS);
     const size_t smem = per_row * ROWS;
     if (smem > 48 * 1024)
@@ -401,6 +875,16 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
         const double bins = std::ldexp(1.0, static_cast<int>(num_bits)) - 1.0;
         P.half_bins = static_cast<A>(bins / 2.0);
         P.bins = static_cast<A>(bins);
+        if constexpr (std::is_same_v<A, float> && !std::is_same_v<W, double>) {
+          const auto choice = path_choice();
+          std::string why;
+          if (choice != PathChoice::Blocks && launch_persistent<W>(P, num_steps, stream, why)) return;
+          TORCH_CHECK(choice != PathChoice::Persistent, op, ": FASTAR_WAVENET_CUDA_PATH=persistent, but the "
+                      "persistent kernel cannot run this call: ", why);
+        } else {
+          TORCH_CHECK(path_choice() != PathChoice::Persistent, op, ": FASTAR_WAVENET_CUDA_PATH=persistent, but "
+                      "the persistent kernel does not take float64 weights");
+        }
         launch_steps<W, A>(P, num_steps, stream);
       };
       if (acc_type == at::kDouble)

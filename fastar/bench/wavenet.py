@@ -22,7 +22,7 @@ NOTES = ("naive = WaveNet.generate(method='naive'): the full forward pass over t
          "(2047 samples) per sample, timed in steady state (primed with a full window). queue_ref = the PyTorch "
          "queue path (fastar.ops.wavenet_step_ref, a few torch ops per layer and step). fused = "
          "WaveNet.generate(method='fast'): fastar.ops.wavenet_step, one fused C++ loop per step on CPU (64 steps "
-         "per call), one kernel launch per step replayed from a CUDA graph on CUDA. sps = samples per second "
+         "per call), on CUDA a CUDA graph of 64-step calls: one persistent launch per call at batch <= 8 (weights in shared memory across the steps, grid barriers between layers), one block-kernel launch per step above. sps = samples per second "
          "(batch x steps / s), median of the repeats. Model: R=64, D=64, S=256, A=256, 20 layers (2x10), "
          "kernel 2, float32. queue_ref is timed with 1 thread and with all threads and the faster is kept "
          "(queue_ref_threads): its tiny GEMMs suffer from OpenMP contention on a shared machine. "

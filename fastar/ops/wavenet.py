@@ -327,8 +327,10 @@ def wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, con
     noise (B, 2, T), ``num_bits`` the quantisation of the draws).
 
     Mutates samples[:, p] (unless p < num_prime), queues, position (+1) and logits; returns None.
-    One fused C++ loop on CPU, one kernel launch on CUDA, capturable in a CUDA graph (the step
-    index is read on the device). PyTorch equivalent: :func:`wavenet_step_ref`.
+    One fused C++ loop on CPU. On CUDA one persistent launch for all ``num_steps`` steps at batch
+    <= 8 (float32/float16/bfloat16 weights held in shared memory), else one launch per step
+    (``FASTAR_WAVENET_CUDA_PATH=auto|persistent|blocks`` forces a path); capturable in a CUDA
+    graph (the step index is read on the device). PyTorch equivalent: :func:`wavenet_step_ref`.
     """
     args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
             out1_w, out1_b, out2_w, out2_b, [int(d) for d in dilations], int(num_prime), float(temperature),
