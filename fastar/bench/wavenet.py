@@ -21,13 +21,14 @@ COLUMNS = ["batch", "naive_sps", "queue_ref_sps", "fused_sps", "fused_vs_queue_r
 NOTES = ("naive = WaveNet.generate(method='naive'): the full forward pass over the receptive-field window "
          "(2047 samples) per sample, timed in steady state (primed with a full window). queue_ref = the PyTorch "
          "queue path (fastar.ops.wavenet_step_ref, a few torch ops per layer and step). fused = "
-         "WaveNet.generate(method='fast'): fastar.ops.wavenet_step, one fused C++ loop per step on CPU (64 steps "
+         "WaveNet.generate(method='fast'): fastar.ops.wavenet_step, one fused C++ loop per step on CPU (256 steps "
          "per call), on CUDA a CUDA graph of 64-step calls: one persistent launch per call at batch <= 8 (weights in shared memory across the steps, grid barriers between layers), one block-kernel launch per step above. sps = samples per second "
          "(batch x steps / s), median of the repeats. Model: R=64, D=64, S=256, A=256, 20 layers (2x10), "
          "kernel 2, float32. queue_ref is timed with 1 thread and with all threads and the faster is kept "
          "(queue_ref_threads): its tiny GEMMs suffer from OpenMP contention on a shared machine. "
-         "fused_1thread_sps = the fused path with torch.set_num_threads(1) (CPU only); at batch 1-2 with 2 "
-         "threads the CPU kernel splits every matrix's columns between two cores.")
+         "fused_1thread_sps = the fused path with torch.set_num_threads(1) (CPU only); at batch <= 4 (float32, "
+         "AVX-512) the CPU kernel cuts the network into two parts whose packed weights (1.7 MB each) stay in "
+         "the two cores' L2 caches, one part per thread; above, rows are split between threads.")
 
 BATCHES = [1, 16, 64, 256]
 
