@@ -324,3 +324,26 @@ def test_autocast_casts_like_a_convolution(device):
     torch.testing.assert_close(out, ref, **tol(torch.bfloat16))
     out.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_in_no_grad_with_parameters_on_worker_threads(threads):
+    # Regression: fastar's CPU kernels run ATen GEMMs inside at::parallel_for; OpenMP workers do
+    # not inherit the caller's dispatch state, so under no_grad with weights that require grad
+    # the out= GEMMs on a worker raised "functions with out=... don't support automatic
+    # differentiation". Large enough (64 channels, 28x28) to be split over threads.
+    requires_kernel("masked_conv2d", "cpu")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 64, 28, 28, generator=g)
+        w = torch.nn.Parameter(torch.randn(64, 64, 3, 3, generator=g) * 0.05)
+        b = torch.nn.Parameter(torch.zeros(64))
+        mask = masks.mask_b(64, 64, 3)
+        with torch.no_grad():
+            out = masked_conv2d(x, w, b, mask, (1, 1))
+            ref = masked_conv2d_ref(x, w, b, mask, (1, 1))
+    finally:
+        torch.set_num_threads(prev)
+    torch.testing.assert_close(out, ref, **tol(torch.float32, 64 * 9))

@@ -19,6 +19,7 @@
 // grad_x is the same sum with W_tap^T over a padded grad_out grid and the
 // flipped offsets, grad_W_tap = grad_out_grid @ view_tap^T.
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -99,6 +100,9 @@ at::Tensor shifted_gemm(const at::Tensor& A_cat, const at::Tensor& grid2d, const
   const int64_t nblocks = (Q + QB - 1) / QB, nch = num_chunks(nblocks);
   const scalar_t* g = grid2d.const_data_ptr<scalar_t>();
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    // OpenMP workers do not inherit the caller's dispatch state: without this the ATen
+    // GEMMs below would run the autograd layer (and refuse out= with weights that require grad).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto cols = at::empty({KT * QB}, grid2d.options());
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t blk = c * nblocks / nch; blk < (c + 1) * nblocks / nch; ++blk) {
@@ -128,6 +132,9 @@ at::Tensor shifted_gemm_wgrad(const at::Tensor& gg2d, const at::Tensor& grid2d, 
   auto partial = at::zeros({nch, M, KT}, grid2d.options());
   const scalar_t* g = grid2d.const_data_ptr<scalar_t>();
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    // OpenMP workers do not inherit the caller's dispatch state: without this the ATen
+    // GEMMs below would run the autograd layer (and refuse out= with weights that require grad).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto cols = at::empty({KT * QB}, grid2d.options());
     for (int64_t c = c0; c < c1; ++c) {
       auto acc = partial[c];

@@ -12,6 +12,7 @@
 // (N * P, C_in * T_a) matrix, then one GEMM with the packed effective weight.
 // The cost is independent of H * W, which is the whole point of the cache.
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -137,6 +138,9 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
     auto cols = at::empty({s.N * P, K}, x_cache.options());
     scalar_t* cp = cols.data_ptr<scalar_t>();
     at::parallel_for(0, s.N * P, 16, [&](int64_t begin, int64_t end) {
+      // OpenMP workers do not inherit the caller's dispatch state: without this the ATen
+      // GEMMs below would run the autograd layer (and refuse out= with weights that require grad).
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t np = begin; np < end; ++np) {
         const int64_t n = np / P, p = np % P;
         const int64_t i = pp[2 * p], j = pp[2 * p + 1];
