@@ -190,11 +190,6 @@ void step_rows(const GatedStepShape& s, const Ptrs<T>& P, int64_t t, double temp
   }
 }
 
-template <typename T>
-const T* opt_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
-}
-
 void gated_pixelcnn_step_cpu(at::Tensor& image, at::Tensor& row_cache, at::Tensor& codes, at::Tensor& step,
                              at::Tensor& logits, const at::Tensor& noise, const at::Tensor& links,
                              const c10::optional<at::Tensor>& class_bias, const c10::optional<at::Tensor>& cond_map,

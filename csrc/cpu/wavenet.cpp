@@ -12,8 +12,10 @@
 // chunks that run on separate threads (at::parallel_for); inside a chunk every GEMV walks
 // the output tiles outermost, so one tile's weight panel (K x 16 floats) stays in L1 while
 // all rows of the chunk pass over it: the weights are read from L2/L3 once per chunk and
-// step, whatever the batch. At batch 1-2 two threads split the output columns of every
-// matrix instead (each thread's share of the weights then fits its own L2).
+// step, whatever the batch. Small float32 batches on AVX-512 machines take the two-part packed
+// path below (run_small: each core keeps half of the weights in its L2); float64 and machines
+// without AVX-512 at batch 1-2 split the output columns of every matrix between two threads
+// (run_split).
 // Gates use a vectorised exp (Cephes polynomial, ~2 ulp) in float32 and std::tanh/std::exp
 // in float64. Sampling follows categorical_sample's contract: inverse CDF of softmax(logits /
 // temperature) on the step's uniform, clamped to the last category of non-zero probability.
@@ -360,6 +362,35 @@ int64_t sample_row(const T* lg, int64_t A, double temperature, double u) {
   return std::min(idx, last);
 }
 
+// The draw of row b at step p from its logits: a code (softmax head) or an audio value (mixture
+// head), returned as a double so that both heads share one signature. Writes nothing.
+template <typename T>
+double draw_row(const StepArgs<T>& g, int64_t b, int64_t p) {
+  const StepShape& s = *g.s;
+  if (g.K > 0) {
+    const double bins = std::ldexp(1.0, static_cast<int>(g.num_bits)) - 1.0;
+    const mix::PixelParams<T> pp{g.logits + b * s.A, 1};
+    // noise (B, 2, T): the component uniform at [b, 0, p], the logistic one T further
+    const T* u = static_cast<const T*>(g.noise) + b * 2 * s.T + p;
+    T v = T(0);
+    mix::pixel_sample<T, T, 1>(pp, u, s.T, g.K, static_cast<T>(g.temperature), static_cast<T>(bins / 2.0),
+                               static_cast<T>(bins), &v, 1);
+    return static_cast<double>(v);
+  }
+  const double u = g.noise_double ? static_cast<const double*>(g.noise)[b * s.T + p]
+                                  : static_cast<double>(static_cast<const float*>(g.noise)[b * s.T + p]);
+  return static_cast<double>(sample_row<T>(g.logits + b * s.A, s.A, g.temperature, u));
+}
+
+// Stores a drawn value (draw_row's result) into samples (codes) or xs (audio values).
+template <typename T>
+void store_draw(const StepArgs<T>& g, int64_t b, int64_t p, double v) {
+  if (g.K > 0)
+    g.xs[b * g.s->T + p] = static_cast<T>(v);
+  else
+    g.samples[b * g.s->T + p] = static_cast<int64_t>(v);
+}
+
 // Stages over rows [b0, b0 + nb) and output columns [c0, c1) of each matrix (the column
 // range is the whole matrix unless two threads split one row).
 template <typename T>
@@ -471,22 +502,8 @@ struct Stepper {
   }
 
   void sample(int64_t b0, int64_t nb) {
-    for (int64_t r = 0; r < nb; ++r) {
-      const int64_t b = b0 + r;
-      if (g.p < g.num_prime) continue;
-      if (g.K > 0) {
-        const double bins = std::ldexp(1.0, static_cast<int>(g.num_bits)) - 1.0;
-        const mix::PixelParams<T> pp{g.logits + b * s.A, 1};
-        // noise (B, 2, T): the component uniform at [b, 0, p], the logistic one T further
-        const T* u = static_cast<const T*>(g.noise) + b * 2 * s.T + g.p;
-        mix::pixel_sample<T, T, 1>(pp, u, s.T, g.K, static_cast<T>(g.temperature), static_cast<T>(bins / 2.0),
-                                   static_cast<T>(bins), g.xs + b * s.T + g.p, 1);
-        continue;
-      }
-      const double u = g.noise_double ? static_cast<const double*>(g.noise)[b * s.T + g.p]
-                                      : static_cast<double>(static_cast<const float*>(g.noise)[b * s.T + g.p]);
-      g.samples[b * s.T + g.p] = sample_row<T>(g.logits + b * s.A, s.A, g.temperature, u);
-    }
+    if (g.p < g.num_prime) return;
+    for (int64_t b = b0; b < b0 + nb; ++b) store_draw(g, b, g.p, draw_row(g, b, g.p));
   }
 
   // Every stage for a chunk of rows on one thread.
@@ -887,24 +904,10 @@ struct SmallPart {
 
   // Every part draws the same value from the full logits; only part 0 writes it out.
   void sample(int64_t p) {
+    if (p < g.num_prime) return;
     for (int64_t b = 0; b < s.B; ++b) {
-      if (p < g.num_prime) continue;
-      if (g.K > 0) {
-        const double bins = std::ldexp(1.0, static_cast<int>(g.num_bits)) - 1.0;
-        const mix::PixelParams<float> pp{g.logits + b * s.A, 1};
-        const float* u = static_cast<const float*>(g.noise) + b * 2 * s.T + p;
-        float v = 0.f;
-        mix::pixel_sample<float, float, 1>(pp, u, s.T, g.K, static_cast<float>(g.temperature),
-                                           static_cast<float>(bins / 2.0), static_cast<float>(bins), &v, 1);
-        last[b] = v;
-        if (t == 0) g.xs[b * s.T + p] = v;
-        continue;
-      }
-      const double u = g.noise_double ? static_cast<const double*>(g.noise)[b * s.T + p]
-                                      : static_cast<double>(static_cast<const float*>(g.noise)[b * s.T + p]);
-      const int64_t c = sample_row<float>(g.logits + b * s.A, s.A, g.temperature, u);
-      last[b] = static_cast<double>(c);
-      if (t == 0) g.samples[b * s.T + p] = c;
+      last[b] = draw_row(g, b, p);
+      if (t == 0) store_draw(g, b, p, last[b]);
     }
   }
 };

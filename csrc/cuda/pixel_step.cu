@@ -302,11 +302,6 @@ void launch(const Args<T>& A, int64_t smem_per_row_elems, int64_t part_elems, cu
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-const T* opt_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
-}
-
 void gated_pixelcnn_step_cuda(at::Tensor& image, at::Tensor& row_cache, at::Tensor& codes, at::Tensor& step,
                               at::Tensor& logits, const at::Tensor& noise, const at::Tensor& links,
                               const c10::optional<at::Tensor>& class_bias, const c10::optional<at::Tensor>& cond_map,
