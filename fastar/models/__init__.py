@@ -1,5 +1,10 @@
-"""Whole models: training forward, likelihoods and generation."""
-from fastar.models.wavenet import WaveNet
-from fastar.models.pixelcnn import GatedPixelCNN, PixelCNN
+"""Whole models: training forward, likelihoods and generation.
 
-__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN"]
+Each family's file registers its :class:`fastar.models.spec.ModelSpec`; importing it here is the
+one line a new family adds.
+"""
+from fastar.models.spec import SPECS, ModelSpec, register
+from fastar.models.pixelcnn import GatedPixelCNN, PixelCNN
+from fastar.models.wavenet import WaveNet
+
+__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "SPECS", "ModelSpec", "register"]

@@ -29,6 +29,7 @@ from torch import nn
 
 from fastar.nn.gated import GatedMaskedConv2d
 from fastar.nn.masked_conv import MaskedConv2d
+from fastar.models.spec import ModelSpec, register
 
 __all__ = ["PixelCNN", "GatedPixelCNN"]
 
@@ -212,3 +213,34 @@ class GatedPixelCNN(_DiscreteImageModel):
             v, h, s = blk(v, h, cond)
             skip = skip + s
         return self.head2(F.relu(self.head1(F.relu(skip))))
+
+
+# ---------------------------------------------------------------------------- registration
+
+def _image_config(layers):
+    def config(data: dict) -> dict:
+        c = data["shape"][0]
+        return dict(in_channels=c, levels=data["levels"], layers=layers, channels=32 if c == 1 else 48)
+    return config
+
+
+def _class_config(data: dict) -> dict | None:
+    return dict(num_classes=data["num_classes"]) if data.get("num_classes") else None
+
+
+register(ModelSpec(
+    name="pixelcnn", cls=PixelCNN, kind="image", datasets=("mnist", "digits", "patches"),
+    default_config=_image_config(4), writer="png",
+    demo=dict(data="mnist", batch_size=64, lr=3e-3, config=dict(layers=5, channels=16)),
+    tiny=(dict(config=dict(in_channels=1, levels=2, layers=2, channels=8), shape=(2, 2)),
+          dict(config=dict(in_channels=3, levels=3, layers=2, channels=6), shape=(1, 2))),
+    description="PixelCNN: masked convolutions (mask A/B, RGB groups), residual blocks"))
+register(ModelSpec(
+    name="gated_pixelcnn", cls=GatedPixelCNN, kind="image", datasets=("mnist", "digits", "patches"),
+    default_config=_image_config(6), conditional_config=_class_config, writer="png",
+    shipped=("gated_pixelcnn_mnist",),
+    demo=dict(data="mnist", batch_size=64, lr=3e-3, conditional=True, config=dict(layers=5, channels=16)),
+    tiny=(dict(config=dict(in_channels=1, levels=2, layers=2, channels=8), shape=(2, 2)),
+          dict(config=dict(in_channels=1, levels=2, layers=2, channels=8, num_classes=3), shape=(2, 2), cond=1),
+          dict(config=dict(in_channels=3, levels=3, layers=2, channels=6), shape=(1, 2))),
+    description="Gated PixelCNN: vertical + horizontal stacks, gated units, class/map conditioning"))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastar.models.spec import ModelSpec, register
 from fastar.nn.causal_conv import CausalConv1d
 from fastar.ops.mixture import categorical_sample_ref, discretized_mix_logistic_nll, sample_discretized_mix_logistic
 from fastar.ops.wavenet import queue_sizes, wavenet_step, wavenet_step_ref
@@ -438,3 +439,20 @@ def _progress(total, enabled, desc):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="sample")
+
+
+# ---------------------------------------------------------------------------- registration
+
+def _audio_config(data: dict) -> dict:
+    return dict(layers=10, stacks=1, residual_channels=32, dilation_channels=32, skip_channels=64,
+                quantization=data["levels"])
+
+
+register(ModelSpec(
+    name="wavenet", cls=WaveNet, kind="audio", datasets=("speech",), default_config=_audio_config, writer="wav",
+    shipped=("wavenet_speech",), demo=dict(data="speech", batch_size=8, lr=1e-3),
+    tiny=(dict(config=dict(layers=2, stacks=1, residual_channels=4, dilation_channels=4, skip_channels=4,
+                           quantization=3), shape=(3,)),
+          dict(config=dict(layers=3, stacks=1, residual_channels=4, dilation_channels=4, skip_channels=4,
+                           quantization=3, kernel_size=3), shape=(3,))),
+    description="WaveNet: dilated causal convolutions, gated units, global/local conditioning"))

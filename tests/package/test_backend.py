@@ -11,7 +11,7 @@ import torch
 
 import fastar
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run_py(code: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
