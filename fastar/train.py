@@ -56,9 +56,6 @@ class _Objective(nn.Module):
         self.model, self.kind = model, kind
 
     def forward(self, x, cond=None):
-        if self.kind == "audio":
-            nats = self.model.nll(x)
-            return nats, nats / LN2
         nats = self.model.nll(x, cond).mean()
         return nats, nats / (x[0].numel() * LN2)
 

@@ -201,23 +201,31 @@ class WaveNet(nn.Module):
         c = self._local_features(local_cond, x.shape[0], x.shape[1])
         return self._stack(self._embed(inp), g, c)
 
-    def nll(self, x, global_cond=None, local_cond=None, unit: str = "nats"):
-        """Mean negative log-likelihood per sample, in ``unit`` "nats" or "bits" (a scalar).
+    def nll(self, x, global_cond=None, local_cond=None):
+        """Negative log-likelihood per example in nats, (B,): the sum over the T samples.
 
         Softmax head: cross-entropy over the codes. Mixture head: x (B, T) floats in [-1, 1]
-        (values off the bin centres are scored in the bin that holds them), the summed
-        :func:`fastar.ops.discretized_mix_logistic_nll` divided by ``B * T``.
+        (values off the bin centres are scored in the bin that holds them), the per-sample
+        :func:`fastar.ops.discretized_mix_logistic_nll` summed over time.
         """
-        if unit not in ("nats", "bits"):
-            raise ValueError(f"WaveNet.nll: unit must be 'nats' or 'bits', got {unit!r}")
         out = self(x, global_cond, local_cond)
         if self.output == "softmax":
-            nats = F.cross_entropy(out, x)
-        else:
-            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-            nats = discretized_mix_logistic_nll(x.to(acc), out, self.num_mixtures, num_bits=self.num_bits,
-                                                reduction="sum") / x.numel()
-        return nats / math.log(2) if unit == "bits" else nats
+            return F.cross_entropy(out, x, reduction="none").sum(1)
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+        return discretized_mix_logistic_nll(x.to(acc), out, self.num_mixtures, num_bits=self.num_bits,
+                                            reduction="none").reshape(x.shape[0], -1).sum(1)
+
+    def log_prob(self, x, global_cond=None, local_cond=None):
+        """Log-likelihood per example in nats, (B,)."""
+        return -self.nll(x, global_cond, local_cond)
+
+    def bits_per_dim(self, x, global_cond=None, local_cond=None):
+        """Bits per audio sample, per example, (B,): nll / (T ln 2)."""
+        return self.nll(x, global_cond, local_cond) / (x.shape[1] * math.log(2.0))
+
+    def loss(self, x, global_cond=None, local_cond=None):
+        """Mean NLL per example in nats (a scalar to minimise)."""
+        return self.nll(x, global_cond, local_cond).mean()
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -247,6 +255,29 @@ class WaveNet(nn.Module):
             lc = torch.einsum("bct,loc->btlo", c, wc)
             out = lc if out is None else lc + out
         return None if out is None else out.contiguous()
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, shape=None, cond=None, generator: torch.Generator | None = None,
+               temperature: float = 1.0, method: str = "cached", prime=None, progress: bool = True,
+               return_logits: bool = False):
+        """Draw ``n`` clips of ``shape = (T,)`` (or an int T) new samples: the common ``sample`` of every
+        model (see :class:`fastar.models.spec.ModelSpec`). cond: ``global_cond`` or a tuple
+        ``(global_cond, local_cond)``; method "cached" (queues + the fused step) or "naive". See
+        :meth:`generate` for the rest."""
+        if method not in ("cached", "naive"):
+            raise ValueError(f"WaveNet.sample: method must be 'cached' or 'naive', got {method!r}")
+        if shape is None:
+            raise ValueError("WaveNet.sample: shape (T,) (the number of new samples) is needed")
+        length = shape if isinstance(shape, int) else (tuple(shape)[0] if len(tuple(shape)) == 1 else None)
+        if length is None or isinstance(length, bool):
+            raise ValueError(f"WaveNet.sample: shape must be (T,) or an int, got {shape!r}")
+        g, c = cond if isinstance(cond, tuple) else (cond, None)
+        if n is None:
+            n = prime.shape[0] if prime is not None else 1
+        return self.generate(length, batch_size=n, global_cond=g, local_cond=c, prime=prime,
+                             temperature=temperature, generator=generator,
+                             method="fast" if method == "cached" else "naive", progress=progress,
+                             return_logits=return_logits)
 
     @torch.no_grad()
     def generate(self, num_samples: int, batch_size: int = 1, global_cond=None, local_cond=None, prime=None,

@@ -108,8 +108,10 @@ def test_forward_is_causal_and_nll_units(kernel_size):
     assert not dep[t:].any(), "output t depends on x[t] or later"
     assert dep[t - 1] and dep[max(0, t - m.receptive_field + 1)]
     nats = m.nll(x)
-    torch.testing.assert_close(m.nll(x, unit="bits"), nats / math.log(2))
-    torch.testing.assert_close(nats, torch.nn.functional.cross_entropy(m(x), x))
+    assert nats.shape == (x.shape[0],)
+    torch.testing.assert_close(m.bits_per_dim(x), nats / (x.shape[1] * math.log(2)))
+    torch.testing.assert_close(nats, torch.nn.functional.cross_entropy(m(x), x, reduction="none").sum(1))
+    torch.testing.assert_close(m.loss(x), nats.mean())
 
 
 COND_CASES = {
@@ -233,10 +235,10 @@ def test_mixture_head_shapes_input_and_nll_units():
     torch.testing.assert_close(m(x2)[:, :, :21], out[:, :, :21])  # causal: position 20 sees x[:, :20]
     assert not torch.allclose(m(x2)[:, :, 21], out[:, :, 21])
     nats = m.nll(x)
-    assert torch.isfinite(nats)
-    want = fastar.ops.discretized_mix_logistic_nll_ref(x, out, 4, num_bits=8, reduction="sum") / x.numel()
+    assert nats.shape == (2,) and torch.isfinite(nats).all()
+    want = fastar.ops.discretized_mix_logistic_nll_ref(x, out, 4, num_bits=8, reduction="none").reshape(2, -1).sum(1)
     torch.testing.assert_close(nats, want)
-    torch.testing.assert_close(m.nll(x, unit="bits"), nats / math.log(2))
+    torch.testing.assert_close(m.bits_per_dim(x), nats / (30 * math.log(2)))
     with pytest.raises(ValueError, match="floats in"):
         m(torch.zeros(2, 10, dtype=torch.int64))
     with pytest.raises(ValueError, match="num_mixtures must be a positive int"):
@@ -315,7 +317,7 @@ def test_mixture_nll_falls_on_a_synthetic_signal():
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
-        loss = m.nll(x)
+        loss = m.nll(x).mean() / x.shape[1]
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
@@ -336,7 +338,7 @@ def _train(m, codes, steps, seq=256, batch=4, seed=0):
     for _ in range(steps):
         starts = torch.randint(0, data.numel() - seq, (batch,), generator=g)
         x = torch.stack([data[s:s + seq] for s in starts.tolist()])
-        loss = m.nll(x)
+        loss = m.nll(x).mean() / seq
         opt.zero_grad()
         loss.backward()
         opt.step()
