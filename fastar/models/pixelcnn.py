@@ -57,6 +57,7 @@ class _DiscreteImageModel(nn.Module):
 
     in_channels: int
     levels: int
+    gated = False       # a stack of GatedMaskedConv2d blocks (its cache runs a vertical stack per row)
 
     @property
     def out_channels(self) -> int:
@@ -110,21 +111,129 @@ class _DiscreteImageModel(nn.Module):
     @torch.no_grad()
     def sample(self, n: int | None = None, shape=None, cond=None, generator: torch.Generator | None = None,
                temperature: float = 1.0, method: str = "cached", prefix: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None, progress: bool = True) -> torch.Tensor:
+               mask: torch.Tensor | None = None, progress: bool = True, **engine) -> torch.Tensor:
         """Draw images, (n, C, H, W) int64 in [0, levels), on the model's device.
 
         shape: (H, W) (or (C, H, W)); taken from ``prefix`` when omitted. cond: class labels (N,)
-        int64 and/or a map, as the model was built (see :class:`fastar.nn.GatedMaskedConv2d`).
-        prefix (N, C, H, W) integer image with mask (broadcastable to (N, C, H, W), bool, True =
-        given): the given sub-pixels are copied, the others sampled conditioned on every earlier
-        one (e.g. mask[:H // 2] = True completes the bottom half). method: "cached" (fast) or
-        "naive" (the whole network per sub-pixel). temperature 0 is argmax. Both methods consume
-        the same uniforms from ``generator``, so they return the same images.
+        int64 (or one int for the whole batch) and/or a map, as the model was built (see
+        :class:`fastar.nn.GatedMaskedConv2d`). prefix (N, C, H, W) integer image with mask
+        (broadcastable to (N, C, H, W), bool, True = given): the given sub-pixels are copied, the
+        others sampled conditioned on every earlier one (e.g. mask[:H // 2] = True completes the
+        bottom half). method: "cached" (fast) or "naive" (the whole network per sub-pixel).
+        temperature 0 is argmax. Both methods consume the same uniforms from ``generator``, so they
+        return the same images. ``engine``: :func:`fastar.sampling.sample`'s options (``fused``,
+        ``cuda_graphs``, ``return_params``).
         """
         from fastar import sampling
 
         return sampling.sample(self, n=n, shape=shape, cond=cond, generator=generator, temperature=temperature,
-                               method=method, prefix=prefix, mask=mask, progress=progress)
+                               method=method, prefix=prefix, mask=mask, progress=progress, **engine)
+
+    # ---- the generation protocol (fastar.sampling) ------------------------------------------
+
+    def sequence(self, n=None, shape=None, cond=None, prefix=None, mask=None):
+        """The :class:`fastar.sampling.Sequence` of one sampling run: C * H * W steps in raster
+        order, colours R, G, B inside each pixel (step ``t = (i * W + j) * C + c``), each value
+        stored at its (C, H, W) memory offset ``c * H * W + i * W + j``."""
+        from fastar.sampling import Bernoulli, Categorical, Sequence
+
+        n, (C, H, W), pflat, gflat = _check_sample_args(self, n, shape, cond, prefix, mask)
+        cond = self.check_cond(cond, n, (H, W))
+        t = torch.arange(C * H * W)
+        p, c = t // C, t % C
+        slots = c * H * W + p
+        head = Bernoulli() if self.levels == 2 else Categorical(self.levels)
+
+        def forward(values, t=None):
+            out = self(values.view(n, C, H, W), cond)
+            if self.levels == 2:
+                per = out.permute(2, 3, 1, 0).reshape(C * H * W, n, 1)       # step order (i, j, c)
+            else:
+                per = out.permute(3, 4, 1, 0, 2).reshape(C * H * W, n, self.levels)
+            return per if t is None else per[t]
+
+        return Sequence(n=n, steps=C * H * W, head=head, forward=forward, slots=slots,
+                        finish=lambda values: values.view(n, C, H, W), given_values=pflat, given_mask=gflat,
+                        cond=cond, info=dict(shape=(C, H, W)))
+
+    def allocate_inference_cache(self, run, fused=None):
+        """The 2-D caches of one run (:mod:`fastar.models.pixelcnn_cache`)."""
+        from fastar.models.pixelcnn_cache import allocate
+
+        return allocate(self, run, fused)
+
+    def check_cond(self, cond, n, hw):
+        """Conditioning for a batch of n images of size hw, on the model's device."""
+        if cond is not None:
+            raise ValueError(f"{type(self).__name__} is unconditional; cond must be None")
+        return None
+
+
+def _check_sample_args(model, n, shape, cond, prefix, mask):
+    """Check ``sample``'s shape / prefix / mask; returns n, (C, H, W), prefix and mask flattened to
+    (N, C * H * W) in memory order (or None)."""
+    name = type(model).__name__
+    device = next(model.parameters()).device
+    C, levels = model.in_channels, model.levels
+    if prefix is not None:
+        if not isinstance(prefix, torch.Tensor) or prefix.dim() != 4 or prefix.shape[1] != C:
+            raise ValueError(f"{name}.sample: prefix must be an image batch (N, {C}, H, W), got shape "
+                             f"{list(getattr(prefix, 'shape', []))}")
+        if mask is None:
+            raise ValueError(f"{name}.sample: prefix needs a mask (bool, broadcastable to {list(prefix.shape)}, "
+                             "True where the prefix is given)")
+        if shape is None:
+            shape = tuple(prefix.shape[2:])
+        if n is None:
+            n = prefix.shape[0]
+    elif mask is not None:
+        raise ValueError(f"{name}.sample: mask given without a prefix")
+    if n is None:
+        n = _batch_of(cond)
+    if n is None:
+        raise ValueError(f"{name}.sample: say how many images to draw (n), or pass a prefix or batched cond")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name}.sample: n must be a positive int, got {n!r}")
+    if shape is None:
+        raise ValueError(f"{name}.sample: shape (H, W) is needed when no prefix is given")
+    if isinstance(shape, int) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise ValueError(f"{name}.sample: shape must be (H, W) or (C, H, W) of ints, got {shape!r}")
+    shape = tuple(shape)
+    if len(shape) == 3:
+        if shape[0] != C:
+            raise ValueError(f"{name}.sample: shape {shape} has {shape[0]} channels, the model has {C}")
+        shape = shape[1:]
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"{name}.sample: shape must be (H, W) or (C, H, W) with positive sizes, got {shape}")
+    H, W = shape
+    pflat = gflat = None
+    if prefix is not None:
+        if prefix.shape[0] != n or tuple(prefix.shape[2:]) != (H, W):
+            raise ValueError(f"{name}.sample: prefix must be ({n}, {C}, {H}, {W}), got {list(prefix.shape)}")
+        if prefix.is_floating_point() and not torch.equal(prefix, prefix.round()):
+            raise ValueError(f"{name}.sample: prefix must hold integer values")
+        m = torch.as_tensor(mask, device=device)
+        if m.dtype != torch.bool:
+            raise ValueError(f"{name}.sample: mask must be bool (True = given), got {m.dtype}")
+        try:
+            m = m.expand(n, C, H, W)
+        except RuntimeError:
+            raise ValueError(f"{name}.sample: mask of shape {list(m.shape)} does not broadcast to "
+                             f"{[n, C, H, W]}") from None
+        pflat = prefix.to(device=device, dtype=torch.int64)
+        if pflat.numel() and bool(((pflat < 0) | (pflat >= levels))[m].any()):
+            raise ValueError(f"{name}.sample: given prefix values must lie in [0, {levels})")
+        pflat = pflat.clamp(0, levels - 1).reshape(n, C * H * W).contiguous()
+        gflat = m.reshape(n, C * H * W).contiguous()
+    return n, (C, H, W), pflat, gflat
+
+
+def _batch_of(cond):
+    if isinstance(cond, torch.Tensor):
+        return cond.shape[0] if cond.dim() >= 1 else None
+    if isinstance(cond, (tuple, list)) and cond and isinstance(cond[0], torch.Tensor):
+        return cond[0].shape[0]
+    return None
 
 
 class _ResidualBlock(nn.Module):
@@ -194,6 +303,7 @@ class GatedPixelCNN(_DiscreteImageModel):
                  num_classes: int | None = None, cond_channels: int | None = None, kernel_size: int = 3,
                  first_kernel_size: int = 7):
         super().__init__()
+        self.gated = True
         channels = _default_channels(channels, in_channels)
         cg = in_channels
         _check_common("GatedPixelCNN", in_channels, levels, layers, channels, cg)
@@ -205,6 +315,30 @@ class GatedPixelCNN(_DiscreteImageModel):
             + [GatedMaskedConv2d(channels, channels, kernel_size, "B", **kw) for _ in range(layers - 1)])
         self.head1 = MaskedConv2d(channels, channels, 1, "B", cg)
         self.head2 = MaskedConv2d(channels, self.out_channels, 1, "B", cg)
+
+    def check_cond(self, cond, n, hw):
+        """Class labels (an int for the whole batch, or (N,) int64) and/or a map (N, cond_channels, H, W),
+        on the model's device; the batch must be n."""
+        device = next(self.parameters()).device
+        if isinstance(cond, int) and not isinstance(cond, bool):
+            cond = torch.full((n,), cond, dtype=torch.int64, device=device)
+        elif isinstance(cond, torch.Tensor):
+            cond = cond.to(device)
+        elif isinstance(cond, (tuple, list)):
+            cond = tuple(torch.full((n,), c, dtype=torch.int64, device=device)
+                         if isinstance(c, int) and not isinstance(c, bool) else
+                         (c.to(device) if isinstance(c, torch.Tensor) else c) for c in cond)
+        b = _batch_of(cond)
+        if b is not None and b != n:
+            raise ValueError(f"GatedPixelCNN.sample: cond has batch {b}, but {n} images were asked for")
+        labels, cmap = self.blocks[0].split_cond(cond)
+        if labels is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"GatedPixelCNN: class labels must lie in [0, {self.num_classes}), got range "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if cmap is not None and tuple(cmap.shape[2:]) != tuple(hw):
+            raise ValueError(f"GatedPixelCNN: the conditioning map must be {hw[0]}x{hw[1]} like the image, got "
+                             f"{list(cmap.shape[2:])}")
+        return cond
 
     def logits_flat(self, x, cond=None):
         v = h = x

@@ -17,8 +17,8 @@ from torch import nn
 
 from fastar.models.spec import ModelSpec, register
 from fastar.nn.causal_conv import CausalConv1d
-from fastar.ops.mixture import categorical_sample_ref, discretized_mix_logistic_nll, sample_discretized_mix_logistic
-from fastar.ops.wavenet import queue_sizes, wavenet_step, wavenet_step_ref
+from fastar.ops.mixture import discretized_mix_logistic_nll
+from fastar.ops.wavenet import WaveNetWeights, queue_sizes, wavenet_step_packed
 
 __all__ = ["WaveNet"]
 
@@ -229,8 +229,8 @@ class WaveNet(nn.Module):
 
     # ---- generation ----------------------------------------------------------------------
 
-    def pack(self):
-        """The weights in :func:`fastar.ops.wavenet_step`'s layouts ((in, out) matrices), packed once per call."""
+    def pack(self) -> WaveNetWeights:
+        """The weights in :func:`fastar.ops.wavenet_step`'s layouts ((in, out) matrices), packed once per run."""
         L, k = self.layers, self.kernel_size
         w_in = self.input_conv.weight[:, :, 0]
         conv_w = torch.stack([m.weight.permute(2, 1, 0) for m in self.dilated_convs])  # (L, k, R, 2D)
@@ -239,12 +239,14 @@ class WaveNet(nn.Module):
                             for r, s in zip(self.res_convs, self.skip_convs)])  # (L, D, R + S)
         rs_b = torch.stack([torch.cat([r.bias, s.bias]) for r, s in zip(self.res_convs, self.skip_convs)])
         assert conv_w.shape[:2] == (L, k)
-        return dict(in_w=w_in.t().contiguous(), in_b=self.input_conv.bias.contiguous(), conv_w=conv_w.contiguous(),
-                    conv_b=conv_b.contiguous(), res_skip_w=rs_w.contiguous(), res_skip_b=rs_b.contiguous(),
-                    out1_w=self.out1.weight[:, :, 0].t().contiguous(), out1_b=self.out1.bias.contiguous(),
-                    out2_w=self.out2.weight[:, :, 0].t().contiguous(), out2_b=self.out2.bias.contiguous())
+        return WaveNetWeights(
+            in_w=w_in.t().contiguous(), in_b=self.input_conv.bias.contiguous(), conv_w=conv_w.contiguous(),
+            conv_b=conv_b.contiguous(), res_skip_w=rs_w.contiguous(), res_skip_b=rs_b.contiguous(),
+            out1_w=self.out1.weight[:, :, 0].t().contiguous(), out1_b=self.out1.bias.contiguous(),
+            out2_w=self.out2.weight[:, :, 0].t().contiguous(), out2_b=self.out2.bias.contiguous(),
+            dilations=list(self.dilations))
 
-    def _step_cond(self, g, c):
+    def step_cond(self, g, c):
         """Per-step conditioning (B, Tc, L, 2D) for wavenet_step, or None."""
         out = None
         if g is not None:
@@ -259,140 +261,129 @@ class WaveNet(nn.Module):
     @torch.no_grad()
     def sample(self, n: int | None = None, shape=None, cond=None, generator: torch.Generator | None = None,
                temperature: float = 1.0, method: str = "cached", prime=None, progress: bool = True,
-               return_logits: bool = False):
-        """Draw ``n`` clips of ``shape = (T,)`` (or an int T) new samples: the common ``sample`` of every
-        model (see :class:`fastar.models.spec.ModelSpec`). cond: ``global_cond`` or a tuple
-        ``(global_cond, local_cond)``; method "cached" (queues + the fused step) or "naive". See
-        :meth:`generate` for the rest."""
-        if method not in ("cached", "naive"):
-            raise ValueError(f"WaveNet.sample: method must be 'cached' or 'naive', got {method!r}")
-        if shape is None:
-            raise ValueError("WaveNet.sample: shape (T,) (the number of new samples) is needed")
-        length = shape if isinstance(shape, int) else (tuple(shape)[0] if len(tuple(shape)) == 1 else None)
-        if length is None or isinstance(length, bool):
-            raise ValueError(f"WaveNet.sample: shape must be (T,) or an int, got {shape!r}")
-        g, c = cond if isinstance(cond, tuple) else (cond, None)
-        if n is None:
-            n = prime.shape[0] if prime is not None else 1
-        return self.generate(length, batch_size=n, global_cond=g, local_cond=c, prime=prime,
-                             temperature=temperature, generator=generator,
-                             method="fast" if method == "cached" else "naive", progress=progress,
-                             return_logits=return_logits)
+               **engine):
+        """Draw ``n`` clips of ``shape = (T,)`` (or an int T) new samples: (n, T) int64 codes
+        (softmax head) or floats in [-1, 1] at the ``2**num_bits`` bin centres (mixture head;
+        float64 for a float64 model, else float32).
+
+        cond: ``global_cond`` ((B,) speaker ids or (B, G) floats), or a tuple ``(global_cond,
+        local_cond)`` (either may be None; local_cond must cover the prime and the new samples).
+        prime (B, P) int64 codes (floats in [-1, 1] for the mixture head): given audio to continue;
+        the result holds only the new samples. method: "cached" (ring-buffer queues; the fused
+        :func:`fastar.ops.wavenet_step` where it is built, several steps per call, a CUDA graph on
+        CUDA) or "naive" (the full forward pass over the receptive-field window per sample). Every
+        method consumes the same uniforms drawn up front from ``generator``, so from one seed
+        they return the same audio. ``engine``: :func:`fastar.sampling.sample`'s options.
+        """
+        from fastar import sampling
+
+        return sampling.sample(self, n=n, shape=shape, cond=cond, generator=generator, temperature=temperature,
+                               method=method, progress=progress, prime=prime, **engine)
 
     @torch.no_grad()
     def generate(self, num_samples: int, batch_size: int = 1, global_cond=None, local_cond=None, prime=None,
                  temperature: float = 1.0, generator: torch.Generator | None = None, method: str = "fast",
                  progress: bool = True, return_logits: bool = False, use_cuda_graph: bool = True):
-        """Sample ``num_samples`` new values; returns (B, num_samples) int64 codes (softmax head) or
-        floats in [-1, 1] at the ``2**num_bits`` bin centres (mixture head; float64 for a float64
-        model, else float32).
-
-        ``prime`` (B, P) int64 codes (floats in [-1, 1] for the mixture head) continues given
-        audio (the result holds only the new samples; local_cond must then cover P + num_samples
-        samples). The uniforms for all steps are drawn up front from ``generator`` (torch.rand,
-        float64 for a float64 model; shape (B, T) for softmax, (B, 2, T) for the mixture: the
-        component and the logistic uniform of each step), so ``method="fast"`` (queues, one fused
-        step per sample) and ``method="naive"`` (the full forward pass over the receptive-field
-        window per sample) draw the same sequence. ``return_logits=True`` also returns the
-        per-step logits (B, quantization, num_samples), or mixture params (B, 3K, num_samples).
-        """
+        """The older spelling of :meth:`sample`: ``method="fast"`` is ``"cached"``; returns (B,
+        num_samples) and, with ``return_logits``, the per-step head outputs (B, A, num_samples)
+        (A = quantization, or 3K mixture parameters)."""
         if method not in ("fast", "naive"):
             raise ValueError(f"WaveNet.generate: method must be 'fast' or 'naive', got {method!r}")
-        if not isinstance(num_samples, int) or num_samples < 0:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"WaveNet.generate: num_samples must be a non-negative int, got {num_samples!r}")
-        dev, dt = self.out1.weight.device, self.out1.weight.dtype
-        mixture = self._mixture
-        if prime is not None:
-            if mixture and (not isinstance(prime, torch.Tensor) or not prime.is_floating_point()
-                            or prime.dim() != 2):
-                raise ValueError(f"WaveNet.generate: prime must be (B, P) floats in [-1, 1] (mixture head), got "
-                                 f"{getattr(prime, 'dtype', type(prime).__name__)} of shape "
-                                 f"{list(getattr(prime, 'shape', []))}")
-            if not mixture and (prime.dtype != torch.int64 or prime.dim() != 2):
-                raise ValueError(f"WaveNet.generate: prime must be (B, P) int64 codes, got {prime.dtype} of shape "
-                                 f"{list(prime.shape)}")
+        if prime is not None and isinstance(prime, torch.Tensor) and prime.dim() == 2:
             if prime.shape[0] != batch_size and batch_size != 1:
                 raise ValueError(f"WaveNet.generate: prime has batch {prime.shape[0]} but batch_size is {batch_size}")
             batch_size = prime.shape[0]
-        B, P = batch_size, (0 if prime is None else prime.shape[1])
-        T = P + num_samples
-        g = self._global_vector(global_cond, B)
-        c = self._local_features(local_cond, B, T)
-        acc = torch.float64 if dt == torch.float64 else torch.float32
-        gen_dev = generator.device if generator is not None else dev
-        nshape = (B, 2, T) if mixture else (B, T)
-        noise = torch.rand(nshape, generator=generator, device=gen_dev, dtype=acc).to(dev)
-        samples = torch.zeros(B, T, dtype=acc if mixture else torch.int64, device=dev)
+        P = 0 if prime is None else prime.shape[-1]
+        if num_samples == 0:
+            dev, acc = self.out1.weight.device, self._acc
+            empty = torch.zeros(batch_size, 0, dtype=acc if self._mixture else torch.int64, device=dev)
+            return (empty, torch.zeros(batch_size, self.out2.weight.shape[0], 0, dtype=acc, device=dev)) \
+                if return_logits else empty
+        out = self.sample(batch_size, (num_samples,), cond=(global_cond, local_cond), generator=generator,
+                          temperature=temperature, method="cached" if method == "fast" else "naive", prime=prime,
+                          progress=progress, return_params=return_logits,
+                          cuda_graphs=None if use_cuda_graph else False)
+        if return_logits:
+            x, params = out
+            return x, params.permute(1, 2, 0)[:, :, P:]
+        return out
+
+    # ---- the generation protocol (fastar.sampling) ------------------------------------------
+
+    @property
+    def _acc(self):
+        return torch.float64 if self.out1.weight.dtype == torch.float64 else torch.float32
+
+    def _split_cond(self, cond):
+        if isinstance(cond, (tuple, list)):
+            if len(cond) != 2:
+                raise ValueError("WaveNet: cond must be global_cond or a tuple (global_cond, local_cond)")
+            return cond[0], cond[1]
+        return cond, None
+
+    def sequence(self, n=None, shape=None, cond=None, prime=None):
+        """The :class:`fastar.sampling.Sequence` of one run: P + T steps (the prime's P are given),
+        values in time order."""
+        from fastar.sampling import Categorical, LogisticMixture, Sequence
+
+        if shape is None:
+            raise ValueError("WaveNet.sample: shape (T,) (the number of new samples) is needed")
+        shp = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else tuple(shape)
+        if len(shp) != 1 or isinstance(shp[0], bool) or not isinstance(shp[0], int) or shp[0] < 1:
+            raise ValueError(f"WaveNet.sample: shape must be (T,) or an int T >= 1, got {shape!r}")
+        mixture, acc = self._mixture, self._acc
+        if prime is not None:
+            if mixture and (not isinstance(prime, torch.Tensor) or not prime.is_floating_point() or prime.dim() != 2):
+                raise ValueError(f"WaveNet.sample: prime must be (B, P) floats in [-1, 1] (mixture head), got "
+                                 f"{getattr(prime, 'dtype', type(prime).__name__)} of shape "
+                                 f"{list(getattr(prime, 'shape', []))}")
+            if not mixture and (not isinstance(prime, torch.Tensor) or prime.dtype != torch.int64 or prime.dim() != 2):
+                raise ValueError(f"WaveNet.sample: prime must be (B, P) int64 codes, got "
+                                 f"{getattr(prime, 'dtype', type(prime).__name__)} of shape "
+                                 f"{list(getattr(prime, 'shape', []))}")
+            if n is not None and n != prime.shape[0]:
+                raise ValueError(f"WaveNet.sample: prime has batch {prime.shape[0]} but n is {n}")
+            n = prime.shape[0]
+            if not mixture and prime.numel() and (int(prime.min()) < 0 or int(prime.max()) >= self.quantization):
+                raise ValueError(f"WaveNet.sample: prime codes must lie in [0, {self.quantization}), got range "
+                                 f"[{int(prime.min())}, {int(prime.max())}]")
+        if n is None:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"WaveNet.sample: n must be a positive int, got {n!r}")
+        P = 0 if prime is None else prime.shape[1]
+        T = P + shp[0]
+        gc, lc = self._split_cond(cond)
+        g = self._global_vector(gc, n)
+        c = self._local_features(lc, n, T)
+        head = LogisticMixture(self.num_mixtures, self.num_bits) if mixture else Categorical(self.quantization)
+        given_values = given_mask = None
         if P:
-            samples[:, :P] = prime.to(dev, samples.dtype)
-        width = 3 * self.num_mixtures if mixture else self.quantization
-        logits_all = torch.empty(B, width, T, dtype=acc, device=dev) if return_logits else None
-        bar = _progress(T, progress, f"WaveNet {method}")
-        if method == "naive":
-            self._generate_naive(samples, noise, g, c, P, temperature, logits_all, bar)
-        else:
-            self._generate_fast(samples, noise, g, c, P, temperature, logits_all, bar, use_cuda_graph)
-        bar.close()
-        out = samples[:, P:]
-        return (out, logits_all[:, :, P:]) if return_logits else out
+            dev = self.out1.weight.device
+            given_values = torch.zeros(n, T, dtype=acc if mixture else torch.int64, device=dev)
+            given_values[:, :P] = prime.to(dev, given_values.dtype)
+            given_mask = torch.zeros(n, T, dtype=torch.bool, device=dev)
+            given_mask[:, :P] = True
 
-    def _generate_naive(self, samples, noise, g, c, P, temperature, logits_all, bar):
-        B, T = samples.shape
-        rf = self.receptive_field
-        mixture = self._mixture
-        inp = torch.full_like(samples, 0.0 if mixture else self.start_code)
-        inp[:, 1:] = samples[:, :-1]
-        for t in range(T):
-            if t < P and logits_all is None:  # primed positions: nothing to draw, nothing asked for
-                bar.update(1)
-                continue
-            lo = max(0, t + 1 - rf)
+        def forward(values, t=None):
+            inp = torch.cat([torch.full_like(values[:, :1], 0.0 if mixture else self.start_code), values[:, :-1]], 1)
+            if t is None:
+                return self._stack(self._embed(inp), g, c).to(acc).permute(2, 0, 1)
+            lo = max(0, t + 1 - self.receptive_field)   # the output at t sees no further back
             h = self._embed(inp[:, lo:t + 1])
-            logits = self._stack(h, g, None if c is None else c[:, :, lo:t + 1])[:, :, -1]
-            logits = logits.to(noise.dtype)
-            if logits_all is not None:
-                logits_all[:, :, t] = logits
-            if t >= P and mixture:
-                samples[:, t] = sample_discretized_mix_logistic(
-                    logits.unsqueeze(2), self.num_mixtures, noise=noise[:, :, t:t + 1], temperature=temperature,
-                    num_bits=self.num_bits)[:, 0]
-            elif t >= P:
-                samples[:, t] = categorical_sample_ref(logits, dim=1, noise=noise[:, t], temperature=temperature)
-            if t + 1 < T:
-                inp[:, t + 1] = samples[:, t]
-            bar.update(1)
+            return self._stack(h, g, None if c is None else c[:, :, lo:t + 1])[:, :, -1].to(acc)
 
-    def _generate_fast(self, samples, noise, g, c, P, temperature, logits_all, bar, use_cuda_graph):
-        B, T = samples.shape
-        packed = self.pack()
-        cond = self._step_cond(g, c)
-        acc = noise.dtype
-        queues = torch.zeros(B, sum(queue_sizes(self.dilations, self.kernel_size)), self.residual_channels,
-                             dtype=acc, device=samples.device)
-        position = torch.zeros(1, dtype=torch.int64, device=samples.device)
-        logits = torch.empty(B, self.out2.weight.shape[0], dtype=acc, device=samples.device)
-        args = (samples, queues, position, logits, noise, cond, packed["in_w"], packed["in_b"], packed["conv_w"],
-                packed["conv_b"], packed["res_skip_w"], packed["res_skip_b"], packed["out1_w"], packed["out1_b"],
-                packed["out2_w"], packed["out2_b"], self.dilations, P, float(temperature), self._start_arg)
-        head = self._head_kwargs()
+        return Sequence(n=n, steps=T, head=head, forward=forward, finish=lambda values: values[:, P:],
+                        given_values=given_values, given_mask=given_mask, cond=(g, c),
+                        info=dict(num_prime=P, step_cond=self.step_cond(g, c)))
 
-        def step(n):
-            wavenet_step(*args, num_steps=n, **head)
+    def allocate_inference_cache(self, run, fused=None):
+        """The ring-buffer queues of one run (:mod:`fastar.models.wavenet_cache`)."""
+        from fastar.models.wavenet_cache import allocate
 
-        if samples.is_cuda and use_cuda_graph and T > 0:
-            _run_graph(step, args, T, logits_all, bar)
-            return
-        # Several steps per call so the per-call overhead is paid once per chunk; one per call
-        # when the caller wants every step's logits.
-        chunk = 1 if logits_all is not None else 256
-        t = 0
-        while t < T:
-            n = min(chunk, T - t)
-            step(n)
-            if logits_all is not None:
-                logits_all[:, :, t] = logits
-            t += n
-            bar.update(n)
+        return allocate(self, run, fused)
 
     def generate_reference_queue(self, samples, noise, global_cond=None, local_cond=None, num_prime=0,
                                  temperature=1.0):
@@ -404,72 +395,24 @@ class WaveNet(nn.Module):
         B, T = samples.shape
         g = self._global_vector(global_cond, B)
         c = self._local_features(local_cond, B, T)
-        p = self.pack()
+        w = self.pack()
         queues = torch.zeros(B, sum(queue_sizes(self.dilations, self.kernel_size)), self.residual_channels,
                              dtype=noise.dtype, device=samples.device)
         position = torch.zeros(1, dtype=torch.int64, device=samples.device)
         logits = torch.empty(B, self.out2.weight.shape[0], dtype=noise.dtype, device=samples.device)
-        cond = self._step_cond(g, c)
+        cond = self.step_cond(g, c)
         for _ in range(T):
-            wavenet_step_ref(samples, queues, position, logits, noise, cond, p["in_w"], p["in_b"], p["conv_w"],
-                             p["conv_b"], p["res_skip_w"], p["res_skip_b"], p["out1_w"], p["out1_b"], p["out2_w"],
-                             p["out2_b"], self.dilations, num_prime, temperature, self._start_arg,
-                             **self._head_kwargs())
+            wavenet_step_packed(samples, queues, position, logits, noise, cond, w, num_prime, temperature,
+                                self.start_arg, reference=True, **self.head_kwargs())
         return samples
 
     @property
-    def _start_arg(self) -> int:
+    def start_arg(self) -> int:
         # wavenet_step ignores `start` for the mixture head (its first input is 0.0)
         return 0 if self._mixture else self.start_code
 
-    def _head_kwargs(self):
+    def head_kwargs(self):
         return dict(num_mixtures=self.num_mixtures, num_bits=self.num_bits) if self._mixture else {}
-
-
-def _run_graph(step, args, T, logits_all, bar, steps_per_graph=64):
-    """Replay a CUDA graph of one fused call covering `steps_per_graph` steps (the step counter lives
-    on the device, so the same graph advances through the sequence)."""
-    samples, queues, position, logits = args[0], args[1], args[2], args[3]
-    saved = samples.clone()
-    chunk = 1 if logits_all is not None else min(steps_per_graph, T)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture (allocations, lazy init)
-        step(chunk)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(chunk)
-    # the warm-up advanced the state: restore it before replaying from step 0
-    samples.copy_(saved)
-    queues.zero_()
-    position.zero_()
-    t = 0
-    while t + chunk <= T:
-        graph.replay()
-        if logits_all is not None:
-            logits_all[:, :, t] = logits
-        t += chunk
-        bar.update(chunk)
-    if t < T:
-        step(T - t)
-        bar.update(T - t)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total, enabled, desc):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="sample")
 
 
 # ---------------------------------------------------------------------------- registration

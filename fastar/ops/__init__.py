@@ -4,12 +4,15 @@ from fastar.ops.masked_conv_at import masked_conv2d_at, masked_conv2d_at_ref
 from fastar.ops.mixture import (categorical_sample, categorical_sample_ref, discretized_mix_logistic_nll,
                                 discretized_mix_logistic_nll_ref, sample_discretized_mix_logistic,
                                 sample_discretized_mix_logistic_ref)
-from fastar.ops.wavenet import causal_conv1d_update, causal_conv1d_update_ref, wavenet_step, wavenet_step_ref
-from fastar.ops.pixel_step import gated_pixelcnn_step, gated_pixelcnn_step_ref
+from fastar.ops.wavenet import (WaveNetWeights, causal_conv1d_update, causal_conv1d_update_ref, wavenet_step,
+                                wavenet_step_packed, wavenet_step_ref)
+from fastar.ops.pixel_step import (GatedPixelStepPack, gated_pixelcnn_step, gated_pixelcnn_step_packed,
+                                   gated_pixelcnn_step_ref)
 
 __all__ = ["masked_conv2d", "masked_conv2d_ref", "masked_conv2d_at", "masked_conv2d_at_ref",
            "categorical_sample", "categorical_sample_ref",
            "discretized_mix_logistic_nll", "discretized_mix_logistic_nll_ref",
            "sample_discretized_mix_logistic", "sample_discretized_mix_logistic_ref",
            "causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref",
-           "gated_pixelcnn_step", "gated_pixelcnn_step_ref"]
+           "gated_pixelcnn_step", "gated_pixelcnn_step_ref", "WaveNetWeights", "wavenet_step_packed",
+           "GatedPixelStepPack", "gated_pixelcnn_step_packed"]

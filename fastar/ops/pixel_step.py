@@ -40,13 +40,37 @@ Devices and dtypes: CPU and CUDA kernels, float32 and float64.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fastar import _backend
 from fastar.ops._common import check_same_device, check_tensor
 from fastar.ops.mixture import categorical_sample_ref
 
-__all__ = ["gated_pixelcnn_step", "gated_pixelcnn_step_ref"]
+__all__ = ["gated_pixelcnn_step", "gated_pixelcnn_step_ref", "GatedPixelStepPack", "gated_pixelcnn_step_packed"]
+
+
+class GatedPixelStepPack(NamedTuple):
+    """A Gated PixelCNN's packed weights (and per-run conditioning and scratch) for
+    :func:`gated_pixelcnn_step`, in the layouts of the module docstring; built once per run by
+    :func:`fastar.models.pixelcnn_cache.pack_gated_pixel_step`."""
+
+    row_cache: torch.Tensor
+    links: torch.Tensor
+    class_bias: torch.Tensor | None
+    cond_map: torch.Tensor | None
+    map_w: torch.Tensor | None
+    h_w: torch.Tensor
+    h_b: torch.Tensor
+    so_w: torch.Tensor
+    so_b: torch.Tensor
+    head1_w: torch.Tensor
+    head1_b: torch.Tensor
+    head2_w: torch.Tensor
+    head2_b: torch.Tensor
+    taps: list
+    residual: list
 
 KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -220,3 +244,12 @@ if _backend.has_ops("gated_pixelcnn_step"):
                                   prefix, given, h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps,
                                   residual, levels, temperature):
         return None
+
+
+def gated_pixelcnn_step_packed(image, codes, step, logits, noise, prefix, given, pack: GatedPixelStepPack, levels,
+                               temperature=1.0):
+    """:func:`gated_pixelcnn_step` with the weights as one :class:`GatedPixelStepPack`."""
+    return gated_pixelcnn_step(image, pack.row_cache, codes, step, logits, noise, pack.links, pack.class_bias,
+                               pack.cond_map, pack.map_w, prefix, given, pack.h_w, pack.h_b, pack.so_w, pack.so_b,
+                               pack.head1_w, pack.head1_b, pack.head2_w, pack.head2_b, pack.taps, pack.residual,
+                               levels, temperature)

@@ -54,6 +54,8 @@ steps (train with the full-sequence layers).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -62,7 +64,7 @@ from fastar.ops._common import check_same_device, check_tensor
 from fastar.ops.mixture import categorical_sample_ref, sample_discretized_mix_logistic_ref
 
 __all__ = ["causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref",
-           "queue_sizes"]
+           "queue_sizes", "WaveNetWeights", "wavenet_step_packed"]
 
 KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -354,3 +356,29 @@ if _backend.has_ops("causal_conv1d_update", "wavenet_step"):
                            res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start,
                            num_steps, num_mixtures=0, num_bits=8):
         return None
+
+
+class WaveNetWeights(NamedTuple):
+    """A WaveNet's weights in :func:`wavenet_step`'s layouts ((in, out) matrices, see the module
+    docstring), packed once per run by :meth:`fastar.models.WaveNet.pack`."""
+
+    in_w: torch.Tensor
+    in_b: torch.Tensor
+    conv_w: torch.Tensor
+    conv_b: torch.Tensor
+    res_skip_w: torch.Tensor
+    res_skip_b: torch.Tensor
+    out1_w: torch.Tensor
+    out1_b: torch.Tensor
+    out2_w: torch.Tensor
+    out2_b: torch.Tensor
+    dilations: list
+
+
+def wavenet_step_packed(samples, queues, position, logits, noise, cond, weights: WaveNetWeights, num_prime=0,
+                        temperature=1.0, start=128, num_steps=1, num_mixtures=0, num_bits=8, reference=False):
+    """:func:`wavenet_step` (or, with ``reference=True``, :func:`wavenet_step_ref`) with the weights as one
+    :class:`WaveNetWeights`."""
+    fn = wavenet_step_ref if reference else wavenet_step
+    return fn(samples, queues, position, logits, noise, cond, *weights, num_prime=num_prime, temperature=temperature,
+              start=start, num_steps=num_steps, num_mixtures=num_mixtures, num_bits=num_bits)

@@ -1,4 +1,8 @@
-"""Generation engines: naive (the whole network per sub-pixel) and cached (2-D caches, one position per step)."""
-from fastar.sampling.engine import SamplePlan, cached_sample, naive_sample, prepare, sample
+"""The one generation engine (see :mod:`fastar.sampling.engine` and ``docs/architecture.md``)."""
+from fastar.sampling.engine import GraphRunner, cached_sample, naive_sample, prepare, progress_bar, sample
+from fastar.sampling.heads import Bernoulli, Categorical, Head, LogisticMixture
+from fastar.sampling.protocol import ForwardCache, GenerationRun, InferenceCache, Sequence
 
-__all__ = ["sample", "naive_sample", "cached_sample", "prepare", "SamplePlan"]
+__all__ = ["sample", "prepare", "cached_sample", "naive_sample", "GraphRunner", "progress_bar", "Sequence",
+           "GenerationRun", "InferenceCache", "ForwardCache", "Head", "Bernoulli", "Categorical",
+           "LogisticMixture"]

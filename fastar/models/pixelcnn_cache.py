@@ -1,4 +1,12 @@
-"""Per-layer 2-D caches of PixelCNN and Gated PixelCNN for cached sampling.
+"""Per-layer 2-D caches of PixelCNN and Gated PixelCNN: their inference caches for
+:mod:`fastar.sampling` (the generation protocol), and the fused pixel step's weight packing.
+
+:func:`allocate` builds a run's :class:`ImageInferenceCache`. Its ``plan(t)`` is "pixel" on most
+steps and "row" at the start of a row (a Gated PixelCNN's vertical stack runs once per completed
+row, then the pixel). The pixel step is, where its kernel is built, one fused
+:func:`fastar.ops.gated_pixelcnn_step` call (every block, the head and the draw, from the engine's
+uniforms); else the per-op path below (a few torch ops per block) returns the logits and the
+engine draws.
 
 Each cache object holds, for one batch, every layer's input map (N, C, H, W) and the
 image-independent conditioning terms, and offers two steps that read positions from
@@ -23,8 +31,11 @@ import torch.nn.functional as F
 from fastar import _backend
 from fastar.nn.gated import GatedMaskedConv2d
 from fastar.ops import masked_conv_at as _mca
+from fastar.ops import pixel_step as _ps
+from fastar.sampling.protocol import InferenceCache
 
-__all__ = ["make_cache", "GatedCache", "PixelCNNCache", "fused_pixel_step_supported", "pack_gated_pixel_step"]
+__all__ = ["allocate", "ImageInferenceCache", "make_cache", "GatedCache", "PixelCNNCache",
+           "fused_pixel_step_supported", "pack_gated_pixel_step"]
 
 
 def _new_cache(x_img, channels):
@@ -178,16 +189,101 @@ class GatedCache:
 
 
 def make_cache(model, x_img, cond=None, pixel: bool = True):
-    """The cache object for `model` (a PixelCNN or GatedPixelCNN, recognised by its layers).
-
-    pixel=False (Gated PixelCNN only): the caches of the row step alone, for the fused pixel step.
-    """
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None and len(blocks) and isinstance(blocks[0], GatedMaskedConv2d):
+    """The layer caches of `model`: :class:`GatedCache` for a stack of gated blocks, else
+    :class:`PixelCNNCache`. pixel=False (gated only): the row step's caches alone, for the fused
+    pixel step."""
+    if getattr(model, "gated", False):
         return GatedCache(model, x_img, cond, pixel)
-    if hasattr(model, "input_conv"):
-        return PixelCNNCache(model, x_img, cond)
-    raise TypeError(f"cached sampling supports fastar.models.PixelCNN and GatedPixelCNN, got {type(model).__name__}")
+    return PixelCNNCache(model, x_img, cond)
+
+
+class ImageInferenceCache(InferenceCache):
+    """One run's caches, device counters and index tables (see the module docstring)."""
+
+    def __init__(self, model, run, fused: bool | None = None):
+        super().__init__(run)
+        self.model = model
+        C, H, W = run.seq.info["shape"]
+        n, dev, levels = run.seq.n, run.device, model.levels
+        self.C, self.H, self.W, self.levels = C, H, W, levels
+        self.x_img = torch.zeros(n, C, H, W, dtype=run.dtype, device=dev)
+        # The CUDA kernel keeps the per-block residual flags in one 32-bit word.
+        can_fuse = fused_pixel_step_supported(model) and (dev.type != "cuda" or len(model.blocks) <= 32)
+        if fused and not can_fuse:
+            raise ValueError(f"fused=True: {type(model).__name__}'s pixel step does not fit the fused op "
+                             "(a Gated PixelCNN with equal block widths is needed)")
+        if fused is None:
+            fused = can_fuse and _backend.use_kernel("gated_pixelcnn_step", dev, run.dtype, _ps.KERNEL_DTYPES)
+        self.draws = bool(fused)
+        self.layers = make_cache(model, self.x_img, run.cond, pixel=not self.draws)
+        self.has_rows = self.layers.has_rows
+        # Step t -> [i, j, c, i * W + j, c * H * W + i * W + j], gathered on the device with the
+        # step counter so that a captured step needs no host input.
+        t = torch.arange(C * H * W, device=dev)
+        c, p = t % C, t // C
+        self.table = torch.stack([p // W, p % W, c, p, c * H * W + p], 1).contiguous()
+        r = torch.arange(H, device=dev)
+        cols = torch.arange(W, device=dev)
+        self.row_pos = torch.stack([r[:, None].expand(H, W), cols[None, :].expand(H, W)], 2).contiguous()
+        self.row_hw = (r[:, None] * W + cols[None, :]).contiguous()
+        self.r = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.scale = 2.0 / (levels - 1)
+        if self.draws:
+            self._set_up_fused()
+
+    def _set_up_fused(self):
+        run = self.run
+        k = 1 if self.levels == 2 else self.levels
+        w = pack_gated_pixel_step(self.model, self.layers, run.cond)
+        self.params = torch.zeros(run.seq.n, k, dtype=run.dtype, device=run.device)
+        args = (self.x_img, w.row_cache, run.values, run.counter, self.params,
+                run.noise.view(run.noise.shape[0], run.noise.shape[1]), w.links, w.class_bias, w.cond_map, w.map_w,
+                run.given_values, run.given_mask, w.h_w, w.h_b, w.so_w, w.so_b, w.head1_w, w.head1_b, w.head2_w,
+                w.head2_b, w.taps, w.residual, self.levels, run.temperature)
+        # Checked once here; a step then calls the op directly (the checks would cost more than it).
+        _ps._check("gated_pixelcnn_step", *args)
+        if _backend.use_kernel("gated_pixelcnn_step", run.device, run.dtype, _ps.KERNEL_DTYPES):
+            self._fused_fn = torch.ops.fastar.gated_pixelcnn_step
+        else:  # fused=True under the reference backend: the op's PyTorch twin
+            self._fused_fn = _ps._ref_impl
+        self._fused_args = args
+
+    def plan(self, t):
+        if self.has_rows and t and t % (self.C * self.W) == 0:
+            return "row", 1
+        return "pixel", 1
+
+    def _row(self):
+        # At the start of row r + 1: the vertical stack over the completed row r.
+        self.layers.row(self.row_pos.index_select(0, self.r).squeeze(0),
+                        self.row_hw.index_select(0, self.r).squeeze(0))
+        self.r.add_(1)
+
+    def advance(self, key, k):
+        if key == "row":
+            self._row()
+        self._fused_fn(*self._fused_args)
+
+    def step(self, key):
+        if key == "row":
+            self._row()
+        cur = self.table.index_select(0, self.run.t)                  # (1, 5)
+        pos, c, hw, jcol = cur[:, 0:2], cur[0, 2:3], cur[0, 3:4], cur[0, 1:2]
+        logits = self.layers.pixel(pos, hw, jcol)                     # (N, out_channels)
+        n = self.run.seq.n
+        if self.levels == 2:
+            return logits.index_select(1, c)                          # (N, 1)
+        return logits.view(n, self.C, self.levels).index_select(1, c).squeeze(1)   # (N, levels)
+
+    def update(self, key, values):
+        flat = self.table.index_select(0, self.run.t)[0, 4:5]
+        x_new = (values.to(self.run.dtype) * self.scale - 1.0).unsqueeze(1)
+        self.x_img.view(self.run.seq.n, -1).index_copy_(1, flat, x_new)
+
+
+def allocate(model, run, fused=None) -> ImageInferenceCache:
+    """The inference cache of a PixelCNN-family model for one run of :mod:`fastar.sampling`."""
+    return ImageInferenceCache(model, run, fused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +327,8 @@ def pack_gated_pixel_step(model, cache: GatedCache, cond=None) -> dict:
     :func:`fastar.ops.gated_pixelcnn_step` (see its module docstring). `cache` is the run's
     :class:`GatedCache` (its ``links`` table and class biases are shared, not copied). Returns a dict
     of the op's tensor and int arguments, except the run state (image, codes, step, logits, noise,
-    prefix, given). The model must pass :func:`fused_pixel_step_supported`."""
+    prefix, given) as a :class:`fastar.ops.GatedPixelStepPack`. The model must pass
+    :func:`fused_pixel_step_supported`."""
     blocks = list(model.blocks)
     x_img = cache.x_img
     n, ci, h, w = x_img.shape
@@ -258,7 +355,7 @@ def pack_gated_pixel_step(model, cache: GatedCache, cond=None) -> dict:
         cond_map = cmap.permute(0, 2, 3, 1).reshape(n, h * w, -1).to(dt).contiguous()        # (N, HW, Cc)
         map_w = torch.stack([b.map_h.weight.flatten(1).t() for b in blocks]).contiguous()    # (L, Cc, 2C)
     f = lambda t: t.detach().to(dt).contiguous()  # noqa: E731
-    return dict(
+    return _ps.GatedPixelStepPack(
         row_cache=x_img.new_zeros(len(blocks) - 1, n, w, c), links=cache.links,
         class_bias=class_bias, cond_map=cond_map, map_w=map_w,
         h_w=f(torch.cat(h_w)), h_b=f(torch.stack(h_b)), so_w=f(torch.stack(so_w)), so_b=f(torch.stack(so_b)),

@@ -1,0 +1,116 @@
+"""WaveNet's inference caches for :mod:`fastar.sampling`: one ring-buffer queue per layer.
+
+- :class:`WaveNetFusedCache` (``draws = True``): the whole network, the head and the draw in
+  :func:`fastar.ops.wavenet_step`, many steps per call (256 per CPU call; 64 per CUDA graph
+  replay), drawing from the engine's uniforms; used wherever the kernel is built for the
+  device and dtype.
+- :class:`WaveNetQueueCache` (the per-op fallback): per layer one
+  :func:`fastar.ops.causal_conv1d_update` on its ring buffer (the state as long as the
+  dilation, indexed by ``t mod ((k - 1) d)``: nothing is shifted), the gate, the residual and
+  skip 1x1s and the head; the engine draws.
+
+Both read the step index from the engine's device counter ``run.t``, so a step can be captured
+in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastar import _backend
+from fastar.ops import wavenet as _wn
+from fastar.sampling.protocol import InferenceCache
+
+__all__ = ["allocate", "WaveNetFusedCache", "WaveNetQueueCache"]
+
+
+def _prime_length(run) -> int:
+    """The prime's length P, checking the given values are whole leading columns (what the op keeps)."""
+    if run.given_mask is None:
+        return 0
+    P = int(run.seq.info.get("num_prime", 0))
+    want = torch.zeros_like(run.given_mask)
+    want[:, :P] = True
+    if not torch.equal(run.given_mask, want):
+        raise ValueError("WaveNet: given values must be a prime (the first P samples of every clip)")
+    return P
+
+
+class WaveNetFusedCache(InferenceCache):
+    draws = True
+
+    def __init__(self, model, run):
+        super().__init__(run)
+        n, dev, acc = run.seq.n, run.device, run.acc
+        self.model = model
+        self.weights = model.pack()
+        self.queues = torch.zeros(n, sum(_wn.queue_sizes(model.dilations, model.kernel_size)),
+                                  model.residual_channels, dtype=acc, device=dev)
+        self.params = torch.zeros(n, model.out2.weight.shape[0], dtype=acc, device=dev)
+        # The op wants (B, T) uniforms (softmax) or (B, 2, T) (mixture); the engine holds (T, B, U).
+        noise = run.noise.permute(1, 2, 0)
+        self.noise = (noise if model.head_kwargs() else noise[:, 0]).contiguous()
+        cond = run.seq.info.get("step_cond")
+        self.cond = None if cond is None else cond.to(run.dtype).contiguous()
+        self.num_prime = _prime_length(run)
+        self.chunk = 64 if dev.type == "cuda" else 256
+
+    def plan(self, t):
+        return "chunk", (1 if self.run.record else self.chunk)
+
+    def advance(self, key, k):
+        run = self.run
+        _wn.wavenet_step_packed(run.values, self.queues, run.t, self.params, self.noise, self.cond, self.weights,
+                                self.num_prime, run.temperature, self.model.start_arg, num_steps=k,
+                                **self.model.head_kwargs())
+
+
+class WaveNetQueueCache(InferenceCache):
+    def __init__(self, model, run):
+        super().__init__(run)
+        n, dev, dt = run.seq.n, run.device, run.dtype
+        self.model = model
+        self.mixture = bool(model.head_kwargs())
+        k = model.kernel_size
+        self.states = [torch.zeros(n, model.residual_channels, (k - 1) * d, dtype=dt, device=dev)
+                       for d in model.dilations]
+        cond = run.seq.info.get("step_cond")
+        self.cond = None if cond is None else cond.to(dt)            # (B, Tc, L, 2D)
+        self.start = torch.full((n,), float(model.start_arg) if self.mixture else model.start_arg,
+                                dtype=run.values.dtype, device=dev)
+        w = model.input_conv.weight[:, :, 0]                          # (R, A) or (R, 1)
+        self.in_w, self.in_b = w.t().contiguous(), model.input_conv.bias
+        self.rs = [(torch.cat([r.weight[:, :, 0], s.weight[:, :, 0]], 0).t().contiguous(), torch.cat([r.bias, s.bias]))
+                   for r, s in zip(model.res_convs, model.skip_convs)]
+        self.R, self.D = model.residual_channels, model.dilation_channels
+        self.head = (model.out1.weight[:, :, 0].t(), model.out1.bias, model.out2.weight[:, :, 0].t(), model.out2.bias)
+
+    def step(self, key):
+        run, m = self.run, self.model
+        t = run.t
+        prev = run.values.index_select(1, (t - 1).clamp_min(0)).squeeze(1)
+        prev = torch.where(t == 0, self.start, prev)
+        if self.mixture:
+            h = torch.addmm(self.in_b, prev.to(self.in_w.dtype).unsqueeze(1), self.in_w)
+        else:
+            h = self.in_w.index_select(0, prev) + self.in_b
+        skip = None
+        tc = None if self.cond is None else (t if self.cond.shape[1] > 1 else torch.zeros_like(t))
+        for li, (conv, d) in enumerate(zip(m.dilated_convs, m.dilations)):
+            a = _wn.causal_conv1d_update(h, self.states[li], conv.weight, conv.bias, d, t)
+            if tc is not None:
+                a = a + self.cond.index_select(1, tc)[:, 0, li]
+            z = torch.tanh(a[:, :self.D]) * torch.sigmoid(a[:, self.D:])
+            rs = torch.addmm(self.rs[li][1], z, self.rs[li][0])
+            h = h + rs[:, :self.R]
+            skip = rs[:, self.R:] if skip is None else skip + rs[:, self.R:]
+        w1, b1, w2, b2 = self.head
+        return torch.addmm(b2, F.relu(torch.addmm(b1, F.relu(skip), w1)), w2).to(run.acc)
+
+
+def allocate(model, run, fused=None):
+    """The inference cache of a WaveNet for one run: fused where ``wavenet_step``'s kernel is built."""
+    can_fuse = _backend.use_kernel("wavenet_step", run.device, run.dtype, _wn.STEP_KERNEL_DTYPES)
+    if fused is None:
+        fused = can_fuse
+    return WaveNetFusedCache(model, run) if fused else WaveNetQueueCache(model, run)
