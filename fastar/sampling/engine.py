@@ -41,7 +41,7 @@ def progress_bar(total: int, enabled: bool, desc: str):
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc)
 
 
 def _check_common(name, n, temperature):

@@ -284,7 +284,8 @@ def test_mixture_fast_equals_naive_and_reference_queue_float32_with_prime():
     assert torch.equal(res[0], res[1])
     assert torch.equal(res[0], res[2])
     # generate_reference_queue (wavenet_step_ref per step) from the same uniforms
-    noise = torch.rand(4, 2, 30, generator=torch.Generator().manual_seed(3))
+    # the engine draws (T, B, 2) uniforms up front; the op takes them as (B, 2, T)
+    noise = torch.rand(30, 4, 2, generator=torch.Generator().manual_seed(3)).permute(1, 2, 0).contiguous()
     samples = torch.zeros(4, 30)
     samples[:, :10] = prime
     m.generate_reference_queue(samples, noise, global_cond=gc, local_cond=lc, num_prime=10)
@@ -380,7 +381,7 @@ def test_generate_writes_wav_with_progress_bar(tmp_path, capsys):
     m = _tiny(torch.float32, quantization=256)
     codes = m.generate(400, batch_size=2, generator=torch.Generator().manual_seed(0), progress=True)
     err = capsys.readouterr().err
-    assert "WaveNet fast" in err and "400/400" in err  # tqdm's bar
+    assert "WaveNet cached sampling" in err and "400/400" in err  # tqdm's bar
     audio = mu_law_decode(codes)
     path = tmp_path / "sample.wav"
     write_wav(path, audio[0], 16000)

@@ -10,7 +10,7 @@ from fastar import sampling
 from fastar.models import GatedPixelCNN
 from fastar.ops import gated_pixelcnn_step, gated_pixelcnn_step_ref
 from fastar.ops import pixel_step as ps
-from fastar.sampling.engine import _CachedRun
+from fastar.models.pixelcnn_cache import ImageInferenceCache as _CachedRun
 from tests.conftest import requires_kernel
 
 
@@ -27,22 +27,23 @@ def _model(device, dtype=torch.float64, seed=0, **kw):
     return GatedPixelCNN(**kw).to(device, dtype).eval()
 
 
-def _plan(model, n, shape, cond=None, prefix=None, mask=None, temperature=1.0, seed=1):
-    return sampling.prepare(model, n, shape, cond, torch.Generator().manual_seed(seed), temperature, prefix, mask)
+def _plan(model, n, shape, cond=None, prefix=None, mask=None, temperature=1.0, seed=1, record=False):
+    return sampling.prepare(model, n, shape, cond, torch.Generator().manual_seed(seed), temperature, prefix, mask,
+                            record=record)
 
 
 def _walk(model, plan, fn):
     """Every step of a fused run with `fn` as the pixel step; returns (codes, per-step logits)."""
     run = _CachedRun(model, plan, fused=True)
-    per_row = plan.C * plan.W
+    per_row = run.C * run.W
     rec = []
     with torch.no_grad():
-        for t in range(plan.T):
+        for t in range(plan.seq.steps):
             if t and t % per_row == 0:
-                run.row_step()
+                run._row()
             fn(*run._fused_args)
-            rec.append(run.logits.clone())
-    return run.out.clone(), torch.stack(rec), run
+            rec.append(run.params.clone())
+    return plan.values.clone(), torch.stack(rec), run
 
 
 CASES = [
@@ -85,11 +86,11 @@ def test_kernel_equals_ref_float64(device, case):
     model, shape, n, cond, prefix, mask = _case(case, device, torch.float64)
     plan = _plan(model, n, shape, cond, prefix, mask)
     xk, lk, rk = _walk(model, plan, torch.ops.fastar.gated_pixelcnn_step)
-    xr, lr, rr = _walk(model, plan, ps._ref_impl)
+    xr, lr, rr = _walk(model, _plan(model, n, shape, cond, prefix, mask), ps._ref_impl)
     assert torch.equal(xk, xr)
     torch.testing.assert_close(lk, lr, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(rk.x_img, rr.x_img, rtol=0, atol=0)
-    assert int(rk.step[0]) == plan.T and int(rk.step[1]) == 0
+    assert int(rk.run.counter[0]) == plan.seq.steps and int(rk.run.counter[1]) == 0
     if prefix is not None:
         m = mask.reshape(n, -1)
         assert torch.equal(xk[m], prefix.reshape(n, -1)[m])
@@ -104,7 +105,7 @@ def test_kernel_close_to_ref_float32(device, case):
     model, shape, n, cond, prefix, mask = _case(case, device, torch.float32)
     plan = _plan(model, n, shape, cond, prefix, mask)
     _, _, run = _walk(model, plan, torch.ops.fastar.gated_pixelcnn_step)
-    run.step[0] = plan.T // 2     # any state serves: both sides start from copies of it
+    run.run.counter[0] = plan.seq.steps // 2     # any state serves: both sides start from copies of it
     a = [x.clone() if isinstance(x, torch.Tensor) else x for x in run._fused_args]
     b = [x.clone() if isinstance(x, torch.Tensor) else x for x in run._fused_args]
     torch.ops.fastar.gated_pixelcnn_step(*a)
@@ -117,9 +118,8 @@ def test_kernel_close_to_ref_float32(device, case):
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_cached_fused_equals_naive_float64(device, case):
     model, shape, n, cond, prefix, mask = _case(case, device, torch.float64)
-    xn, ln = sampling.naive_sample(model, _plan(model, n, shape, cond, prefix, mask), return_logits=True)
-    xf, lf = sampling.cached_sample(model, _plan(model, n, shape, cond, prefix, mask), return_logits=True,
-                                    fused=True)
+    xn, ln = sampling.naive_sample(model, _plan(model, n, shape, cond, prefix, mask, record=True))
+    xf, lf = sampling.cached_sample(model, _plan(model, n, shape, cond, prefix, mask, record=True), fused=True)
     xu = sampling.cached_sample(model, _plan(model, n, shape, cond, prefix, mask), fused=False)
     assert torch.equal(xn, xf) and torch.equal(xu, xf)
     torch.testing.assert_close(lf, ln, rtol=1e-8, atol=1e-8)
@@ -140,10 +140,10 @@ def test_engine_uses_the_fused_op_by_default(device):
     requires_kernel("gated_pixelcnn_step", device)
     model = _model(device, in_channels=1, levels=2, layers=2, channels=4)
     plan = _plan(model, 2, (3, 3))
-    assert _CachedRun(model, plan).fused
+    assert _CachedRun(model, plan).draws
     with fastar.backend("reference"):
-        assert not _CachedRun(model, plan).fused
-    assert not _CachedRun(model, plan, fused=False).fused
+        assert not _CachedRun(model, plan).draws
+    assert not _CachedRun(model, plan, fused=False).draws
 
 
 def _args(device, dtype=torch.float64):

@@ -25,12 +25,20 @@ def _model(cls, device, dtype=torch.float64, seed=0, **kw):
     return cls(**kw).to(device, dtype).eval()
 
 
+def _layout(model, rec, x):
+    """Per-step parameters (T, N, P) in step order -> the model's forward layout, (N, C, H, W) or (N, C, L, H, W)."""
+    n, C, H, W = x.shape
+    if model.levels == 2:
+        return rec.view(H, W, C, n).permute(3, 2, 0, 1)
+    return rec.view(H, W, C, n, model.levels).permute(3, 2, 4, 0, 1)
+
+
 def _both(model, n, shape, cond=None, seed=1, prefix=None, mask=None, temperature=1.0):
-    plans = [sampling.prepare(model, n, shape, cond, torch.Generator().manual_seed(seed), temperature, prefix, mask)
-             for _ in range(2)]
-    xn, ln = sampling.naive_sample(model, plans[0], return_logits=True)
-    xc, lc = sampling.cached_sample(model, plans[1], return_logits=True)
-    return xn, ln, xc, lc
+    plans = [sampling.prepare(model, n, shape, cond, torch.Generator().manual_seed(seed), temperature, prefix, mask,
+                              record=True) for _ in range(2)]
+    xn, ln = sampling.naive_sample(model, plans[0])
+    xc, lc = sampling.cached_sample(model, plans[1])
+    return xn, _layout(model, ln, xn), xc, _layout(model, lc, xc)
 
 
 CONFIGS = [
