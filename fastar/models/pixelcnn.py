@@ -153,7 +153,7 @@ class _DiscreteImageModel(nn.Module):
             return per if t is None else per[t]
 
         return Sequence(n=n, steps=C * H * W, head=head, forward=forward, slots=slots,
-                        finish=lambda values: values.view(n, C, H, W), given_values=pflat, given_mask=gflat,
+                        finish=lambda values: values.view(values.shape[0], C, H, W), given_values=pflat, given_mask=gflat,
                         cond=cond, info=dict(shape=(C, H, W)))
 
     def allocate_inference_cache(self, run, fused=None):
@@ -366,15 +366,15 @@ register(ModelSpec(
     name="pixelcnn", cls=PixelCNN, kind="image", datasets=("mnist", "digits", "patches"),
     default_config=_image_config(4), writer="png",
     demo=dict(data="mnist", batch_size=64, lr=3e-3, config=dict(layers=5, channels=16)),
-    tiny=(dict(config=dict(in_channels=1, levels=2, layers=2, channels=8), shape=(2, 2)),
-          dict(config=dict(in_channels=3, levels=3, layers=2, channels=6), shape=(1, 2))),
+    tiny=(dict(config=dict(in_channels=1, levels=2, layers=2, channels=16), shape=(2, 2)),
+          dict(config=dict(in_channels=3, levels=3, layers=2, channels=24), shape=(1, 2))),
     description="PixelCNN: masked convolutions (mask A/B, RGB groups), residual blocks"))
 register(ModelSpec(
     name="gated_pixelcnn", cls=GatedPixelCNN, kind="image", datasets=("mnist", "digits", "patches"),
     default_config=_image_config(6), conditional_config=_class_config, writer="png",
     shipped=("gated_pixelcnn_mnist",),
     demo=dict(data="mnist", batch_size=64, lr=3e-3, conditional=True, config=dict(layers=5, channels=16)),
-    tiny=(dict(config=dict(in_channels=1, levels=2, layers=2, channels=8), shape=(2, 2)),
+    tiny=(dict(config=dict(in_channels=1, levels=2, layers=2, channels=16), shape=(2, 2)),
           dict(config=dict(in_channels=1, levels=2, layers=2, channels=8, num_classes=3), shape=(2, 2), cond=1),
-          dict(config=dict(in_channels=3, levels=3, layers=2, channels=6), shape=(1, 2))),
+          dict(config=dict(in_channels=3, levels=3, layers=2, channels=24), shape=(1, 2))),
     description="Gated PixelCNN: vertical + horizontal stacks, gated units, class/map conditioning"))

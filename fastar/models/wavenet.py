@@ -425,8 +425,12 @@ def _audio_config(data: dict) -> dict:
 register(ModelSpec(
     name="wavenet", cls=WaveNet, kind="audio", datasets=("speech",), default_config=_audio_config, writer="wav",
     shipped=("wavenet_speech",), demo=dict(data="speech", batch_size=8, lr=1e-3),
-    tiny=(dict(config=dict(layers=2, stacks=1, residual_channels=4, dilation_channels=4, skip_channels=4,
+    tiny=(dict(config=dict(layers=2, stacks=1, residual_channels=6, dilation_channels=6, skip_channels=16,
                            quantization=3), shape=(3,)),
-          dict(config=dict(layers=3, stacks=1, residual_channels=4, dilation_channels=4, skip_channels=4,
-                           quantization=3, kernel_size=3), shape=(3,))),
+          dict(config=dict(layers=3, stacks=1, residual_channels=6, dilation_channels=6, skip_channels=16,
+                           quantization=3, kernel_size=3), shape=(3,)),
+          dict(config=dict(layers=2, stacks=1, residual_channels=6, dilation_channels=6, skip_channels=16,
+                           output="mixture", num_mixtures=2, num_bits=2), shape=(3,)),
+          dict(config=dict(layers=2, stacks=1, residual_channels=6, dilation_channels=6, skip_channels=16,
+                           quantization=3, num_speakers=2, global_cond_channels=3), shape=(3,), cond=1)),
     description="WaveNet: dilated causal convolutions, gated units, global/local conditioning"))

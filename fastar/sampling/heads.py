@@ -31,6 +31,10 @@ class Head:
         """log p(values | params), (N,) nats; the contract suite's normalisation check uses it."""
         raise NotImplementedError
 
+    def support(self, dtype=torch.float64) -> torch.Tensor:
+        """Every value a step can take (for exhaustive checks on tiny domains)."""
+        raise NotImplementedError
+
 
 class Bernoulli(Head):
     """One logit per step: P(1) = sigmoid(logit), drawn as the categories (0, logit)."""
@@ -44,6 +48,9 @@ class Bernoulli(Head):
         return -torch.nn.functional.binary_cross_entropy_with_logits(params[:, 0], values.to(params.dtype),
                                                                      reduction="none")
 
+    def support(self, dtype=torch.float64):
+        return torch.arange(2)
+
 
 class Categorical(Head):
     """``levels`` logits per step: softmax."""
@@ -56,6 +63,9 @@ class Categorical(Head):
 
     def log_prob(self, params, values):
         return -torch.nn.functional.cross_entropy(params, values, reduction="none")
+
+    def support(self, dtype=torch.float64):
+        return torch.arange(self.params)
 
 
 class LogisticMixture(Head):
@@ -77,3 +87,7 @@ class LogisticMixture(Head):
 
         return -discretized_mix_logistic_nll(values.unsqueeze(1).to(params.dtype), params.unsqueeze(2), self.k,
                                              num_bits=self.num_bits, reduction="none").reshape(-1)
+
+    def support(self, dtype=torch.float64):
+        bins = 2 ** self.num_bits
+        return torch.arange(bins, dtype=dtype) * (2.0 / (bins - 1)) - 1.0

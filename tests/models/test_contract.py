@@ -1,0 +1,177 @@
+"""The generation contract, run over every registered model family (``fastar.models.SPECS``) and
+each of its tiny configs (``ModelSpec.tiny``). A family that registers itself is held to all of it:
+
+- cached == naive from one seed, exactly in float64 (and the per-op cache == the fused one);
+- the cached sampler's per-step parameters == the teacher-forced forward pass, to 1e-5, and their
+  log-probabilities sum to ``-nll``;
+- causality: changing any value at step t or later leaves step t's parameters unchanged, and every
+  step after the first depends on some earlier one;
+- normalisation: over every sequence of the tiny domain, ``exp(-nll)`` sums to one;
+- bad input to ``nll`` and ``sample`` raises ValueError naming what was expected.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fastar
+from fastar import sampling
+from fastar.models import SPECS
+
+CASES = [(name, i) for name, spec in SPECS.items() for i in range(len(spec.tiny))]
+IDS = [f"{name}-{i}" for name, i in CASES]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def test_every_family_has_tiny_configs():
+    assert SPECS, "no model family is registered"
+    for name, spec in SPECS.items():
+        assert spec.tiny, f"{name} registers no tiny config, so the contract suite cannot hold it"
+
+
+def _case(name, i, device="cpu", dtype=torch.float64, n=3):
+    spec = SPECS[name]
+    tiny = spec.tiny[i]
+    torch.manual_seed(0)
+    model = spec.cls(**tiny["config"]).to(device, dtype).eval()
+    cond = tiny.get("cond")
+    if isinstance(cond, int):
+        cond = torch.full((n,), cond, dtype=torch.int64, device=device)
+    return model, tiny["shape"], cond
+
+
+def _run(model, shape, cond, n, seed=1, record=False):
+    return sampling.prepare(model, n, shape, cond, torch.Generator().manual_seed(seed), record=record)
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_cached_equals_naive_float64(device, name, i):
+    model, shape, cond = _case(name, i, device)
+    naive = sampling.naive_sample(model, _run(model, shape, cond, 3))
+    cached = sampling.cached_sample(model, _run(model, shape, cond, 3))
+    per_op = sampling.cached_sample(model, _run(model, shape, cond, 3), fused=False)
+    assert torch.equal(naive, cached) and torch.equal(naive, per_op)
+    again = sampling.cached_sample(model, _run(model, shape, cond, 3, seed=2))
+    assert not torch.equal(again, cached), "another seed drew the same values: the uniforms are not used"
+    # the public door gives the same values
+    pub = model.sample(3, shape, cond=cond, generator=torch.Generator().manual_seed(1), progress=False)
+    assert torch.equal(pub, cached)
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+@pytest.mark.parametrize("fused", [None, False])
+def test_step_params_equal_teacher_forced_forward(device, name, i, fused):
+    model, shape, cond = _case(name, i, device)
+    run = _run(model, shape, cond, 3, record=True)
+    x, params = sampling.cached_sample(model, run, fused=fused)
+    forced = run.seq.forward(run.values, None)                       # (T, N, P) from one full pass
+    assert params.shape == forced.shape
+    torch.testing.assert_close(params, forced, rtol=1e-5, atol=1e-5)
+    # the recorded parameters score the drawn values as the model's nll does
+    head = run.seq.head
+    vals = run.values[:, run.slots]                                   # (N, T) in step order
+    lp = sum(head.log_prob(params[t], vals[:, t]) for t in range(run.seq.steps))
+    torch.testing.assert_close(-lp, model.nll(x, cond), rtol=1e-6, atol=1e-6)
+
+
+def _moved(values, slot, support):
+    """`values` with every example's value at `slot` moved to another value of the support."""
+    out = values.clone()
+    cur = values[:, slot].to(support.dtype)
+    idx = (cur[:, None] == support[None, :]).to(torch.int64).argmax(1)
+    out[:, slot] = support[(idx + 1) % len(support)].to(out.dtype)
+    return out
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_causality(name, i):
+    _check_causal(*_case(name, i))
+
+
+def test_causality_check_catches_a_leak():
+    # A PixelCNN whose first layer sees its own sub-pixel (mask B where mask A belongs) must fail the check.
+    model, shape, cond = _case("pixelcnn", 0)
+    with torch.no_grad():
+        model.input_conv.mask[:, :, 3, 3] = 1.0
+    with pytest.raises(AssertionError, match="depend on step"):
+        _check_causal(model, shape, cond)
+
+
+def _check_causal(model, shape, cond):
+    run = _run(model, shape, cond, 3)
+    seq = run.seq
+    sampling.naive_sample(model, run)
+    values, support, slots = run.values.clone(), seq.head.support(), run.slots.tolist()
+    with torch.no_grad():
+        base = seq.forward(values, None)                              # (T, N, P)
+        outs = [seq.forward(_moved(values, slots[s], support), None) for s in range(seq.steps)]
+    for t in range(seq.steps):
+        for s in range(t, seq.steps):
+            torch.testing.assert_close(outs[s][t], base[t], rtol=0, atol=0,
+                                       msg=f"step {t}'s parameters depend on step {s}")
+        if t:
+            assert any(not torch.equal(outs[s][t], base[t]) for s in range(t)), f"step {t} sees no earlier step"
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_normalised_over_the_tiny_domain(name, i):
+    model, shape, cond = _case(name, i, n=1)
+    run = _run(model, shape, cond, 1)
+    seq, T = run.seq, run.seq.steps
+    support = seq.head.support()
+    assert len(support) ** T <= 4096, "tiny config too large to enumerate"
+    grid = torch.tensor(list(itertools.product(range(len(support)), repeat=T)))   # (M, T) step order
+    values = torch.zeros(len(grid), T, dtype=run.values.dtype)
+    values[:, run.slots] = support[grid].to(values.dtype)
+    x = seq.finish(values)
+    c = None if cond is None else cond.expand(len(grid))
+    with torch.no_grad():
+        nll = model.nll(x, c)
+    assert nll.shape == (len(grid),)
+    total = torch.logsumexp(-nll, 0)
+    torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_bits_per_dim_and_loss_from_nll(name, i):
+    model, shape, cond = _case(name, i)
+    x = model.sample(3, shape, cond=cond, generator=torch.Generator().manual_seed(0), progress=False)
+    nll = model.nll(x, cond)
+    assert nll.shape == (3,) and bool((nll > 0).all())
+    torch.testing.assert_close(model.bits_per_dim(x, cond), nll / (x[0].numel() * torch.log(torch.tensor(2.0)).double()))
+    torch.testing.assert_close(model.loss(x, cond), nll.mean())
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_bad_input(name, i):
+    model, shape, cond = _case(name, i)
+    with pytest.raises(ValueError, match="method"):
+        model.sample(1, shape, cond=cond, method="fast")
+    for bad_n in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            model.sample(bad_n, shape, cond=cond, progress=False)
+    for bad_t in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            model.sample(3, shape, cond=cond, temperature=bad_t, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        model.sample(3, (0,) * len(shape), cond=cond, progress=False)
+    with pytest.raises(ValueError):
+        model.nll(torch.zeros(2, dtype=torch.int64), cond)            # no batch of sequences
+
+
+def test_reference_backend_draws_the_same():
+    for name, i in CASES:
+        model, shape, cond = _case(name, i)
+        a = model.sample(3, shape, cond=cond, generator=torch.Generator().manual_seed(5), progress=False)
+        with fastar.backend("reference"):
+            b = model.sample(3, shape, cond=cond, generator=torch.Generator().manual_seed(5), progress=False)
+        assert torch.equal(a, b), name
