@@ -6,5 +6,6 @@ one line a new family adds.
 from fastar.models.spec import SPECS, ModelSpec, register
 from fastar.models.pixelcnn import GatedPixelCNN, PixelCNN
 from fastar.models.wavenet import WaveNet
+from fastar.models.fvsbn import FVSBN
 
-__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "SPECS", "ModelSpec", "register"]
+__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "SPECS", "ModelSpec", "register"]

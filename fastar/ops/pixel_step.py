@@ -29,7 +29,7 @@ int64 [t, 0] (element 1 is the CUDA kernel's arrival counter and stays 0 between
 (N, H * W, Cc) and map_w (L, Cc, C2), or both None; h_w flat: block 0 (taps[0], C_img, C2) then
 each later block (taps[1], C, C2); h_b, so_b (L, C2); so_w (L, C, C2); head1_w (C, C); head1_b (C,);
 head2_w (C, C_img * K); head2_b (C_img * K,); taps [block 0's live taps, the later blocks']; residual
-L ints (0/1). :func:`fastar.sampling.caches.pack_gated_pixel_step` builds all of them from a model.
+L ints (0/1). :func:`fastar.models.pixelcnn_cache.pack_gated_pixel_step` builds all of them from a model.
 
 Mutates image, row_cache, codes, step and logits; returns None. One C++ call on CPU (OpenMP over
 batch rows), ONE kernel launch on CUDA (a CTA per few batch rows, every block in shared memory),
@@ -85,7 +85,7 @@ def _shape(op, name, t, want, dt):
     if t.dtype != dt:
         raise TypeError(f"{op}: {name} dtype {t.dtype} must match the weights' dtype {dt}")
     if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous (pack it with fastar.sampling.caches."
+        raise ValueError(f"{op}: {name} must be contiguous (pack it with fastar.models.pixelcnn_cache."
                          "pack_gated_pixel_step)")
 
 
