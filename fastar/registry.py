@@ -2,8 +2,8 @@
 
 Each model family registers a :class:`fastar.models.spec.ModelSpec` beside its class
 (:data:`fastar.models.SPECS`); this module only looks names up in that table, so a new
-family needs no edit here. A model is named by its spec's key (case, ``-`` and ``_`` are
-ignored, so ``GatedPixelCNN`` works) and built from a plain dict of constructor keyword
+family needs no edit here. A model is named by its spec's key or its class name (case, ``-``
+and ``_`` are ignored, so ``MyModel``, ``my-model`` and ``my_model`` name one spec) and built from a plain dict of constructor keyword
 arguments, its *config*, which checkpoints store so a model can be rebuilt without the code
 that trained it.
 
@@ -33,7 +33,7 @@ def _norm(name) -> str:
 
 
 def canonical_model(name: str) -> str:
-    """'GatedPixelCNN' / 'gated-pixelcnn' -> 'gated_pixelcnn'; ValueError for an unknown model."""
+    """'MyModel' / 'my-model' -> 'my_model' (the spec key); ValueError for an unknown model."""
     table = specs()
     for k, s in table.items():
         if _norm(name) in (_norm(k), _norm(s.cls.__name__)):

@@ -385,7 +385,7 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def train(model: str | TrainConfig | None = None, data: str | None = None, **options) -> dict:
-    """``train("pixelcnn", "digits", epochs=2, ...)``: :func:`run` of a :class:`TrainConfig` built from
+    """``train(MODEL, "digits", epochs=2, ...)``: :func:`run` of a :class:`TrainConfig` built from
     the arguments (or ``train(TrainConfig(...), **overrides)``). ``_nan_at_step`` is accepted as the
     old spelling of ``nan_at_step``."""
     if "_nan_at_step" in options:
