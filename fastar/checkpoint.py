@@ -3,11 +3,11 @@
 A checkpoint is one ``torch.save`` file holding a dict:
 
     format "fastar-checkpoint", version 1,
-    model    registry key ("gated_pixelcnn", "wavenet", ...; see :mod:`fastar.registry`),
+    model    registry key (a ModelSpec name; see :mod:`fastar.registry`),
     config   the model's constructor keyword arguments,
     state_dict, optimizer (state dict or None), epoch (epochs completed), step (optimizer steps),
     rng      {"torch": CPU generator state, "cuda": [per-device states]},
-    data     what the model was trained on (:meth:`fastar.registry.Dataset.info`),
+    data     what the model was trained on (:meth:`fastar.data.sets.Dataset.info`),
     train    the training arguments, history (per-step losses), evals (per-epoch held-out).
 
 Writes go to a temporary file in the same folder, are flushed and fsynced, then renamed

@@ -1,37 +1,38 @@
-"""A plain training loop for every registered model, with checkpoints, resume and DDP.
+"""One training loop for every registered model, with checkpoints, resume and DDP.
 
-``train(model, data, epochs, batch_size, lr, out, resume=False, device="cpu", amp=False, ...)``
-is what ``fastar train`` runs. Read it top to bottom: load the data set (a fixed split),
-build the model from a config (seeded), Adam, then per epoch: a DistributedSampler order
-(seed + epoch, so the order depends only on the epoch), a tqdm bar showing loss,
-bits/dim and samples/s, a held-out evaluation, and an atomic checkpoint ``OUT/last.pt``
-(see :mod:`fastar.checkpoint`), plus one line per epoch appended to ``OUT/train.log``.
+``train(model, data, epochs=..., batch_size=..., lr=..., out=..., ...)`` (the fields of
+:class:`TrainConfig`) is what ``fastar train`` runs. :func:`run` reads top to bottom: open the
+run folder (an existing checkpoint is resumed or refused), load the data set (a fixed split),
+build the model from its config (seeded) and Adam, then per epoch: a DistributedSampler order
+(seed + epoch, so the order depends only on the epoch), a tqdm bar showing loss, bits/dim and
+samples/s, a held-out evaluation, and an atomic checkpoint ``OUT/last.pt`` (see
+:mod:`fastar.checkpoint`), plus one line per epoch appended to ``OUT/train.log``.
 
-Reproducible resume: the checkpoint holds the weights, the optimizer state, the epochs
-and steps done, the RNG state and the per-step loss history, and the batch order is a
-function of (seed, epoch) alone, so ``--resume`` after an interruption gives on CPU the
-same per-step losses, bit for bit, as one uninterrupted run. A crash mid-epoch resumes
-from the last complete epoch.
+One objective for every model: the mean NLL per example in nats, ``model.nll(x, cond).mean()``;
+bits/dim is that over ``x[0].numel() * ln 2`` (C * H * W for images, T for audio).
 
-Divergence: a NaN or inf loss stops training with :class:`TrainingDiverged`, naming the
-step; nothing is written after it, so ``OUT/last.pt`` stays the last good checkpoint.
+Reproducible resume: the checkpoint holds the weights, the optimizer state, the epochs and
+steps done, the RNG state and the per-step loss history, and the batch order is a function of
+(seed, epoch) alone, so ``--resume`` after an interruption gives on CPU the same per-step
+losses, bit for bit, as one uninterrupted run. A crash mid-epoch resumes from the last
+complete epoch.
 
-Distributed: under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1 in the environment)
-the loss module is wrapped in DistributedDataParallel (nccl on cuda, gloo on cpu; rank r
-uses cuda:LOCAL_RANK), each rank reads its DistributedSampler shard with ``batch_size``
-examples per step (global batch N * batch_size), and rank 0 alone evaluates, logs and
-writes checkpoints.
+Divergence: a NaN or inf loss stops training with :class:`TrainingDiverged`, naming the step;
+nothing is written after it, so ``OUT/last.pt`` stays the last good checkpoint.
 
-Losses: image models minimise the mean NLL per image in nats; bits/dim is that over
-C * H * W * ln 2. WaveNet minimises the mean NLL per sample in nats; its bits/dim is bits
-per audio sample.
+Distributed: under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1 in the environment) the
+objective is wrapped in DistributedDataParallel (nccl on cuda, gloo on cpu; rank r uses
+cuda:LOCAL_RANK), each rank reads its DistributedSampler shard with ``batch_size`` examples per
+step (global batch N * batch_size), and rank 0 alone evaluates, logs and writes checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ from torch import nn
 from fastar import checkpoint as ckpt_mod
 from fastar import registry
 
-__all__ = ["train", "TrainingDiverged", "evaluate"]
+__all__ = ["train", "run", "TrainConfig", "TrainingDiverged", "evaluate", "check_device"]
 
 LN2 = math.log(2.0)
 
@@ -48,16 +49,79 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the message names the step and the checkpoint kept."""
 
 
+@dataclasses.dataclass
+class TrainConfig:
+    """What one training run needs. model: a registry name (None: the registry's default model);
+    data: a data set name (None: the model's first); batch_size: examples per process per step;
+    config: overrides of the model's default config; conditional: feed the class labels as
+    ``cond`` (the model's spec says whether it can be); limit / eval_limit: use only the first
+    examples of each split (smoke runs); segment: audio training segment length; log: where
+    rank 0's lines go. ``nan_at_step`` (testing hook, also the FASTAR_TEST_NAN_AT_STEP
+    environment variable of ``fastar train``) poisons that 1-based step's loss with NaN."""
+
+    model: str | None = None
+    data: str | None = None
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    out: str = "runs/fastar"
+    resume: bool = False
+    device: str = "cpu"
+    amp: bool = False
+    seed: int = 0
+    config: dict | None = None
+    levels: int | None = None
+    conditional: bool = False
+    limit: int | None = None
+    eval_limit: int | None = None
+    segment: int = 4096
+    progress: bool = True
+    log: Callable = print
+    nan_at_step: int | None = None
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.out, "last.pt")
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where a run stands: restored from a checkpoint, saved into the next one."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    evals: list = dataclasses.field(default_factory=list)
+
+
 class _Objective(nn.Module):
     """Wraps a model so DDP sees one forward: (x, cond) -> (mean NLL in nats, bits/dim), both scalars."""
 
-    def __init__(self, model: nn.Module, kind: str):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.model, self.kind = model, kind
+        self.model = model
 
     def forward(self, x, cond=None):
         nats = self.model.nll(x, cond).mean()
         return nats, nats / (x[0].numel() * LN2)
+
+
+# ---------------------------------------------------------------------------- devices
+
+def check_device(device: str) -> str:
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but no GPU is visible to torch")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:K") from None
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:K")
+    return device
 
 
 def _dist_setup(device: str):
@@ -78,22 +142,6 @@ def _dist_setup(device: str):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def check_device(device: str) -> str:
-    device = str(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but no GPU is visible to torch")
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:K") from None
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 .. "
-                         f"cuda:{torch.cuda.device_count() - 1})")
-    if d.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use cpu, cuda or cuda:K")
-    return device
-
-
 def _autocast(device: str, amp: bool):
     if not amp:
         return contextlib.nullcontext()
@@ -101,11 +149,13 @@ def _autocast(device: str, amp: bool):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
+# ---------------------------------------------------------------------------- evaluation
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: registry.Dataset, device: str, batch_size: int = 256,
              limit: int | None = None, conditional: bool = False, amp: bool = False) -> float:
-    """Mean held-out bits/dim (bits per audio sample for WaveNet) over ``data.test``."""
-    obj = _Objective(model, data.kind)
+    """Mean held-out bits/dim (bits per audio sample for audio models) over ``data.test``."""
+    obj = _Objective(model)
     was = model.training
     model.eval()
     x_all = data.test[:limit] if limit else data.test
@@ -122,166 +172,226 @@ def evaluate(model: nn.Module, data: registry.Dataset, device: str, batch_size: 
     return total / max(count, 1)
 
 
-def train(model: str = "gated_pixelcnn", data: str = "mnist", epochs: int = 1, batch_size: int = 64,
-          lr: float = 1e-3, out: str = "runs/fastar", resume: bool = False, device: str = "cpu",
-          amp: bool = False, seed: int = 0, config: dict | None = None, levels: int | None = None,
-          conditional: bool = False, limit: int | None = None, eval_limit: int | None = None,
-          segment: int = 4096, progress: bool = True, log=print, _nan_at_step: int | None = None) -> dict:
-    """Train and checkpoint; returns {"model", "checkpoint", "history", "evals", "epoch", "step"}.
+# ---------------------------------------------------------------------------- the steps of a run
 
-    model: registry key; data: mnist | digits | patches | speech; batch_size: examples per
-    process per step; config: overrides of the model's default config; conditional: feed
-    class labels (mnist, digits) to a GatedPixelCNN(num_classes=10); limit / eval_limit:
-    use only the first examples of each split (smoke runs). ``_nan_at_step`` (testing
-    hook, also the FASTAR_TEST_NAN_AT_STEP environment variable of ``fastar train``)
-    poisons that 1-based step's loss with NaN.
-    """
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-    name = registry.canonical_model(model)
-    registry.model_class(name)  # a clear error now for a model this build lacks
-    for k, v in (("epochs", epochs), ("batch_size", batch_size)):
+def _validate(cfg: TrainConfig) -> TrainConfig:
+    name = registry.canonical_model(cfg.model if cfg.model is not None else registry.default_model())
+    data = cfg.data if cfg.data is not None else registry.spec(name).datasets[0]
+    for k, v in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{k.replace('_', '-')} must be a positive integer, got {v!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    device = check_device(device)
-    rank, world, device = _dist_setup(device)
-    main = rank == 0
-    say = log if main else (lambda *a, **k: None)
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"lr must be a positive number, got {cfg.lr!r}")
+    if cfg.nan_at_step is None:
+        cfg = dataclasses.replace(cfg, nan_at_step=int(os.environ.get("FASTAR_TEST_NAN_AT_STEP", "0") or 0))
+    return dataclasses.replace(cfg, model=name, data=data, device=check_device(cfg.device))
 
-    path = os.path.join(out, "last.pt")
-    ck = None
-    if os.path.exists(path):
-        if not resume:
-            raise ValueError(f"{path} already exists; pass --resume to continue it, or choose another --out")
-        ck = ckpt_mod.load_checkpoint(path, expect_model=name)
-        if ck["data"].get("name") != data:
-            raise ValueError(f"{path} was trained on --data {ck['data'].get('name')}, not {data}")
-    elif resume:
-        say(f"no checkpoint at {path} yet: starting from scratch")
 
-    ds = registry.load_dataset(data, levels=(ck["data"]["levels"] if ck else levels), segment=segment)
+def _open_checkpoint(cfg: TrainConfig, say) -> dict | None:
+    """The checkpoint to resume, None for a fresh run; refuses to overwrite one without --resume."""
+    if os.path.exists(cfg.path):
+        if not cfg.resume:
+            raise ValueError(f"{cfg.path} already exists; pass --resume to continue it, or choose another --out")
+        ck = ckpt_mod.load_checkpoint(cfg.path, expect_model=cfg.model)
+        if ck["data"].get("name") != cfg.data:
+            raise ValueError(f"{cfg.path} was trained on --data {ck['data'].get('name')}, not {cfg.data}")
+        return ck
+    if cfg.resume:
+        say(f"no checkpoint at {cfg.path} yet: starting from scratch")
+    return None
+
+
+def _load_data(cfg: TrainConfig, ck: dict | None) -> registry.Dataset:
+    return registry.load_dataset(cfg.data, levels=(ck["data"]["levels"] if ck else cfg.levels), segment=cfg.segment)
+
+
+def _model_config(cfg: TrainConfig, ds, ck: dict | None) -> tuple[dict, bool]:
+    """(the model's constructor config, whether it is fed the labels): the checkpoint's when resuming."""
     if ck:
-        cfg, conditional = dict(ck["config"]), bool(ck["train"].get("conditional", False))
-    else:
-        cfg = registry.default_config(name, ds)
-        if conditional:
-            if ds.num_classes is None or registry.model_kind(name) != "image" or name == "pixelcnn":
-                raise ValueError(f"--conditional needs a labelled image data set (mnist, digits) and "
-                                 f"gated_pixelcnn, got {name} on {data}")
-            cfg["num_classes"] = ds.num_classes
-        cfg.update(config or {})
+        return dict(ck["config"]), bool(ck["train"].get("conditional", False))
+    model_cfg = registry.default_config(cfg.model, ds)
+    if cfg.conditional:
+        over = registry.conditional_config(cfg.model, ds)
+        if not over:
+            able = [k for k in registry.specs() if k in registry.models_for(ds)
+                    and registry.conditional_config(k, ds)]
+            hint = (f"use {' or '.join(able)}" if able else "choose a data set with class labels")
+            raise ValueError(f"--conditional: {cfg.model} cannot be class-conditional on {cfg.data}; {hint}")
+        model_cfg.update(over)
+    model_cfg.update(cfg.config or {})
+    return model_cfg, cfg.conditional
 
-    torch.manual_seed(seed)
-    net = registry.build_model(name, cfg).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    epoch0, step, history, evals = 0, 0, [], []
-    if ck:
-        net.load_state_dict(ck["state_dict"])
-        if ck["optimizer"] is not None:
-            opt.load_state_dict(ck["optimizer"])
-            for g in opt.param_groups:
-                g["lr"] = lr
-        epoch0, step, history, evals = ck["epoch"], ck["step"], list(ck["history"]), list(ck["evals"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if ck["rng"].get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        say(f"resumed {path}: epoch {epoch0}, step {step}")
 
-    obj = _Objective(net, ds.kind)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def _build(cfg: TrainConfig, model_cfg: dict, device: str, ck: dict | None, say):
+    """(model, optimizer, progress), seeded, and restored from the checkpoint when resuming."""
+    torch.manual_seed(cfg.seed)
+    net = registry.build_model(cfg.model, model_cfg).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    if not ck:
+        return net, opt, _Progress()
+    net.load_state_dict(ck["state_dict"])
+    if ck["optimizer"] is not None:
+        opt.load_state_dict(ck["optimizer"])
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr  # a resumed run may change the learning rate
+    torch.set_rng_state(ck["rng"]["torch"])
+    if ck["rng"].get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    say(f"resumed {cfg.path}: epoch {ck['epoch']}, step {ck['step']}")
+    return net, opt, _Progress(ck["epoch"], ck["step"], list(ck["history"]), list(ck["evals"]))
 
-        # Unused parameters exist (the last gated block's vertical-stack output feeds nothing), so DDP must look.
-        obj = DDP(obj, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
-                  find_unused_parameters=True)
 
-    x_train = ds.train[:limit] if limit else ds.train
-    y_train = (ds.train_labels[:limit] if limit else ds.train_labels) if ds.train_labels is not None else None
-    tensors = (x_train,) if y_train is None else (x_train, y_train)
-    sampler = DistributedSampler(TensorDataset(*tensors), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+def _wrap(net: nn.Module, device: str, world: int) -> nn.Module:
+    obj = _Objective(net)
+    if world <= 1:
+        return obj
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Some models hold parameters that feed nothing on the loss path (e.g. a last block's unused
+    # output branch), so DDP must look for unused ones.
+    return DDP(obj, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+               find_unused_parameters=True)
+
+
+def _loader(cfg: TrainConfig, ds, rank: int, world: int):
+    """(loader, sampler, number of training examples) over this rank's shard."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    x = ds.train[:cfg.limit] if cfg.limit else ds.train
+    y = (ds.train_labels[:cfg.limit] if cfg.limit else ds.train_labels) if ds.train_labels is not None else None
+    tensors = TensorDataset(x) if y is None else TensorDataset(x, y)
+    sampler = DistributedSampler(tensors, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
-    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, sampler=sampler, drop_last=True)
+    loader = DataLoader(tensors, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
     if len(loader) == 0:
-        raise ValueError(f"batch size {batch_size} x {world} process(es) is larger than the {len(x_train)} "
+        raise ValueError(f"batch size {cfg.batch_size} x {world} process(es) is larger than the {len(x)} "
                          "training examples")
-    train_args = dict(model=name, data=data, levels=ds.levels, epochs=epochs, batch_size=batch_size, lr=lr,
-                      seed=seed, conditional=conditional, limit=limit, amp=amp, world_size=world)
-    logf = os.path.join(out, "train.log")
-    if main:
-        os.makedirs(out, exist_ok=True)
-        n_par = sum(p.numel() for p in net.parameters())
-        head = (f"{name} {cfg} ({n_par:,} parameters) on {data} ({len(x_train)} train / {len(ds.test)} held-out, "
-                f"levels {ds.levels}), batch {batch_size} x {world}, lr {lr}, seed {seed}, device {device}"
-                f"{', amp bf16' if amp else ''}")
-        say(head)
-        with open(logf, "a") as f:
-            f.write(head + "\n")
+    return loader, sampler, len(x)
 
-    if epoch0 >= epochs:
-        say(f"{path} already holds {epoch0} epoch(s) >= --epochs {epochs}: nothing to do")
-    nan_at = _nan_at_step if _nan_at_step is not None else int(os.environ.get("FASTAR_TEST_NAN_AT_STEP", "0") or 0)
-    for epoch in range(epoch0, epochs):
-        sampler.set_epoch(epoch)
-        net.train()
-        bar = loader
-        if progress and main:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        t0, seen, run_loss, run_bpd = time.perf_counter(), 0, 0.0, 0.0
-        for batch in bar:
-            x = batch[0].to(device)
-            cond = batch[1].to(device) if (conditional and len(batch) > 1) else None
-            with _autocast(device, amp):
-                loss, bpd = obj(x, cond)
-            step += 1
-            if nan_at and step == nan_at:
-                loss = loss * float("nan")
-            vals = torch.stack([loss.detach().float(), bpd.detach().float()])
-            if world > 1:
-                import torch.distributed as dist
+class _Log:
+    """Rank 0's lines: to ``cfg.log`` and appended to ``OUT/train.log``; other ranks stay silent."""
 
-                dist.all_reduce(vals)  # every rank sees the same (possibly non-finite) loss and stops together
-                vals /= world
-            lv, bv = vals.tolist()
-            if not math.isfinite(lv):
-                kept = path if os.path.exists(path) else "none written yet"
-                msg = (f"loss is {lv} at step {step} (epoch {epoch + 1}); training stopped, the last good "
-                       f"checkpoint is kept ({kept}); try a lower --lr")
-                if main:
-                    with open(logf, "a") as f:
-                        f.write(msg + "\n")
-                raise TrainingDiverged(msg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.append(lv)
-            seen += len(x) * world
-            run_loss += lv
-            run_bpd += bv
-            if bar is not loader:
-                bar.set_postfix(loss=f"{lv:.4g}", bpd=f"{bv:.4f}",
-                                sps=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
-        if bar is not loader:
-            bar.close()
-        dt = time.perf_counter() - t0
-        nb = len(loader)
-        if main:
-            held = evaluate(net, ds, device, limit=eval_limit, conditional=conditional, amp=amp)
-            evals.append(dict(epoch=epoch + 1, step=step, train_loss=run_loss / nb, train_bpd=run_bpd / nb,
-                              test_bpd=held, seconds=dt))
-            ckpt_mod.save_checkpoint(path, name, cfg, net, opt, epoch=epoch + 1, step=step, data=ds.info(),
-                                     train=train_args, history=history, evals=evals)
-            line = (f"epoch {epoch + 1}/{epochs}: step {step}, train loss {run_loss / nb:.4f} nats, train "
-                    f"{run_bpd / nb:.4f} bits/dim, held-out {held:.4f} bits/dim, {seen / dt:.0f} samples/s, "
-                    f"{dt:.1f} s -> {path}")
-            say(line)
-            with open(logf, "a") as f:
+    def __init__(self, cfg: TrainConfig, main: bool):
+        self.say = cfg.log if main else (lambda *a, **k: None)
+        self.main, self.file = main, os.path.join(cfg.out, "train.log")
+
+    def __call__(self, line: str, to_file: bool = True, to_screen: bool = True):
+        if to_screen:
+            self.say(line)
+        if self.main and to_file:
+            os.makedirs(os.path.dirname(self.file) or ".", exist_ok=True)
+            with open(self.file, "a") as f:
                 f.write(line + "\n")
-        if world > 1:
-            import torch.distributed as dist
 
-            dist.barrier()  # no rank races ahead of the checkpoint
-    return dict(model=net, checkpoint=path, history=history, evals=evals, epoch=max(epochs, epoch0), step=step)
+
+def _all_reduce_mean(vals: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(vals)  # every rank sees the same (possibly non-finite) loss and stops together
+        vals /= world
+    return vals
+
+
+def _train_epoch(cfg: TrainConfig, epoch: int, obj, opt, loader, conditional: bool, device: str, world: int,
+                 prog: _Progress, log: _Log) -> dict:
+    """One pass over this rank's shard; updates ``prog`` (step, history) and returns the epoch's means."""
+    bar = loader
+    if cfg.progress and log.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    t0, seen, run_loss, run_bpd = time.perf_counter(), 0, 0.0, 0.0
+    for batch in bar:
+        x = batch[0].to(device)
+        cond = batch[1].to(device) if (conditional and len(batch) > 1) else None
+        with _autocast(device, cfg.amp):
+            loss, bpd = obj(x, cond)
+        prog.step += 1
+        if cfg.nan_at_step and prog.step == cfg.nan_at_step:
+            loss = loss * float("nan")
+        lv, bv = _all_reduce_mean(torch.stack([loss.detach().float(), bpd.detach().float()]), world).tolist()
+        if not math.isfinite(lv):
+            kept = cfg.path if os.path.exists(cfg.path) else "none written yet"
+            msg = (f"loss is {lv} at step {prog.step} (epoch {epoch + 1}); training stopped, the last good "
+                   f"checkpoint is kept ({kept}); try a lower --lr")
+            log(msg, to_screen=False)
+            raise TrainingDiverged(msg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        prog.history.append(lv)
+        seen += len(x) * world
+        run_loss += lv
+        run_bpd += bv
+        if bar is not loader:
+            bar.set_postfix(loss=f"{lv:.4g}", bpd=f"{bv:.4f}",
+                            sps=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+    if bar is not loader:
+        bar.close()
+    nb = len(loader)
+    return dict(train_loss=run_loss / nb, train_bpd=run_bpd / nb, seen=seen, seconds=time.perf_counter() - t0)
+
+
+def _end_epoch(cfg: TrainConfig, epoch: int, stats: dict, net, opt, ds, model_cfg: dict, conditional: bool,
+               device: str, world: int, prog: _Progress, log: _Log) -> None:
+    """Rank 0: held-out evaluation, the checkpoint and the epoch's log line."""
+    if log.main:
+        held = evaluate(net, ds, device, limit=cfg.eval_limit, conditional=conditional, amp=cfg.amp)
+        prog.evals.append(dict(epoch=epoch + 1, step=prog.step, train_loss=stats["train_loss"],
+                               train_bpd=stats["train_bpd"], test_bpd=held, seconds=stats["seconds"]))
+        train_args = dict(model=cfg.model, data=cfg.data, levels=ds.levels, epochs=cfg.epochs,
+                          batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, conditional=conditional,
+                          limit=cfg.limit, amp=cfg.amp, world_size=world)
+        ckpt_mod.save_checkpoint(cfg.path, cfg.model, model_cfg, net, opt, epoch=epoch + 1, step=prog.step,
+                                 data=ds.info(), train=train_args, history=prog.history, evals=prog.evals)
+        log(f"epoch {epoch + 1}/{cfg.epochs}: step {prog.step}, train loss {stats['train_loss']:.4f} nats, train "
+            f"{stats['train_bpd']:.4f} bits/dim, held-out {held:.4f} bits/dim, "
+            f"{stats['seen'] / stats['seconds']:.0f} samples/s, {stats['seconds']:.1f} s -> {cfg.path}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank races ahead of the checkpoint
+
+
+# ---------------------------------------------------------------------------- the run
+
+def run(cfg: TrainConfig) -> dict:
+    """Train and checkpoint; returns {"model", "checkpoint", "history", "evals", "epoch", "step"}."""
+    cfg = _validate(cfg)
+    rank, world, device = _dist_setup(cfg.device)
+    log = _Log(cfg, rank == 0)
+    ck = _open_checkpoint(cfg, log.say)
+    ds = _load_data(cfg, ck)
+    model_cfg, conditional = _model_config(cfg, ds, ck)
+    net, opt, prog = _build(cfg, model_cfg, device, ck, log.say)
+    obj = _wrap(net, device, world)
+    loader, sampler, n_train = _loader(cfg, ds, rank, world)
+    n_par = sum(p.numel() for p in net.parameters())
+    log(f"{cfg.model} {model_cfg} ({n_par:,} parameters) on {cfg.data} ({n_train} train / {len(ds.test)} held-out, "
+        f"levels {ds.levels}), batch {cfg.batch_size} x {world}, lr {cfg.lr}, seed {cfg.seed}, device {device}"
+        f"{', amp bf16' if cfg.amp else ''}")
+    if prog.epoch >= cfg.epochs:
+        log.say(f"{cfg.path} already holds {prog.epoch} epoch(s) >= --epochs {cfg.epochs}: nothing to do")
+    epoch0 = prog.epoch
+    for epoch in range(epoch0, cfg.epochs):
+        sampler.set_epoch(epoch)  # the batch order is a function of (seed, epoch) alone: resume replays it
+        net.train()
+        stats = _train_epoch(cfg, epoch, obj, opt, loader, conditional, device, world, prog, log)
+        _end_epoch(cfg, epoch, stats, net, opt, ds, model_cfg, conditional, device, world, prog, log)
+    return dict(model=net, checkpoint=cfg.path, history=prog.history, evals=prog.evals,
+                epoch=max(cfg.epochs, epoch0), step=prog.step)
+
+
+def train(model: str | TrainConfig | None = None, data: str | None = None, **options) -> dict:
+    """``train(MODEL, "digits", epochs=2, ...)``: :func:`run` of a :class:`TrainConfig` built from
+    the arguments (or ``train(TrainConfig(...), **overrides)``). ``_nan_at_step`` is accepted as the
+    old spelling of ``nan_at_step``."""
+    if "_nan_at_step" in options:
+        options["nan_at_step"] = options.pop("_nan_at_step")
+    if isinstance(model, TrainConfig):
+        cfg = dataclasses.replace(model, **({"data": data} if data is not None else {}), **options)
+    else:
+        cfg = TrainConfig(model=model, data=data, **options)
+    return run(cfg)

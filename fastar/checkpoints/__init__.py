@@ -1,8 +1,9 @@
 """Small trained checkpoints shipped inside the package (see README.md in this folder).
 
-``shipped_path(name)`` -> the file of a shipped checkpoint, or None when it is not shipped
-(e.g. the WaveNet one before it is trained). ``fastar sample NAME`` and ``fastar demo``
-accept these names where a checkpoint path is expected.
+The names come from the model specs (``ModelSpec.shipped``); the file of name N is ``N.pt``
+here. ``shipped_path(name)`` -> that file, or None when it is not shipped (or not in this
+install). ``fastar sample NAME`` and ``fastar demo`` accept these names where a checkpoint
+path is expected.
 """
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import os
 __all__ = ["SHIPPED", "shipped_path"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHIPPED = {
-    "gated_pixelcnn_mnist": "gated_pixelcnn_mnist.pt",
-    "wavenet_speech": "wavenet_speech.pt",
-}
+
+
+def _shipped() -> dict:
+    from fastar.registry import shipped_checkpoints
+
+    return {name: name + ".pt" for name in shipped_checkpoints()}
+
+
+SHIPPED = _shipped()
 
 
 def shipped_path(name: str) -> str | None:

@@ -110,39 +110,6 @@ def test_model_rebuilt_from_config_gives_same_likelihood(tmp_path):
     torch.testing.assert_close(model.nll(x, y), r["model"].nll(x, y))
 
 
-@pytest.mark.parametrize("name,shape,levels", [("mnist", (1, 28, 28), 2), ("digits", (1, 8, 8), 2),
-                                                ("patches", (3, 32, 32), 256)])
-def test_datasets_are_real_and_split(name, shape, levels):
-    d = registry.load_dataset(name)
-    assert d.shape == shape and d.levels == levels and d.kind == "image"
-    assert tuple(d.train.shape[1:]) == shape and d.train.dtype == torch.int64
-    assert int(d.train.min()) == 0 and int(d.train.max()) == levels - 1
-    assert len(d.test) == round(0.1 * (len(d.train) + len(d.test)))
-    # the photos have texture: patches are not constant
-    assert d.train.float().std() > 0.1 * (levels - 1)
-
-
-def test_digits_binarisation_rule():
-    from sklearn.datasets import load_digits
-
-    from fastar.data.digits import load_digits_8x8
-
-    raw = torch.from_numpy(load_digits().images).view(-1, 1, 8, 8)
-    assert torch.equal(load_digits_8x8(2)[0], (raw >= 8).long())
-    assert torch.equal(load_digits_8x8(17)[0], raw.long())
-    assert int(load_digits_8x8(256)[0].max()) == 255
-
-
-def test_unknown_names():
-    with pytest.raises(ValueError, match="unknown model 'resnet'"):
-        registry.canonical_model("resnet")
-    assert registry.canonical_model("GatedPixelCNN") == "gated_pixelcnn"
-    with pytest.raises(ValueError, match="unknown data set 'cifar'"):
-        registry.load_dataset("cifar")
-    with pytest.raises(ValueError, match="takes image data"):
-        registry.default_config("gated_pixelcnn", registry.Dataset("speech", "audio", 256, (16,), None, None))
-
-
 def test_amp_bfloat16_trains(tmp_path):
     r = _run(tmp_path, 1, amp=True)
     assert all(torch.isfinite(torch.tensor(r["history"])))

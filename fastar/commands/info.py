@@ -1,0 +1,27 @@
+"""``fastar info``: what is built (compiled ops per device, CUDA archs, versions)."""
+from __future__ import annotations
+
+import json
+
+NAME = "info"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(NAME, help="what is built: compiled ops per device, CUDA archs, versions")
+    p.add_argument("--json", action="store_true", help="print the info() dict as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from fastar import info
+
+    d = info()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    width = max(len(k) for k in d)
+    for k, v in d.items():
+        if isinstance(v, list):
+            v = ", ".join(map(str, v)) if v else "-"
+        print(f"{k:<{width}}  {v}")
+    return 0

