@@ -5,6 +5,7 @@ float32, softmax head, no conditioning. Samples per second = batch * steps / sec
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import statistics
 import time
@@ -47,6 +48,41 @@ def _model(device):
     torch.manual_seed(0)
     return WaveNet(layers=20, stacks=2, residual_channels=64, dilation_channels=64, skip_channels=256,
                    quantization=256, kernel_size=2).to(device).eval()
+
+
+@torch.no_grad()
+def plain_queue_generate(model, samples, generator=None):
+    """A plain PyTorch queue step loop, written as a new user would: the fairness bar for queue_ref.
+
+    One Python loop over time; per layer a deque of its past inputs (append the newest, the oldest
+    drops out), one addmm per tap, the tanh * sigmoid gate, one addmm for residual + skip; the
+    two-layer head and a ``torch.multinomial(softmax)`` draw. Softmax head, no conditioning.
+    Fills ``samples`` (B, T) int64 in place and returns it.
+    """
+    B, T = samples.shape
+    k, R, D = model.kernel_size, model.residual_channels, model.dilation_channels
+    w = model.pack()
+    acc = w["conv_w"].dtype
+    queues = [collections.deque([samples.new_zeros(B, R, dtype=acc)] * ((k - 1) * d), maxlen=(k - 1) * d)
+              for d in model.dilations]
+    prev = torch.full((B,), model.start_code, dtype=torch.int64, device=samples.device)
+    for t in range(T):
+        h = w["in_w"][prev] + w["in_b"]
+        skip = 0
+        for layer, (d, q) in enumerate(zip(model.dilations, queues)):
+            a = torch.addmm(w["conv_b"][layer], h, w["conv_w"][layer, k - 1])
+            for j in range(k - 1):
+                a = torch.addmm(a, q[j * d], w["conv_w"][layer, j])
+            q.append(h)
+            z = torch.tanh(a[:, :D]) * torch.sigmoid(a[:, D:])
+            rs = torch.addmm(w["res_skip_b"][layer], z, w["res_skip_w"][layer])
+            h = h + rs[:, :R]
+            skip = skip + rs[:, R:]
+        y = torch.relu(torch.addmm(w["out1_b"], torch.relu(skip), w["out1_w"]))
+        logits = torch.addmm(w["out2_b"], y, w["out2_w"])
+        prev = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        samples[:, t] = prev
+    return samples
 
 
 def _time(fn, device, repeat):

@@ -315,9 +315,11 @@ class _StepPlan:
         self.pre = torch.empty(L, B, D2, dtype=acc, device=dev)
         self.rs = torch.empty(L, B, R + S, dtype=acc, device=dev)
         self.inputs = torch.empty(B, L, R, dtype=acc, device=dev)
-        self.layers = [(self.pre[l], self.pre[l, :, :D], self.pre[l, :, D:], self.rs[l], self.rs[l, :, :R],
-                        self.inputs[:, l], self.inputs[:, l + 1] if l + 1 < L else None, self.w_now[l],
-                        self.rs_w[l], self.rs_b[l]) for l in range(L)]
+        # (unbind makes a family of per-layer views in one call: a call of one step pays for this too)
+        h = self.inputs.unbind(1)
+        self.layers = list(zip(self.pre.unbind(0), self.pre[:, :, :D].unbind(0), self.pre[:, :, D:].unbind(0),
+                               self.rs.unbind(0), self.rs[:, :, :R].unbind(0), h, h[1:] + (None,), self.w_now,
+                               self.rs_w, self.rs_b))
         self.skips = self.rs[:, :, R:]
 
 
