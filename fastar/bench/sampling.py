@@ -21,6 +21,8 @@ from fastar import sampling
 from fastar.bench.timing import sync
 from fastar.models import GatedPixelCNN
 
+FAMILY = "sampling"
+
 COLUMNS = ["case", "batch", "steps", "naive_s", "naive_how", "cached_s", "speedup", "cached_ms_per_step",
            "unfused_s", "fused_gain", "same_images"]
 

@@ -19,6 +19,8 @@ from fastar.bench.timing import sync
 from fastar.models import WaveNet
 from fastar.ops.wavenet import queue_sizes, wavenet_step_ref
 
+FAMILY = "wavenet"
+
 COLUMNS = ["batch", "naive_sps", "queue_ref_sps", "plain_queue_sps", "fused_sps", "fused_vs_queue",
            "fused_vs_naive", "fused_ms_per_step", "fused_1thread_sps", "queue_threads", "steps_timed"]
 
