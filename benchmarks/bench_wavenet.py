@@ -1,4 +1,5 @@
-"""pytest-benchmark suite: WaveNet generation steps, the PyTorch queue path vs the fused wavenet_step.
+"""pytest-benchmark suite: WaveNet generation steps, the PyTorch queue paths (wavenet_step_ref, and a plain
+PyTorch loop as a new user would write it) vs the fused wavenet_step.
 
 Run: python -m pytest benchmarks/bench_wavenet.py --benchmark-group-by=param:batch
 The full table (with naive generation) is `python -m fastar bench wavenet`.
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import fastar
-from fastar.bench.wavenet import _model
+from fastar.bench.wavenet import _model, _plain_maker, _queue_ref_maker
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 STEPS = 16
@@ -21,24 +22,31 @@ def _sync(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["queue_ref", "fused"])
+@pytest.mark.parametrize("impl", ["queue_ref", "plain_queue", "fused"])
 @pytest.mark.parametrize("batch", [1, 16, 64, 256])
 def test_generate_steps(benchmark, device, impl, batch):
     kernels = fastar._backend.CUDA_KERNELS if device == "cuda" else fastar._backend.CPU_KERNELS
     if impl == "fused" and "wavenet_step" not in kernels:
         pytest.skip("wavenet_step kernel not built for this device")
-    m = _model(torch.device(device))
-    samples = torch.zeros(batch, STEPS, dtype=torch.int64, device=device)
-    noise = torch.rand(batch, STEPS, device=device)
+    dev = torch.device(device)
+    m = _model(dev)
+    if impl == "fused":
+        def make():
+            def run():
+                with fastar.backend("kernel"):
+                    m.generate(STEPS, batch_size=batch, progress=False)
+            return run
+    else:
+        make = (_queue_ref_maker if impl == "queue_ref" else _plain_maker)(m, batch, STEPS, dev)
 
-    def run():
-        if impl == "queue_ref":
-            m.generate_reference_queue(samples, noise)
-        else:
-            with fastar.backend("kernel"):
-                m.generate(STEPS, batch_size=batch, progress=False)
+    def setup():  # fresh queues and step counter per round, outside the timed call
+        run = make()
+        return (run,), {}
+
+    def call(run):
+        run()
         _sync(device)
 
     benchmark.group = f"wavenet {STEPS} steps batch {batch} {device}"
     benchmark.extra_info["samples_per_call"] = batch * STEPS
-    benchmark(run)
+    benchmark.pedantic(call, setup=setup, rounds=10, warmup_rounds=1)

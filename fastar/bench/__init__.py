@@ -2,28 +2,57 @@
 
 ``python -m fastar bench [FAMILY ...]`` runs the families, prints one markdown
 table per family and saves ``<family>-<device>.json`` and ``.md`` under the output
-folder, with the machine and the exact command. Each family module exposes
-``run(device, quick) -> list[dict]`` (one dict per row) and ``COLUMNS``.
+folder, with the machine and the exact command.
+
+A family is any module of this package that defines ``run(device, quick) -> list[dict]``
+(one dict per row) and ``COLUMNS`` (optionally ``NOTES``, and ``FAMILY``, its name, which
+defaults to the module name): adding one is adding a module here, with no edit to the runner.
+``FAMILIES`` (name -> module path) is found on first use.
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import json
 import os
+import pkgutil
 import platform
 import subprocess
 import sys
 
 import torch
 
-# family name -> module path; each later family adds itself here.
-FAMILIES = {
-    "masked_conv": "fastar.bench.masked_conv",
-    "wavenet": "fastar.bench.wavenet",
-    "mixture": "fastar.bench.mixture",
-    "sampling": "fastar.bench.sampling",
-}
+
+
+@functools.lru_cache(maxsize=None)
+def discover_families() -> dict[str, str]:
+    """Family name -> module path for every module of this package that defines ``run`` and ``COLUMNS``."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.ispkg or info.name.startswith("_"):
+            continue
+        path = f"{__name__}.{info.name}"
+        try:
+            mod = importlib.import_module(path)
+        except Exception:
+            # Listed under its module name so that the CLI still starts; running it raises the real error.
+            found.setdefault(info.name, path)
+            continue
+        if not (callable(getattr(mod, "run", None)) and hasattr(mod, "COLUMNS")):
+            continue  # a helper (timing, plot), not a family
+        name = getattr(mod, "FAMILY", info.name)
+        if name in found:
+            raise RuntimeError(f"benchmark family {name!r} is defined by both {found[name]} and {path}")
+        found[name] = path
+    return found
+
+
+def __getattr__(name):
+    # FAMILIES is computed on first use (PEP 562) so that importing the package imports no family.
+    if name == "FAMILIES":
+        return discover_families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def machine() -> dict:
@@ -85,10 +114,11 @@ def save(family: str, device: str, rows: list[dict], columns: list[str], out_dir
 
 
 def main(families=None, out_dir="benchmarks/results", quick=False, device=None, threads=None) -> int:
-    families = list(families or FAMILIES)
-    unknown = [f for f in families if f not in FAMILIES]
+    known = discover_families()
+    families = list(families or known)
+    unknown = [f for f in families if f not in known]
     if unknown:
-        raise ValueError(f"unknown benchmark family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown benchmark family {unknown[0]!r}; choose from {', '.join(known)}")
     if device is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
@@ -98,7 +128,7 @@ def main(families=None, out_dir="benchmarks/results", quick=False, device=None, 
     if threads:
         torch.set_num_threads(threads)
     for fam in families:
-        mod = importlib.import_module(FAMILIES[fam])
+        mod = importlib.import_module(known[fam])
         for dev in devices:
             print(f"\n## {fam} on {dev} ({machine()['gpu'] if dev.startswith('cuda') else machine()['cpu']}, "
                   f"{torch.get_num_threads()} threads)", flush=True)

@@ -7,6 +7,8 @@ from fastar import _backend, masks
 from fastar.bench.timing import peak_memory_bytes, time_fn
 from fastar.ops.masked_conv import masked_conv2d, masked_conv2d_ref
 
+FAMILY = "masked_conv"
+
 COLUMNS = ["case", "pass", "reference_ms", "compiled_ms", "kernel_ms", "speedup_vs_ref", "speedup_vs_compiled",
            "ref_peak_MB", "kernel_peak_MB", "active_taps"]
 

@@ -14,6 +14,8 @@ from fastar.ops.mixture import (categorical_sample, categorical_sample_ref, disc
                                 discretized_mix_logistic_nll_ref, sample_discretized_mix_logistic,
                                 sample_discretized_mix_logistic_ref)
 
+FAMILY = "mixture"
+
 COLUMNS = ["case", "pass", "reference_ms", "compiled_ms", "kernel_ms", "multinomial_ms", "speedup_vs_ref",
            "speedup_vs_compiled", "ref_peak_MB", "kernel_peak_MB", "mem_ratio"]
 

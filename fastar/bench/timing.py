@@ -2,11 +2,15 @@
 
 CPU: wall clock (perf_counter) around each call, median of many, fixed thread count.
 CUDA: CUDA events after warm-up, median of many. Peak memory: the CUDA caching
-allocator's high-water mark on GPU; on CPU the profiler's allocation trace.
+allocator's high-water mark on GPU; on CPU the profiler's allocation trace (with the
+profiler's own C++ log lines kept off stderr).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -57,8 +61,17 @@ def peak_memory_bytes(fn, device) -> int | None:
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        # The profiler's C++ side logs to file descriptor 2 as it starts and stops ("USDT ... profiler_start",
+        # and on a machine without a GPU "ERROR ... gpuGetDeviceCount failed"), lines a reader takes for
+        # failures; only those two calls are silenced, so fn() keeps its own stderr.
+        with _quiet_fd2():
+            prof.start()
+        try:
             fn()
+        finally:
+            with _quiet_fd2():
+                prof.stop()
         # Each op event carries the bytes it allocated net of what it freed ("self"); frees made outside
         # any op come as "[memory]" events. Replaying them in time order gives the live-bytes curve.
         events = [e for e in prof.events() if e.self_cpu_memory_usage]
@@ -70,3 +83,21 @@ def peak_memory_bytes(fn, device) -> int | None:
         return peak
     except Exception:  # profiler unavailable in this build: report nothing rather than a wrong number
         return None
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Point file descriptor 2 at /dev/null for the block (C++ code writes there, not to sys.stderr)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

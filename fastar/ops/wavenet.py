@@ -255,55 +255,122 @@ def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, 
 def _step_impl(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
                out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_steps=1,
                num_mixtures=0, num_bits=8):
-    args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-            out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_mixtures, num_bits)
-    for _ in range(num_steps):
-        _one_step(*args)
+    # A decoding step is not differentiable (it writes its results in place); weights straight from a model's
+    # parameters would otherwise make every op of every step record an autograd graph.
+    with torch.no_grad():
+        # Everything that does not depend on the step (weights in the acc dtype, per-layer views, ring-buffer
+        # slot offsets) is prepared once per call, so a chunk of steps pays only for the step's own ops.
+        plan = _StepPlan(queues, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b, out2_w,
+                         out2_b, dilations, start)
+        for _ in range(num_steps):
+            _planned_step(plan, samples, queues, position, logits, noise, cond, num_prime, temperature,
+                          num_mixtures, num_bits)
 
 
 def _one_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
               out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_mixtures, num_bits):
-    L, k, R, D2 = conv_w.shape
-    D = D2 // 2
-    acc = queues.dtype
+    _step_impl(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
+               out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, 1, num_mixtures, num_bits)
+
+
+class _StepPlan:
+    """The step-invariant half of the reference step, built once per call.
+
+    Weights cast to the acc dtype, per-layer views, ring-buffer slot offsets and the step's
+    work buffers (reused by every step of the call: each step consumes them fully), so that a
+    step is a handful of torch calls per layer with no allocation and no host read.
+    """
+
+    def __init__(self, queues, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b, out2_w,
+                 out2_b, dilations, start):
+        L, k, R, D2 = conv_w.shape
+        D, S = D2 // 2, res_skip_w.shape[2] - R
+        B, acc, dev = queues.shape[0], queues.dtype, queues.device
+        self.k, self.R = k, R
+        self.in_w, self.in_b = in_w.to(acc), in_b.to(acc)
+        self.start = torch.tensor(int(start), device=dev)
+        self.out1_w, self.out1_b, self.out2_w, self.out2_b = (t.to(acc) for t in (out1_w, out1_b, out2_w, out2_b))
+        self.w_now = conv_w[:, k - 1].to(acc).unbind(0)  # the tap on the current input, per layer
+        self.rs_w, self.rs_b = res_skip_w.to(acc).unbind(0), res_skip_b.to(acc).unbind(0)
+        # Conv bias (plus a constant conditioning) as (L, 1 or B, 2D): what each step's pre-activations start from.
+        bias = conv_b.to(acc).unsqueeze(1)
+        self.local_cond = cond is not None and cond.shape[1] > 1
+        if cond is not None and not self.local_cond:
+            bias = bias + cond[:, 0].to(acc).transpose(0, 1)
+        self.bias = bias
+        if k > 1:
+            # Layer l's ring buffer is rows [off_l, off_l + n_l) with n_l = (k-1) d_l, and x_s sits in slot
+            # s mod n_l; since (k-1) d_l = 0 mod n_l, tap j's input x_{p-(k-1-j)d_l} is in slot (p + j d_l) mod n_l.
+            # All layers' past taps are read at the start of the step, before any layer writes its slot p mod n_l,
+            # so one gather and one scatter per step serve every layer.
+            d = torch.tensor(dilations, device=dev)
+            n = (k - 1) * d
+            off = torch.cumsum(n, 0) - n
+            j = torch.arange(k - 1, device=dev)
+            self.read_shift = (j * d[:, None]).flatten()  # (L*(k-1),), layer-major, tap order
+            self.read_n = n.repeat_interleave(k - 1)
+            self.read_off = off.repeat_interleave(k - 1)
+            self.write_n, self.write_off = n, off
+            self.w_past = conv_w[:, :k - 1].to(acc).reshape(L, (k - 1) * R, D2)
+        # Work buffers: pre-activations (L, B, 2D), whose tanh / sigmoid halves are gated in place;
+        # res+skip outputs (L, B, R+S); layer inputs h_l (B, L, R), which go into the queues in one scatter.
+        self.pre = torch.empty(L, B, D2, dtype=acc, device=dev)
+        self.rs = torch.empty(L, B, R + S, dtype=acc, device=dev)
+        self.inputs = torch.empty(B, L, R, dtype=acc, device=dev)
+        # (unbind makes a family of per-layer views in one call: a call of one step pays for this too)
+        h = self.inputs.unbind(1)
+        self.layers = list(zip(self.pre.unbind(0), self.pre[:, :, :D].unbind(0), self.pre[:, :, D:].unbind(0),
+                               self.rs.unbind(0), self.rs[:, :, :R].unbind(0), h, h[1:] + (None,), self.w_now,
+                               self.rs_w, self.rs_b))
+        self.skips = self.rs[:, :, R:]
+
+
+def _planned_step(plan, samples, queues, position, logits, noise, cond, num_prime, temperature, num_mixtures,
+                  num_bits):
+    k, R = plan.k, plan.R
+    B = samples.shape[0]
     p = position
     prev = samples.index_select(1, torch.clamp(p - 1, min=0)).squeeze(1)
+    h0 = plan.inputs[:, 0]
     if num_mixtures:
         prev = torch.where(p > 0, prev, torch.zeros_like(prev))
-        h = prev.unsqueeze(1) * in_w[0].to(acc) + in_b.to(acc)
+        torch.addcmul(plan.in_b, prev.unsqueeze(1), plan.in_w, out=h0)
     else:
-        prev = torch.where(p > 0, prev, torch.full_like(prev, int(start)))
-        h = (in_w.index_select(0, prev) + in_b).to(acc)
-    skip = None
-    off = 0
-    for layer, d in enumerate(dilations):
-        n = (k - 1) * int(d)
-        a = h @ conv_w[layer, k - 1].to(acc) + conv_b[layer].to(acc)
-        if k > 1:
-            back = torch.arange((k - 1) * int(d), 0, -int(d), device=queues.device)
-            past = queues.index_select(1, off + torch.remainder(p - back, n))  # (B, k-1, R)
-            a = a + torch.einsum("bjr,jro->bo", past, conv_w[layer, :k - 1].to(acc))
-            queues.index_copy_(1, off + torch.remainder(p, n), h.unsqueeze(1))
-        if cond is not None:
-            ci = p if cond.shape[1] > 1 else torch.zeros_like(p)
-            a = a + cond[:, :, layer].index_select(1, ci).squeeze(1).to(acc)
-        z = torch.tanh(a[:, :D]) * torch.sigmoid(a[:, D:])
-        rs = z @ res_skip_w[layer].to(acc) + res_skip_b[layer].to(acc)
-        h = h + rs[:, :R]
-        skip = rs[:, R:] if skip is None else skip + rs[:, R:]
-        off += n
-    y = torch.relu(torch.relu(skip) @ out1_w.to(acc) + out1_b.to(acc))
-    lg = y @ out2_w.to(acc) + out2_b.to(acc)
-    logits.copy_(lg)
+        prev = torch.where(p > 0, prev, plan.start)
+        torch.add(plan.in_w.index_select(0, prev), plan.in_b, out=h0)
+
+    # Past taps and biases of every layer at once.
+    if k > 1:
+        slots = torch.remainder(p + plan.read_shift, plan.read_n) + plan.read_off
+        past = queues.index_select(1, slots).view(B, -1, (k - 1) * R).transpose(0, 1)
+        torch.baddbmm(plan.bias, past, plan.w_past, out=plan.pre)
+    else:
+        plan.pre.copy_(plan.bias.expand_as(plan.pre))
+    if plan.local_cond:
+        plan.pre.add_(cond.index_select(1, p).squeeze(1).transpose(0, 1))
+
+    for a, a_tanh, a_sigmoid, rs, rs_res, h, h_next, w_now, rs_w, rs_b in plan.layers:
+        a.addmm_(h, w_now)
+        z = a_tanh.tanh_().mul_(a_sigmoid.sigmoid_())
+        torch.addmm(rs_b, z, rs_w, out=rs)
+        if h_next is not None:  # the last layer's residual output feeds nothing
+            torch.add(h, rs_res, out=h_next)
+    if k > 1:
+        queues.index_copy_(1, torch.remainder(p, plan.write_n) + plan.write_off, plan.inputs)
+
+    skip = plan.skips.sum(0)
+    y = torch.relu(torch.addmm(plan.out1_b, skip.relu_(), plan.out1_w))
+    torch.addmm(plan.out2_b, y, plan.out2_w, out=logits)
     if num_mixtures:
         u = noise.index_select(2, p)  # (B, 2, 1)
-        new = sample_discretized_mix_logistic_ref(lg.unsqueeze(2), num_mixtures, noise=u,
+        new = sample_discretized_mix_logistic_ref(logits.unsqueeze(2), num_mixtures, noise=u,
                                                   temperature=float(temperature), num_bits=num_bits).squeeze(1)
     else:
         u = noise.index_select(1, p).squeeze(1)
-        new = categorical_sample_ref(lg, dim=1, noise=u, temperature=float(temperature))
-    old = samples.index_select(1, p).squeeze(1)
-    new = torch.where(p < num_prime, old, new)
+        new = categorical_sample_ref(logits, dim=1, noise=u, temperature=float(temperature))
+    if num_prime > 0:
+        # primed positions keep their value (the step index lives on the device: no host read to branch on)
+        new = torch.where(p < num_prime, samples.index_select(1, p).squeeze(1), new)
     samples.index_copy_(1, p, new.unsqueeze(1))
     position.add_(1)
 
