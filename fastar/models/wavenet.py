@@ -385,6 +385,7 @@ class WaveNet(nn.Module):
 
         return allocate(self, run, fused)
 
+    @torch.no_grad()
     def generate_reference_queue(self, samples, noise, global_cond=None, local_cond=None, num_prime=0,
                                  temperature=1.0):
         """The "PyTorch queue" path (:func:`fastar.ops.wavenet_step_ref` per step), for benchmarks and checks.
