@@ -76,23 +76,23 @@ def plain_queue_generate(model, samples, generator=None, last_logits=None, weigh
     B, T = samples.shape
     k, R, D = model.kernel_size, model.residual_channels, model.dilation_channels
     w = model.pack() if weights is None else weights
-    queues = [collections.deque([w["in_b"].new_zeros(B, R)] * ((k - 1) * d), maxlen=(k - 1) * d)
+    queues = [collections.deque([w.in_b.new_zeros(B, R)] * ((k - 1) * d), maxlen=(k - 1) * d)
               for d in model.dilations]
     prev = torch.full((B,), model.start_code, dtype=torch.int64, device=samples.device)
     for t in range(T):
-        h = w["in_w"][prev] + w["in_b"]
+        h = w.in_w[prev] + w.in_b
         skip = 0
         for layer, (d, q) in enumerate(zip(model.dilations, queues)):
-            a = torch.addmm(w["conv_b"][layer], h, w["conv_w"][layer, k - 1])
+            a = torch.addmm(w.conv_b[layer], h, w.conv_w[layer, k - 1])
             for j in range(k - 1):
-                a = torch.addmm(a, q[j * d], w["conv_w"][layer, j])
+                a = torch.addmm(a, q[j * d], w.conv_w[layer, j])
             q.append(h)
             z = torch.tanh(a[:, :D]) * torch.sigmoid(a[:, D:])
-            rs = torch.addmm(w["res_skip_b"][layer], z, w["res_skip_w"][layer])
+            rs = torch.addmm(w.res_skip_b[layer], z, w.res_skip_w[layer])
             h = h + rs[:, :R]
             skip = skip + rs[:, R:]
-        y = torch.relu(torch.addmm(w["out1_b"], torch.relu(skip), w["out1_w"]))
-        logits = torch.addmm(w["out2_b"], y, w["out2_w"])
+        y = torch.relu(torch.addmm(w.out1_b, torch.relu(skip), w.out1_w))
+        logits = torch.addmm(w.out2_b, y, w.out2_w)
         prev = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
         samples[:, t] = prev
     if last_logits is not None:
@@ -111,9 +111,9 @@ def _queue_ref_maker(m, batch, steps, dev):
         queues = torch.zeros(batch, sum(queue_sizes(m.dilations, m.kernel_size)), m.residual_channels, device=dev)
         position = torch.zeros(1, dtype=torch.int64, device=dev)
         logits = torch.empty(batch, m.quantization, device=dev)
-        return lambda: wavenet_step_ref(samples, queues, position, logits, noise, None, p["in_w"], p["in_b"],
-                                        p["conv_w"], p["conv_b"], p["res_skip_w"], p["res_skip_b"], p["out1_w"],
-                                        p["out1_b"], p["out2_w"], p["out2_b"], m.dilations, 0, 1.0, m.start_code,
+        return lambda: wavenet_step_ref(samples, queues, position, logits, noise, None, p.in_w, p.in_b,
+                                        p.conv_w, p.conv_b, p.res_skip_w, p.res_skip_b, p.out1_w,
+                                        p.out1_b, p.out2_w, p.out2_b, m.dilations, 0, 1.0, m.start_code,
                                         num_steps=steps)
     return make
 

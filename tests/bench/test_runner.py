@@ -98,8 +98,8 @@ def test_plain_wavenet_baseline_is_the_same_network():
     logits = torch.empty(B, 16, dtype=torch.float64)
     ref_samples = samples.clone()
     wavenet_step_ref(ref_samples, queues, torch.zeros(1, dtype=torch.int64), logits,
-                     torch.rand(B, T, dtype=torch.float64), None, p["in_w"], p["in_b"], p["conv_w"], p["conv_b"],
-                     p["res_skip_w"], p["res_skip_b"], p["out1_w"], p["out1_b"], p["out2_w"], p["out2_b"],
+                     torch.rand(B, T, dtype=torch.float64), None, p.in_w, p.in_b, p.conv_w, p.conv_b,
+                     p.res_skip_w, p.res_skip_b, p.out1_w, p.out1_b, p.out2_w, p.out2_b,
                      m.dilations, num_prime=T, start=m.start_code, num_steps=T)
     assert torch.equal(ref_samples, samples)
     torch.testing.assert_close(logits, last, **tol(torch.float64))
