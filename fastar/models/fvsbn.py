@@ -60,7 +60,7 @@ class FVSBN(nn.Module):
 
     def _steps(self, x):
         """(N, C, H, W) -> (N, D) in step order (colours inside each pixel)."""
-        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], math.prod(x.shape[1:]))
 
     def forward(self, x, cond=None):
         """Logits (N, C, H, W) of p(x_t = 1 | x_<t) at every sub-pixel."""
@@ -83,7 +83,10 @@ class FVSBN(nn.Module):
         return self.nll(x, cond) / (self.dim * math.log(2.0))
 
     def loss(self, x, cond=None):
-        return self.nll(x, cond).mean()
+        nll = self.nll(x, cond)
+        if not nll.numel():
+            raise ValueError("FVSBN.loss: the batch is empty (a mean over no images is undefined)")
+        return nll.mean()
 
     @torch.no_grad()
     def sample(self, n=None, shape=None, cond=None, generator=None, temperature=1.0, method="cached",

@@ -43,9 +43,9 @@ def _default_channels(channels, in_channels):
 def _check_common(name, in_channels, levels, layers, channels, divisor):
     if in_channels not in (1, 3):
         raise ValueError(f"{name}: in_channels must be 1 or 3, got {in_channels!r}")
-    if not isinstance(levels, int) or levels < 2:
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"{name}: levels must be an int >= 2 (2 = binary), got {levels!r}")
-    if not isinstance(layers, int) or layers < 1:
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         raise ValueError(f"{name}: layers must be a positive int, got {layers!r}")
     if not isinstance(channels, int) or channels < 1 or channels % divisor:
         raise ValueError(f"{name}: channels must be a positive int divisible by {divisor} (R|G|B blocks"
@@ -75,6 +75,8 @@ class _DiscreteImageModel(nn.Module):
         if x.is_floating_point():
             if not torch.equal(x, x.round()):
                 raise ValueError(f"{type(self).__name__}: x must hold integer values in [0, {self.levels})")
+        if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{type(self).__name__}: x must hold integer values in [0, {self.levels}), got NaN or inf")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.levels):
             raise ValueError(f"{type(self).__name__}: x values must lie in [0, {self.levels}), got range "
                              f"[{int(x.min())}, {int(x.max())}]")
@@ -102,11 +104,15 @@ class _DiscreteImageModel(nn.Module):
 
     def bits_per_dim(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         """Mean negative log2-likelihood per sub-pixel, per image, (N,)."""
-        return self.nll(x, cond) / (x[0].numel() * math.log(2.0))
+        nll = self.nll(x, cond)
+        return nll / (math.prod(x.shape[1:]) * math.log(2.0))
 
     def loss(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         """Mean NLL per image in nats (a scalar to minimise)."""
-        return self.nll(x, cond).mean()
+        nll = self.nll(x, cond)
+        if not nll.numel():
+            raise ValueError(f"{type(self).__name__}.loss: the batch is empty (a mean over no images is undefined)")
+        return nll.mean()
 
     @torch.no_grad()
     def sample(self, n: int | None = None, shape=None, cond=None, generator: torch.Generator | None = None,
@@ -304,6 +310,9 @@ class GatedPixelCNN(_DiscreteImageModel):
                  first_kernel_size: int = 7):
         super().__init__()
         self.gated = True
+        for k, v in (("num_classes", num_classes), ("cond_channels", cond_channels)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"GatedPixelCNN: {k} must be None or a positive int, got {v!r}")
         channels = _default_channels(channels, in_channels)
         cg = in_channels
         _check_common("GatedPixelCNN", in_channels, levels, layers, channels, cg)

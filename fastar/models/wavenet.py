@@ -57,7 +57,19 @@ class WaveNet(nn.Module):
                  local_cond_channels: int | None = None, upsample_factors=None, output: str = "softmax",
                  num_mixtures: int = 10, num_bits: int = 8):
         super().__init__()
-        if layers < 1 or stacks < 1 or layers % stacks:
+        for k, v in (("layers", layers), ("stacks", stacks), ("residual_channels", residual_channels),
+                     ("dilation_channels", dilation_channels), ("skip_channels", skip_channels),
+                     ("kernel_size", kernel_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"WaveNet: {k} must be a positive int, got {v!r}")
+        if output == "softmax" and (isinstance(quantization, bool) or not isinstance(quantization, int)
+                                    or quantization < 2):
+            raise ValueError(f"WaveNet: quantization must be an int >= 2 (the number of codes), got {quantization!r}")
+        for k, v in (("global_cond_channels", global_cond_channels), ("num_speakers", num_speakers),
+                     ("local_cond_channels", local_cond_channels)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"WaveNet: {k} must be None or a positive int, got {v!r}")
+        if layers % stacks:
             raise ValueError(f"WaveNet: layers ({layers}) must be a positive multiple of stacks ({stacks})")
         if output not in ("softmax", "mixture"):
             raise ValueError(f"WaveNet: output must be 'softmax' or 'mixture', got {output!r}")
@@ -127,9 +139,13 @@ class WaveNet(nn.Module):
             if global_cond.dtype != torch.int64 or global_cond.dim() != 1:
                 raise ValueError(f"WaveNet: global_cond must be (B,) int64 speaker ids, got {global_cond.dtype} of "
                                  f"shape {list(global_cond.shape)}")
+            if global_cond.numel() and (int(global_cond.min()) < 0 or int(global_cond.max()) >= self.num_speakers):
+                raise ValueError(f"WaveNet: speaker ids must lie in [0, {self.num_speakers}), got range "
+                                 f"[{int(global_cond.min())}, {int(global_cond.max())}]")
             g = self.speaker_embedding(global_cond)
         else:
-            if global_cond.dim() != 2 or global_cond.shape[1] != self.global_cond_channels:
+            if not global_cond.is_floating_point() or global_cond.dim() != 2 or \
+                    global_cond.shape[1] != self.global_cond_channels:
                 raise ValueError(f"WaveNet: global_cond must be (B, {self.global_cond_channels}), got "
                                  f"{list(global_cond.shape)}")
             g = global_cond.to(self.out1.weight.dtype)
@@ -145,9 +161,11 @@ class WaveNet(nn.Module):
             return None
         if local_cond is None:
             raise ValueError("WaveNet: this model is locally conditioned; pass local_cond")
-        if local_cond.dim() != 3 or local_cond.shape[1] != self.local_cond_channels:
-            raise ValueError(f"WaveNet: local_cond must be (B, {self.local_cond_channels}, frames), got "
-                             f"{list(local_cond.shape)}")
+        if not isinstance(local_cond, torch.Tensor) or not local_cond.is_floating_point() or local_cond.dim() != 3 \
+                or local_cond.shape[1] != self.local_cond_channels:
+            raise ValueError(f"WaveNet: local_cond must be (B, {self.local_cond_channels}, frames) floats, got "
+                             f"{getattr(local_cond, 'dtype', type(local_cond).__name__)} of shape "
+                             f"{list(getattr(local_cond, 'shape', []))}")
         if local_cond.shape[0] != batch:
             raise ValueError(f"WaveNet: local_cond has batch {local_cond.shape[0]} but the audio has batch {batch}")
         covered = local_cond.shape[2] * self.upsample_factor
@@ -164,13 +182,22 @@ class WaveNet(nn.Module):
     # ---- training forward ----------------------------------------------------------------
 
     def _shifted_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"WaveNet: x must be a (B, T) tensor, got {type(x).__name__}")
+        if x.dim() == 2 and x.shape[1] == 0:
+            raise ValueError("WaveNet: x must hold at least one sample per clip (T >= 1), got T = 0")
         if self.output == "softmax":
             if x.dtype != torch.int64 or x.dim() != 2:
                 raise ValueError(f"WaveNet: x must be (B, T) int64 mu-law codes, got {x.dtype} of shape "
                                  f"{list(x.shape)}")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.quantization):
+                raise ValueError(f"WaveNet: codes must lie in [0, {self.quantization}), got range "
+                                 f"[{int(x.min())}, {int(x.max())}]")
             return torch.cat([torch.full_like(x[:, :1], self.start_code), x[:, :-1]], 1)
         if not x.is_floating_point() or x.dim() != 2:
             raise ValueError(f"WaveNet: x must be (B, T) floats in [-1, 1], got {x.dtype} of shape {list(x.shape)}")
+        if x.numel() and not bool(((x >= -1) & (x <= 1)).all()):
+            raise ValueError("WaveNet: audio values must lie in [-1, 1] (and not be NaN)")
         return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
 
     def _embed(self, inp):
@@ -213,7 +240,7 @@ class WaveNet(nn.Module):
             return F.cross_entropy(out, x, reduction="none").sum(1)
         acc = torch.float64 if out.dtype == torch.float64 else torch.float32
         return discretized_mix_logistic_nll(x.to(acc), out, self.num_mixtures, num_bits=self.num_bits,
-                                            reduction="none").reshape(x.shape[0], -1).sum(1)
+                                            reduction="none")                    # (B,): summed over time
 
     def log_prob(self, x, global_cond=None, local_cond=None):
         """Log-likelihood per example in nats, (B,)."""
@@ -225,7 +252,10 @@ class WaveNet(nn.Module):
 
     def loss(self, x, global_cond=None, local_cond=None):
         """Mean NLL per example in nats (a scalar to minimise)."""
-        return self.nll(x, global_cond, local_cond).mean()
+        nll = self.nll(x, global_cond, local_cond)
+        if not nll.numel():
+            raise ValueError("WaveNet.loss: the batch is empty (a mean over no clips is undefined)")
+        return nll.mean()
 
     # ---- generation ----------------------------------------------------------------------
 

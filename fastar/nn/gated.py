@@ -112,10 +112,14 @@ class GatedMaskedConv2d(nn.Module):
             raise ValueError(f"GatedMaskedConv2d: class labels must be an int64 tensor (N,), got "
                              f"{getattr(labels, 'dtype', type(labels).__name__)} of shape "
                              f"{list(getattr(labels, 'shape', []))}")
+        if labels is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"GatedMaskedConv2d: class labels must lie in [0, {self.num_classes}), got range "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
         if cmap is not None and (not isinstance(cmap, torch.Tensor) or cmap.dim() != 4
-                                 or cmap.shape[1] != self.cond_channels):
-            raise ValueError(f"GatedMaskedConv2d: the conditioning map must be (N, {self.cond_channels}, H, W), got "
-                             f"shape {list(getattr(cmap, 'shape', []))}")
+                                 or cmap.shape[1] != self.cond_channels or not cmap.is_floating_point()):
+            raise ValueError(f"GatedMaskedConv2d: the conditioning map must be a float tensor (N, {self.cond_channels}, "
+                             f"H, W), got {getattr(cmap, 'dtype', type(cmap).__name__)} of shape "
+                             f"{list(getattr(cmap, 'shape', []))}")
         return labels, cmap
 
     def cond_terms(self, cond):
@@ -136,6 +140,11 @@ class GatedMaskedConv2d(nn.Module):
 
     def forward(self, v: torch.Tensor, h: torch.Tensor, cond=None):
         cv, ch, mv, mh = self.cond_terms(cond)
+        if cv is not None and cv.shape[0] != v.shape[0]:
+            raise ValueError(f"GatedMaskedConv2d: {cv.shape[0]} class labels for a batch of {v.shape[0]} images")
+        if mv is not None and (mv.shape[0] != v.shape[0] or mv.shape[2:] != v.shape[2:]):
+            raise ValueError(f"GatedMaskedConv2d: the conditioning map must be ({v.shape[0]}, {self.cond_channels}, "
+                             f"{v.shape[2]}, {v.shape[3]}) like the images, got {list(mv.shape[:1]) + [self.cond_channels] + list(mv.shape[2:])}")
         vp = masked_conv2d(v, self.v_conv.weight, self.v_conv.bias, self.v_mask, self.v_conv.padding)
         va = vp
         hp = masked_conv2d(h, self.h_conv.weight, self.h_conv.bias, self.h_mask, self.h_conv.padding)

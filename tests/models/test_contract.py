@@ -168,6 +168,55 @@ def test_bad_input(name, i):
         model.nll(torch.zeros(2, dtype=torch.int64), cond)            # no batch of sequences
 
 
+def _out_of_range(x, head):
+    bad = x.clone()
+    if head.discrete:
+        bad.view(-1)[0] = len(head.support())
+    else:
+        bad.view(-1)[0] = 2.0
+    return bad
+
+
+def _nan(x, head):
+    bad = x.clone().double() if head.discrete else x.clone()
+    bad.view(-1)[0] = float("nan")
+    return bad
+
+
+# (id, what to call with (model, x, cond, head), the message it must raise). A new family is held to
+# every row; a family-specific case goes in the family's own tests.
+BAD_INPUT = [
+    ("nll of one sequence without a batch", lambda m, x, c, h: m.nll(x[0], c), None),
+    ("nll of a value out of range", lambda m, x, c, h: m.nll(_out_of_range(x, h), c), "lie in|binary"),
+    ("nll of NaN", lambda m, x, c, h: m.nll(_nan(x, h), c), "NaN|integer|int64|binary|lie in"),
+    ("nll of non-integer codes", lambda m, x, c, h: m.nll(x.double() + 0.5, c) if h.discrete else
+     m.nll(x.long(), c), "integer|int64|binary|floats"),
+    ("loss of an empty batch", lambda m, x, c, h: m.loss(x[:0], None if c is None else c[:0]), "empty"),
+    ("sample of a float shape", lambda m, x, c, h: m.sample(1, tuple(float(s) + 0.5 for s in x.shape[2:]
+                                                                    if x.dim() == 4) or (2.5,),
+                                                            cond=None if c is None else c[:1], progress=False),
+     "shape"),
+    ("sample with the batch of cond wrong", lambda m, x, c, h: m.sample(5, x.shape[2:] if x.dim() == 4 else
+                                                                      (x.shape[1],), cond=c if c is not None
+                                                                      else torch.zeros(2, dtype=torch.int64),
+                                                                      progress=False),
+     "batch|unconditional|cond|global_cond"),
+]
+
+
+@pytest.mark.parametrize("row", range(len(BAD_INPUT)), ids=[r[0] for r in BAD_INPUT])
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_bad_input_table(name, i, row):
+    model, shape, cond = _case(name, i)
+    run = _run(model, shape, cond, 3)
+    x = sampling.naive_sample(model, run)
+    what, fn, match = BAD_INPUT[row]
+    with pytest.raises(ValueError, match=match):
+        fn(model, x, cond, run.seq.head)
+    # an empty batch is a correct empty result for nll, not an error
+    assert model.nll(x[:0], None if cond is None else cond[:0]).shape == (0,)
+
+
 def test_reference_backend_draws_the_same():
     for name, i in CASES:
         model, shape, cond = _case(name, i)
