@@ -335,31 +335,14 @@ struct Scratch {
   }
 };
 
-// Inverse-CDF categorical draw of one row of logits (categorical_sample's contract).
+// The categorical draw of one row of logits: the one pick (common/categorical.h) in the acc
+// type (the uniform rounded to it, as the reference does), temperature 0 = first argmax.
 template <typename T>
 int64_t sample_row(const T* lg, int64_t A, double temperature, double u) {
-  if (temperature == 0.0) return static_cast<int64_t>(std::max_element(lg, lg + A) - lg);
-  const T inv_t = static_cast<T>(1.0 / temperature);
-  T m = lg[0] * inv_t;
-  for (int64_t i = 1; i < A; ++i) m = std::max(m, lg[i] * inv_t);
-  double sum = 0;
-  // A is at most a few thousand: keep the exps on the stack-free heap-free path via a small buffer.
-  thread_local std::vector<T> e;
+  thread_local std::vector<T> e;  // the row's exps, so each is taken once
   e.resize(A);
-  for (int64_t i = 0; i < A; ++i) {
-    e[i] = std::exp(lg[i] * inv_t - m);
-    sum += e[i];
-  }
-  const T inv_sum = static_cast<T>(1.0 / sum);
-  double cdf = 0;
-  int64_t idx = 0, last = 0;
-  for (int64_t i = 0; i < A; ++i) {
-    const T p = e[i] * inv_sum;
-    cdf += p;
-    if (static_cast<T>(cdf) <= static_cast<T>(u)) idx = i + 1;
-    if (p > T(0)) last = i;
-  }
-  return std::min(idx, last);
+  return cat::categorical_draw<T>([lg](int64_t i) { return lg[i]; }, A, static_cast<T>(temperature),
+                                  static_cast<T>(u), e.data());
 }
 
 // The draw of row b at step p from its logits: a code (softmax head) or an audio value (mixture
