@@ -12,13 +12,12 @@
 // chunks that run on separate threads (at::parallel_for); inside a chunk every GEMV walks
 // the output tiles outermost, so one tile's weight panel (K x 16 floats) stays in L1 while
 // all rows of the chunk pass over it: the weights are read from L2/L3 once per chunk and
-// step, whatever the batch. Small float32 batches on AVX-512 machines take the two-part packed
-// path below (run_small: each core keeps half of the weights in its L2); float64 and machines
-// without AVX-512 at batch 1-2 split the output columns of every matrix between two threads
-// (run_split).
-// Gates use a vectorised exp (Cephes polynomial, ~2 ulp) in float32 and std::tanh/std::exp
-// in float64. Sampling follows categorical_sample's contract: inverse CDF of softmax(logits /
-// temperature) on the step's uniform, clamped to the last category of non-zero probability.
+// step, whatever the batch (wavenet_blocked.cpp). Small float32 batches on AVX-512 machines take
+// the two-part packed path (wavenet_two_part.cpp: each core keeps half of the weights in its L2);
+// float64 and machines without AVX-512 at batch 1-2 split the output columns of every matrix
+// between two threads (wavenet_split.cpp). This file: checks, primitives, dispatch, registration.
+// Gates use the vectorised exp of common/vec_math.h in float32 and std::tanh/std::exp in
+// float64. Codes are drawn by the one categorical pick of common/categorical.h.
 // The mixture head draws with mix::pixel_sample (csrc/mixture.h), the very per-position code of
 // sample_discretized_mix_logistic's kernels, and feeds the float value back through in_w (1, R).
 #include <ATen/ATen.h>
