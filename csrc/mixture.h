@@ -16,13 +16,11 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FASTAR_HD __host__ __device__ __forceinline__
-#define FASTAR_UNROLL _Pragma("unroll")
-#else
-#define FASTAR_HD inline
-#define FASTAR_UNROLL
-#endif
+#include "common/acc_type.h"
+#include "common/categorical.h"
+#include "common/macros.h"
+
+#define FASTAR_HD FASTAR_HOST_DEVICE
 
 namespace fastar {
 namespace mix {
@@ -241,40 +239,7 @@ FASTAR_UNROLL
   }
 }
 
-// Inverse-CDF pick of one index from softmax(l / temp) given the uniform u:
-// the first j whose running CDF exceeds u, else the last j with p_j > 0. Same
-// contract as categorical_sample_ref. `at(j)` yields the (already masked) logit.
-template <typename T, typename F>
-FASTAR_HD int64_t inverse_cdf_pick(F at, int64_t K, T temp, T u) {
-  T mx = -INFINITY;
-  for (int64_t j = 0; j < K; ++j) mx = tmax(mx, at(j) / temp);
-  T sum = 0;
-  for (int64_t j = 0; j < K; ++j) sum += mexp(at(j) / temp - mx);
-  T cdf = 0;
-  int64_t last_pos = -1;
-  for (int64_t j = 0; j < K; ++j) {
-    const T p = mexp(at(j) / temp - mx) / sum;
-    if (p > T(0)) last_pos = j;
-    cdf += p;
-    if (cdf > u) return j;
-  }
-  return last_pos < 0 ? 0 : last_pos;
-}
-
-// First index of the largest value (torch.argmax's tie rule).
-template <typename T, typename F>
-FASTAR_HD int64_t argmax_first(F at, int64_t K) {
-  int64_t best = 0;
-  T bv = at(0);
-  for (int64_t j = 1; j < K; ++j) {
-    const T v = at(j);
-    if (v > bv) {
-      bv = v;
-      best = j;
-    }
-  }
-  return best;
-}
+using cat::argmax_first;
 
 // Bin centre nearest v: (2 i - bins) / bins, i = floor((v + 1) * bins / 2 + 0.5). The centre is one
 // correctly rounded division of exact integers, so a fused multiply-add (which compilers may
@@ -286,7 +251,7 @@ FASTAR_HD T quantize(T v, T half_bins, T bins) {
 template <typename T>
 FASTAR_HD T clamp1(T v) { return v < T(-1) ? T(-1) : (v > T(1) ? T(1) : v); }
 
-// One draw of one position: component by inverse CDF on u[0], then colour by
+// One draw of one position: component by the one categorical pick (common/categorical.h) on u[0], then colour by
 // colour a logistic sample by inverse CDF on u[1 + c], clamped and quantised
 // before it feeds the next colour's mean.
 template <typename T, typename scalar_t, int C>
@@ -294,7 +259,7 @@ FASTAR_HD void pixel_sample(const PixelParams<scalar_t>& pp, const T* u, int64_t
                             T bins, T* out, int64_t os) {
   constexpr int S = C == 3 ? 3 : 2;
   auto logit = [&](int64_t j) { return pp.template at<T>(j); };
-  const int64_t j = temp == T(0) ? argmax_first<T>(logit, K) : inverse_cdf_pick<T>(logit, K, temp, u[0]);
+  const int64_t j = cat::categorical_draw<T>(logit, K, temp, u[0]);
   T xs[C];
 FASTAR_UNROLL
   for (int c = 0; c < C; ++c) {
@@ -327,9 +292,7 @@ inline void check_num_bits(const char* op, int64_t num_bits) {
   TORCH_CHECK(num_bits >= 1 && num_bits <= 16, op, ": num_bits must be in [1, 16], got ", num_bits);
 }
 
-inline at::ScalarType acc_type_of(at::ScalarType st) {
-  return st == at::kDouble ? at::kDouble : at::kFloat;
-}
+using fastar::acc_type_of;
 
 // x (B, C, N) in the acc dtype of params (B, P, N); returns C.
 inline int check_dml_nll(const char* op, const at::Tensor& x, const at::Tensor& params, int64_t K, int64_t num_bits) {

@@ -210,8 +210,8 @@ at::Tensor categorical_sample_cpu(const at::Tensor& logits, const c10::optional<
     int64_t* o = out.data_ptr<int64_t>();
     at::parallel_for(0, O * I, 64, [&](int64_t begin, int64_t end) {
       // Per-thread scratch: the position's logits gathered contiguously (they
-      // are I apart in memory), then its exp values, so each exp is taken once.
-      std::vector<T> buf(K), tmp(mask_top ? K : 0);
+      // are I apart in memory), and its exp values, so each exp is taken once.
+      std::vector<T> buf(K), tmp(mask_top ? K : 0), tmp2(K);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t oi = i / I, ii = i % I;
         const T* src = lp + oi * K * I + ii;
@@ -224,30 +224,7 @@ at::Tensor categorical_sample_cpu(const at::Tensor& logits, const c10::optional<
           for (int64_t j = 0; j < K; ++j)
             if (buf[j] < kth) buf[j] = -std::numeric_limits<T>::infinity();
         }
-        if (temp == T(0)) {
-          o[i] = argmax_first<T>([&](int64_t j) { return buf[j]; }, K);
-          continue;
-        }
-        T mx = -std::numeric_limits<T>::infinity();
-        for (int64_t j = 0; j < K; ++j) mx = std::max(mx, buf[j] / temp);
-        T sum = 0;
-        for (int64_t j = 0; j < K; ++j) {
-          buf[j] = mexp(buf[j] / temp - mx);
-          sum += buf[j];
-        }
-        const T u = up[i];
-        T cdf = 0;
-        int64_t pick = -1, last_pos = -1;
-        for (int64_t j = 0; j < K; ++j) {
-          const T p = buf[j] / sum;
-          if (p > T(0)) last_pos = j;
-          cdf += p;
-          if (cdf > u) {
-            pick = j;
-            break;
-          }
-        }
-        o[i] = pick >= 0 ? pick : (last_pos < 0 ? 0 : last_pos);
+        o[i] = cat::categorical_draw<T>([&](int64_t j) { return buf[j]; }, K, temp, up ? up[i] : T(0), tmp2.data());
       }
     });
   });

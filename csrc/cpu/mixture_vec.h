@@ -15,6 +15,7 @@
 #include <functional>
 #include <cstring>
 
+#include "common/vec_math.h"
 #include "mixture.h"
 
 // Without this GCC keeps every select whose comparison could raise a
@@ -27,6 +28,8 @@
 
 namespace fastar {
 namespace mixvec {
+
+using vec::vexp;
 
 constexpr int kTile = 64;
 
@@ -44,24 +47,6 @@ FASTAR_AI int32_t float_to_bits(float f) {
 }
 FASTAR_AI float vmax(float a, float b) { return a > b ? a : b; }
 FASTAR_AI float vmin(float a, float b) { return a < b ? a : b; }
-
-// exp for x in about [-87, 88]; inputs beyond are clamped (exp(-87.3) ~ 1e-38 stands in for 0).
-FASTAR_AI float vexp(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.0f ? 88.0f : x;
-  // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no floorf: it would not vectorise).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-}
 
 // log for positive normal x.
 FASTAR_AI float vlog(float x) {

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/categorical.h"
 #include "pixel_step.h"
 
 namespace fastar {
@@ -65,29 +66,11 @@ FASTAR_CLONES void gemm_acc(const double* x, int64_t xs, int64_t R, const double
   gemm_acc_body(x, xs, R, w, ldw, K, O, out, os);
 }
 
-// Inverse-CDF draw with categorical_sample_ref's exact rule: the index is the number of
-// CDF entries <= u, capped at the last category of non-zero probability; temperature 0 is
-// the first argmax. `e` is scratch of K entries.
+// The draw: the one categorical pick (common/categorical.h), temperature 0 = first argmax.
+// `e` is scratch of K entries.
 template <typename T>
 int64_t pick(const T* lg, int64_t K, double temperature, T u, T* e) {
-  if (temperature == 0.0) return static_cast<int64_t>(std::max_element(lg, lg + K) - lg);
-  const T temp = static_cast<T>(temperature);
-  T m = lg[0] / temp;
-  for (int64_t k = 1; k < K; ++k) m = std::max(m, lg[k] / temp);
-  T sum = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    e[k] = std::exp(lg[k] / temp - m);
-    sum += e[k];
-  }
-  T cdf = 0;
-  int64_t count = 0, last = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const T p = e[k] / sum;
-    cdf += p;
-    if (cdf <= u) ++count;
-    if (p > T(0)) last = k;
-  }
-  return std::min(count, last);
+  return cat::categorical_draw<T>([lg](int64_t k) { return lg[k]; }, K, static_cast<T>(temperature), u, e);
 }
 
 template <typename T>

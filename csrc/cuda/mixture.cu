@@ -124,7 +124,7 @@ __global__ void categorical_sample_kernel(const scalar_t* __restrict__ logits, c
     const T v = static_cast<T>(src[j * I]);
     return (mask_top && v < kth) ? T(-INFINITY) : v;
   };
-  out[i] = temp == T(0) ? argmax_first<T>(at, K) : inverse_cdf_pick<T>(at, K, temp, noise[i]);
+  out[i] = temp == T(0) ? cat::argmax_first<T>(at, K) : cat::categorical_pick<T>(at, K, temp, noise[i]);
 }
 
 at::Tensor dml_nll_cuda(const at::Tensor& x, const at::Tensor& params, int64_t K, int64_t num_bits) {

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 
+#include "common/categorical.h"
 #include "pixel_step.h"
 
 namespace fastar {
@@ -99,55 +100,15 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// One warp draws one row: categorical_sample_ref's rule (count of CDF entries <= u, capped at
-// the last category of non-zero probability; temperature 0 = first argmax). A binary row is
-// the two categories (0, logit).
+// One warp draws one row with the one categorical pick (common/categorical.h, warp form: the
+// same roundings in the same order as the CPU kernel and the reference); temperature 0 = first
+// argmax. A binary row is the two categories (0, logit).
 template <typename T>
 __device__ int64_t warp_pick(const T* lg, int K, bool binary, double temperature, T u) {
-  const int lane = threadIdx.x & 31;
   const int Kc = binary ? 2 : K;
   auto at = [&](int k) -> T { return binary ? (k == 0 ? T(0) : lg[0]) : lg[k]; };
-  if (temperature == 0.0) {
-    T best = at(0);
-    int bi = 0;
-    for (int k = lane; k < Kc; k += 32) {
-      const T v = at(k);
-      if (v > best || (v == best && k < bi)) best = v, bi = k;
-    }
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) {
-      const T ov = __shfl_xor_sync(0xffffffffu, best, d);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, d);
-      if (ov > best || (ov == best && oi < bi)) best = ov, bi = oi;
-    }
-    return bi;
-  }
-  const T temp = static_cast<T>(temperature);
-  T m = -INFINITY;
-  for (int k = lane; k < Kc; k += 32) m = max(m, at(k) / temp);
-  m = warp_max(m);
-  T sum = T(0);
-  for (int k = lane; k < Kc; k += 32) sum += dexp(at(k) / temp - m);
-  sum = warp_sum(sum);
-  T carry = T(0);
-  int count = 0, last = 0;
-  for (int base = 0; base < Kc; base += 32) {
-    const int k = base + lane;
-    const T p = k < Kc ? dexp(at(k) / temp - m) / sum : T(0);
-    T cdf = p;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const T o = __shfl_up_sync(0xffffffffu, cdf, d);
-      if (lane >= d) cdf += o;
-    }
-    cdf += carry;
-    count += __popc(__ballot_sync(0xffffffffu, k < Kc && cdf <= u));
-    if (k < Kc && p > T(0)) last = k;
-    carry = __shfl_sync(0xffffffffu, cdf, 31);
-  }
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, d));
-  return min(count, last);
+  if (temperature == 0.0) return cat::warp_argmax_first<T>(at, Kc);
+  return cat::warp_categorical_pick<T>(at, Kc, static_cast<T>(temperature), u);
 }
 
 template <typename T, int ROWS>

@@ -144,98 +144,24 @@ __device__ __forceinline__ float dev_exp<float>(float v) {
   return expf(v);
 }
 
-// Inverse-CDF draw of one row (categorical_sample's contract), by one thread: A is small and the
-// sequential cumulative sum keeps the kernel's rounding close to the reference's. Shared by
-// both wavenet_step kernels so that they draw the same codes.
+// The categorical draw of one row by one thread: the one pick (common/categorical.h) in the
+// acc type, temperature 0 = first argmax. Shared by both wavenet_step kernels so that they draw
+// the same codes.
 template <typename A>
 __device__ int64_t sample_code_row(const A* row, int64_t AA, double temperature, A u) {
-  int64_t idx = 0;
-  if (temperature == 0.0) {
-    A m = row[0];
-    for (int64_t i = 1; i < AA; ++i)
-      if (row[i] > m) {
-        m = row[i];
-        idx = i;
-      }
-  } else {
-    const A inv_t = A(1.0 / temperature);
-    A m = row[0] * inv_t;
-    for (int64_t i = 1; i < AA; ++i) m = max(m, row[i] * inv_t);
-    double sum = 0;
-    for (int64_t i = 0; i < AA; ++i) sum += dev_exp<A>(row[i] * inv_t - m);
-    const A inv_sum = A(1.0 / sum);
-    double cdf = 0;
-    int64_t last = 0;
-    for (int64_t i = 0; i < AA; ++i) {
-      const A pi = dev_exp<A>(row[i] * inv_t - m) * inv_sum;
-      cdf += pi;
-      if (static_cast<A>(cdf) <= u) idx = i + 1;
-      if (pi > A(0)) last = i;
-    }
-    idx = idx < last ? idx : last;
-  }
-  return idx;
+  auto at = [row](int64_t i) { return row[i]; };
+  if (temperature == 0.0) return cat::argmax_first<A>(at, AA);
+  return cat::categorical_pick<A>(at, AA, static_cast<A>(temperature), u);
 }
 
 // sample_code_row's draw by one warp (the persistent kernel has a warp per row and is latency
-// bound, so a 256-step serial loop per step matters there). Same arithmetic per element and
-// double accumulation, only the summation order differs: the float-rounded CDF can differ from
-// the serial one only when a partial sum lies within double rounding of a float boundary.
-// Lane q owns the contiguous chunk [q c, (q+1) c) so the CDF is an exclusive scan of chunk sums.
+// bound): warp_categorical_pick takes the exps in parallel and keeps the sums in the serial
+// order, so it draws exactly what sample_code_row draws.
 __device__ int64_t warp_sample_code(const float* row, int64_t AA, double temperature, float u, int lane) {
-  const int64_t c = (AA + 31) / 32, i0 = lane * c, i1 = (i0 + c < AA) ? i0 + c : AA;
-  if (temperature == 0.0) {  // first index of the maximum
-    float m = row[0];
-    int64_t idx = 0;
-    for (int64_t i = i0; i < i1; ++i)
-      if (row[i] > m) {
-        m = row[i];
-        idx = i;
-      }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float om = __shfl_xor_sync(0xffffffffu, m, o);
-      const int64_t oi = __shfl_xor_sync(0xffffffffu, idx, o);
-      if (om > m || (om == m && oi < idx)) {
-        m = om;
-        idx = oi;
-      }
-    }
-    return idx;
-  }
-  const float inv_t = static_cast<float>(1.0 / temperature);
-  float m = row[0] * inv_t;
-  for (int64_t i = i0; i < i1; ++i) m = fmaxf(m, row[i] * inv_t);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  double sum = 0;
-  for (int64_t i = i0; i < i1; ++i) sum += expf(row[i] * inv_t - m);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  const float inv_sum = static_cast<float>(1.0 / sum);
-  double part = 0;
-  for (int64_t i = i0; i < i1; ++i) part += expf(row[i] * inv_t - m) * inv_sum;
-  double incl = part;  // inclusive scan of the chunk sums
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const double v = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += v;
-  }
-  double cdf = __shfl_up_sync(0xffffffffu, incl, 1);  // exclusive: the chunks before this lane's
-  if (lane == 0) cdf = 0;
-  int64_t idx = 0, last = 0;
-  for (int64_t i = i0; i < i1; ++i) {
-    const float pi = expf(row[i] * inv_t - m) * inv_sum;
-    cdf += pi;
-    if (static_cast<float>(cdf) <= u) idx = i + 1;
-    if (pi > 0.f) last = i;
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    idx = max(idx, static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, idx, o)));
-    last = max(last, static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, last, o)));
-  }
-  return idx < last ? idx : last;
+  (void)lane;
+  auto at = [row](int i) { return row[i]; };
+  if (temperature == 0.0) return cat::warp_argmax_first<float>(at, static_cast<int>(AA));
+  return cat::warp_categorical_pick<float>(at, static_cast<int>(AA), static_cast<float>(temperature), u);
 }
 
 template <typename W, typename A, int ROWS>

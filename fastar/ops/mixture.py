@@ -46,8 +46,10 @@ Categorical sampling
 --------------------
 ``categorical_sample(logits, dim=1, generator=None, noise=None, temperature=1.0, top_k=None)``
 draws one index per position by inverse CDF on one uniform per position:
-``index = min(#{k : cdf[k] <= u}, last k with p[k] > 0)`` where
-``cdf = cumsum(softmax(logits / temperature, dim))``. Temperature 0 means argmax.
+``index = min(#{k : c[k] <= u * c[-1]}, last k with e[k] > 0)`` where
+``z = logits / temperature``, ``e = exp(z - max z)`` and ``c = cumsum(e)`` (the unnormalised
+CDF of softmax(z)); this one rule, with its exp and its roundings, is csrc/common/categorical.h's,
+shared by every kernel that draws. Temperature 0 means argmax.
 ``top_k`` keeps the k largest logits per position (ties at the k-th value kept).
 ``noise`` (the uniforms, shape = logits.shape without ``dim``, values in [0, 1)) makes
 the draw deterministic, so a kernel and the reference draw the same sample; without
@@ -119,6 +121,28 @@ def _uniforms(logits, out_shape, generator):
     return torch.rand(out_shape, generator=generator, device=logits.device, dtype=dtype)
 
 
+def _exp_rn(x):
+    """exp(x) for x <= 0 as csrc/common/categorical.h's exp_rn computes it (Cephes' rational
+    approximation after a Cody-Waite reduction, each operation rounded once in float64), so
+    the reference and the kernels weigh every category with the same bits; 0 below -708, NaN
+    stays NaN. float32 input: computed in float64, rounded once."""
+    out_dtype = x.dtype
+    x = x.double()
+    n = torch.floor(x * 1.4426950408889634073599 + 0.5)
+    r = x - n * 6.93145751953125e-1
+    r = r - n * 1.42860682030941723212e-6
+    rr = r * r
+    px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr + 9.99999999999999999910e-1)
+    qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1) * rr \
+        + 2.00000000000000000009e0
+    e = 1.0 + 2.0 * (px / (qx - px))
+    ok = x >= -708.0
+    n_int = torch.where(ok, n, torch.zeros_like(n)).to(torch.int64)
+    e = e * ((n_int + 1023) << 52).view(torch.float64)
+    e = torch.where(ok, e, torch.where(torch.isnan(x), x, torch.zeros_like(x)))
+    return e.to(out_dtype)
+
+
 def categorical_sample_ref(logits, dim=1, generator=None, noise=None, temperature=1.0, top_k=None):
     """Reference: inverse-CDF categorical sampling (see the module docstring). Any device/dtype."""
     dim, out_shape = _check_categorical("categorical_sample_ref", logits, dim, noise, temperature, top_k)
@@ -131,12 +155,16 @@ def categorical_sample_ref(logits, dim=1, generator=None, noise=None, temperatur
         return work.argmax(-1)
     if noise is None:
         noise = _uniforms(logits, out_shape, generator)
-    p = torch.softmax(work / temperature, dim=-1)
-    cdf = torch.cumsum(p, dim=-1)
-    idx = (cdf <= noise.to(cdf.dtype).unsqueeze(-1)).sum(-1)
-    k = p.shape[-1]
-    last_nonzero = k - 1 - (p > 0).flip(-1).to(torch.int64).argmax(-1)
-    return torch.minimum(idx, last_nonzero)
+    # The kernels' one rule (csrc/common/categorical.h), op for op, so that float64 on CPU draws
+    # the same index bit for bit: e = exp(z - max z), c = cumsum(e) (sequential on CPU), the
+    # index is #{c_j <= u * c_last} capped at the last category with e > 0.
+    z = work / temperature
+    e = _exp_rn(z - z.amax(-1, keepdim=True))
+    c = torch.cumsum(e, dim=-1)
+    idx = (c <= noise.to(c.dtype).unsqueeze(-1) * c[..., -1:]).sum(-1)
+    k = e.shape[-1]
+    last_positive = k - 1 - (e > 0).flip(-1).to(torch.int64).argmax(-1)
+    return torch.minimum(idx, last_positive)
 
 
 def categorical_sample(logits, dim=1, generator=None, noise=None, temperature=1.0, top_k=None):

@@ -606,3 +606,59 @@ def test_kernel_ops_reject_bad_input_directly():
         torch.ops.fastar.categorical_sample(torch.zeros(2, 4, 3), None, 0.0, 5)
     with pytest.raises(RuntimeError, match="supports float32 and float64"):
         torch.ops.fastar.categorical_sample(torch.zeros(2, 4, 3, dtype=torch.float16), None, 0.0, 0)
+
+
+def boundary_uniforms(logits, temperature, generator):
+    """Uniforms that put u * total right at, or one ulp either side of, a partial sum of the
+    unnormalised CDF (the one rule's arithmetic, in float64): where a different accumulation
+    order, exp or comparison would draw a neighbouring index. logits (N, K) -> u (N,) float64."""
+    z = logits.double() / temperature
+    c = torch.cumsum(M._exp_rn(z - z.amax(-1, keepdim=True)), -1)
+    j = torch.randint(0, c.shape[-1], (c.shape[0],), generator=generator).to(c.device)
+    u = c.gather(1, j[:, None])[:, 0] / c[:, -1]
+    side = torch.randint(0, 3, u.shape, generator=generator).to(c.device)
+    u = torch.where(side == 0, torch.nextafter(u, torch.zeros_like(u)),
+                    torch.where(side == 2, torch.nextafter(u, torch.ones_like(u)), u))
+    return u.clamp(0.0, 1.0 - 2.0 ** -53)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 3.0])
+@pytest.mark.parametrize("k", [2, 7, 256, 1000])
+def test_categorical_cpu_kernel_draws_the_ref_index_at_cdf_boundaries(temperature, k):
+    requires_kernel("categorical_sample", torch.device("cpu"))
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(600, k, generator=g, dtype=torch.float64) * 4
+    logits[:50, : k // 2] = float("-inf")  # masked categories weigh exactly 0
+    u = boundary_uniforms(logits, temperature, g)
+    got = _kernel(M.categorical_sample, logits, 1, noise=u, temperature=temperature)
+    want = M.categorical_sample_ref(logits, 1, noise=u, temperature=temperature)
+    assert torch.equal(got, want)
+    # the same rule also through the component draw of the mixture sampler
+    if k <= 256:
+        kk = k
+        p = torch.randn(600, 3 * kk, 1, generator=g, dtype=torch.float64)
+        p[:, :kk, 0] = logits
+        noise = torch.stack([u, torch.rand(600, generator=g, dtype=torch.float64)], 1)[..., None]
+        got = _kernel(M.sample_discretized_mix_logistic, p, kk, noise=noise, temperature=temperature)
+        want = M.sample_discretized_mix_logistic_ref(p, kk, noise=noise, temperature=temperature)
+        assert torch.equal(got, want)
+
+
+def test_categorical_nan_and_inf_logits_draw_index_zero():
+    requires_kernel("categorical_sample", torch.device("cpu"))
+    lg = torch.randn(3, 6, dtype=torch.float64)
+    lg[0, 3] = float("nan")
+    lg[1, 2] = float("inf")
+    lg[2, 4] = float("nan")
+    u = torch.full((3,), 0.6, dtype=torch.float64)
+    got = _kernel(M.categorical_sample, lg, 1, noise=u)
+    assert torch.equal(got, M.categorical_sample_ref(lg, 1, noise=u))
+    assert got.tolist() == [0, 0, 0]
+
+
+def test_exp_rn_is_close_to_exp():
+    x = torch.cat([-torch.rand(10000, dtype=torch.float64) * 708, torch.tensor([0.0, -708.0, -709.0, -float("inf")],
+                                                                              dtype=torch.float64)])
+    e = M._exp_rn(x)
+    torch.testing.assert_close(e[:-2], torch.exp(x[:-2]), rtol=1e-15, atol=0)
+    assert e[-2] == 0 and e[-1] == 0 and torch.isnan(M._exp_rn(torch.tensor([float("nan")]))).all()

@@ -261,3 +261,32 @@ def test_cuda_graph_fused_matches_eager(device):
     a = sampling.cached_sample(model, plans[0], cuda_graphs=True, fused=True)
     b = sampling.cached_sample(model, plans[1], cuda_graphs=False, fused=True)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_kernel_draws_the_ref_index_at_cdf_boundaries_float64(case):
+    """CPU float64: every step's uniform is put right at a partial sum of the unnormalised CDF of
+    a first pass's logits (the one rule's arithmetic); each kernel draw must then be
+    categorical_sample_ref's on the kernel's own logits (the ref walk's logits differ in the last
+    bits, so on a boundary it may rightly draw the neighbour)."""
+    from fastar.ops.mixture import categorical_sample_ref
+    from tests.ops.test_mixture import boundary_uniforms
+    dev = torch.device("cpu")
+    requires_kernel("gated_pixelcnn_step", dev)
+    model, shape, n, cond, prefix, mask = _case(case, dev, torch.float64)
+    plan = _plan(model, n, shape, cond, prefix, mask)
+    _, lk, _ = _walk(model, plan, torch.ops.fastar.gated_pixelcnn_step)
+    two = plan.levels == 2
+
+    def full(lg):  # a binary row is the two categories (0, logit)
+        return torch.cat([torch.zeros_like(lg), lg], 1) if two else lg
+
+    g = torch.Generator().manual_seed(case)
+    for t in range(plan.T):
+        plan.noise[t] = boundary_uniforms(full(lk[t]), plan.temperature, g)
+    xk, lk2, _ = _walk(model, plan, torch.ops.fastar.gated_pixelcnn_step)
+    for t in range(plan.T):  # step t draws channel t % C of pixel t // C
+        got = xk.reshape(n, -1)[:, (t % plan.C) * plan.H * plan.W + t // plan.C]
+        want = categorical_sample_ref(full(lk2[t]), 1, noise=plan.noise[t], temperature=plan.temperature)
+        if prefix is None:
+            assert torch.equal(got, want), f"step {t}"

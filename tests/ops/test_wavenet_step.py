@@ -615,3 +615,28 @@ def test_wavenet_step_forced_persistent_path_refuses_what_it_cannot_run(device, 
         _call(torch.ops.fastar.wavenet_step.default, st, c, w, dil)
         _call(wavenet_step_ref, st_r, c, w, dil)
         assert torch.equal(st["samples"], st_r["samples"])
+
+
+@pytest.mark.parametrize("batch", [1, 2, 8])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_wavenet_step_cpu_draws_the_ref_index_at_cdf_boundaries(batch, temperature):
+    """float64 on CPU (batch 1-2: the column-split path, 8: the blocked one): with every step's
+    uniform put right at a partial sum of the unnormalised CDF of that step's logits, the kernel
+    draws exactly categorical_sample_ref's index."""
+    from fastar.ops import mixture as M
+    from tests.ops.test_mixture import boundary_uniforms
+    requires_kernel("wavenet_step", "cpu")
+    dev = torch.device("cpu")
+    st, c, w, dil = _step_case(dev, torch.float64, B=batch, T=16, A=256, R=16, S=32, seed=5)
+    g = torch.Generator().manual_seed(batch)
+    for t in range(st["samples"].shape[1]):
+        probe = _clone(st)
+        with fastar.backend("kernel"):
+            _call(wavenet_step, probe, c, w, dil, temperature=temperature)  # this step's logits
+        u = boundary_uniforms(probe["logits"], temperature, g)
+        st["noise"][:, t] = u
+        with fastar.backend("kernel"):
+            _call(wavenet_step, st, c, w, dil, temperature=temperature)
+        assert torch.equal(st["logits"], probe["logits"])
+        want = M.categorical_sample_ref(st["logits"], 1, noise=u, temperature=temperature)
+        assert torch.equal(st["samples"][:, t], want), f"step {t}"
