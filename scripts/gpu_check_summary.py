@@ -73,7 +73,7 @@ def collect_tests(work: str) -> dict:
         name = os.path.basename(log)[:-4]
         xml = os.path.join(work, "junit", name + ".xml")
         rc = read(os.path.join(work, "tests", name + ".rc")).strip() or "killed"
-        entry = dict(file=name.replace("__", "/").replace("_py", ".py"), rc=rc, source="junit", hung=None)
+        entry = dict(file=name.replace("+", "/"), rc=rc, source="junit", hung=None)
         tree = None
         if os.path.exists(xml):
             try:
@@ -120,7 +120,7 @@ _UNAVAILABLE = re.compile(r"Device not supported|error 999|Unable to (?:find|loa
                           re.I)
 
 
-def sanitizer_verdicts(work: str) -> list[dict]:
+def sanitizer_verdicts(work: str, stage_status: str = "") -> list[dict]:
     out = []
     note = read(os.path.join(work, "sanitizer.note")).strip()
     for tool in ("memcheck", "racecheck", "synccheck"):
@@ -133,7 +133,8 @@ def sanitizer_verdicts(work: str) -> list[dict]:
         if note and not text:
             verdict = f"unavailable ({note})"
         elif not text and not rc:
-            verdict = "not run"
+            verdict = {"timeout": "not run: the sanitizer stage was cut off before it",
+                       "skipped": "not run: stage skipped"}.get(stage_status, "not run")
         elif "no GPU" in text and not started:
             verdict = "not run (no GPU)"
         elif rc in ("124", "137"):
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
                ""]
 
     # sanitizer
-    sv = sanitizer_verdicts(work)
+    sv = sanitizer_verdicts(work, by_name.get("sanitizer", {}).get("status", ""))
     md += ["## compute-sanitizer (scripts/gpu_sanitizer_cases.py)", ""]
     for v in sv:
         md.append(f"- {v['tool']}: {v['verdict']}")
