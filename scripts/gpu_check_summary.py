@@ -127,6 +127,8 @@ def sanitizer_verdicts(work: str, stage_status: str = "") -> list[dict]:
         text = read(os.path.join(work, "sanitizer", tool + ".log"))
         rc = read(os.path.join(work, "sanitizer", tool + ".rc")).strip()
         summaries = re.findall(r"ERROR SUMMARY:\s*(\d+) error", text)
+        # racecheck's own line counts hazards (warnings included) beside its errors
+        hazards = re.findall(r"RACECHECK SUMMARY:\s*(\d+) hazard", text)
         passed = re.findall(r"^PASS (\S+)", text, re.M)
         failed = re.findall(r"^FAIL (\S+?):? ", text, re.M)
         started = re.findall(r"^START (\S+)", text, re.M)
@@ -148,6 +150,8 @@ def sanitizer_verdicts(work: str, stage_status: str = "") -> list[dict]:
         else:
             n = int(summaries[-1])
             verdict = "clean: 0 errors" if n == 0 else f"{n} ERRORS"
+            if hazards and int(hazards[-1]):
+                verdict += f" ({hazards[-1]} racecheck hazards reported)"
         if failed:
             verdict += f"; cases failed: {', '.join(failed)}"
         elif passed:
