@@ -7,9 +7,19 @@ how the result is written, and the words the commands print about it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """An OSError while writing `path` as one sentence that names the file, whatever the library said."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 class PngGrid:
@@ -24,6 +34,8 @@ class PngGrid:
 
     def inputs(self, info: dict, n: int, prefix=None, length=None) -> dict:
         """The prefix image (its top half given, the bottom half drawn) as sample()'s prefix + mask."""
+        if length is not None:  # an image has the data set's size; a --length would be silently ignored
+            raise ValueError("--length applies to audio models (.wav); this checkpoint holds an image model")
         if not prefix:
             return {}
         from fastar.data.images import load_image
@@ -41,10 +53,11 @@ class PngGrid:
         from fastar.data.images import save_image_grid
 
         w = info["shape"][-1]
-        if demo:  # the demo's grid: ten a row and about 64 pixels a digit, for a person to look at
-            return save_image_grid(x, path, info["levels"], nrow=10 if len(x) % 10 == 0 else None,
-                                   scale=max(1, 64 // w))
-        return save_image_grid(x, path, info["levels"], scale=4 if w <= 8 else 1)
+        with _writing(path):
+            if demo:  # the demo's grid: ten a row and about 64 pixels a digit, for a person to look at
+                return save_image_grid(x, path, info["levels"], nrow=10 if len(x) % 10 == 0 else None,
+                                       scale=max(1, 64 // w))
+            return save_image_grid(x, path, info["levels"], scale=4 if w <= 8 else 1)
 
 
 class WavClips:
@@ -78,8 +91,9 @@ class WavClips:
                 parts.append(gap)
             # integer draws are mu-law codes; a continuous head already draws audio in [-1, 1]
             parts.append(c.float() if c.is_floating_point() else mu_law_decode(c, info["levels"]).float())
-        os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
-        write_wav(str(path), torch.cat(parts), rate)
+        with _writing(path):
+            os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+            write_wav(str(path), torch.cat(parts), rate)
         return str(path)
 
 
