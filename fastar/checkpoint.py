@@ -256,15 +256,18 @@ def _check_entries(path: str, ck: dict) -> None:
     _need(path, ck, "history", list, "a list of losses")
     _need(path, ck, "evals", list, "a list of evaluations")
     data = _need(path, ck, "data", dict, "what the model was trained on")
-    _need(path, data, "name", str, "the data set's name", "data ")
-    kind = _need(path, data, "kind", str, "'image' or 'audio'", "data ")
-    levels = _need(path, data, "levels", int, "an integer", "data ")
-    shape = _need(path, data, "shape", (list, tuple), "a list of sizes", "data ")
-    ok_shape = (len(shape) == (3 if kind == "image" else 1) and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                    and 1 <= v <= 1 << 16 for v in shape))
+    # save_checkpoint(data=None) records {}: fine for the library; what is recorded must make sense,
+    # and what a command needs of it is asked for by the command (fastar.commands.writers.need_info).
+    for k, types, what in (("name", str, "the data set's name"), ("kind", str, "'image' or 'audio'"),
+                           ("levels", int, "an integer"), ("shape", (list, tuple), "a list of sizes")):
+        if k in data:
+            _need(path, data, k, types, what, "data ")
+    kind, levels, shape = data.get("kind", "image"), data.get("levels", 2), data.get("shape")
+    ok_shape = shape is None or (len(shape) == (3 if kind == "image" else 1) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in shape))
     if kind not in ("image", "audio") or not 2 <= levels <= 1 << 16 or not ok_shape:
         raise ValueError(f"{path} is a damaged fastar checkpoint: data kind {kind!r}, levels {levels}, shape "
-                         f"{list(shape)} make no data set")
+                         f"{shape} make no data set")
     for k in ("num_classes", "sample_rate"):
         v = data.get(k)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 10**6):

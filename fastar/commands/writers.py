@@ -116,7 +116,7 @@ def class_cond(ckpt: dict, n: int, klass=None):
     if klass is not None:
         if not conditional:
             raise ValueError("--class needs a class-conditional model (trained with --conditional); this one is not")
-        if not 0 <= klass < info["num_classes"]:
+        if not 0 <= klass < (info.get("num_classes") or 0):
             raise ValueError(f"--class must lie in [0, {info['num_classes']}), got {klass}")
         return torch.full((n,), klass, dtype=torch.int64)
     if conditional:
@@ -124,10 +124,26 @@ def class_cond(ckpt: dict, n: int, klass=None):
     return None
 
 
+def need_info(ckpt: dict) -> dict:
+    """The checkpoint's data info, with what drawing and writing read from it (a checkpoint saved without
+    data, or with a damaged one, is one ValueError, not a KeyError deep in a writer)."""
+    from fastar import registry
+
+    info = ckpt["data"]
+    missing = [k for k in ("kind", "levels", "shape") if k not in info]
+    if missing:
+        raise ValueError(f"the checkpoint records no data {missing[0]!r} (what its model draws), so it cannot be "
+                         "sampled; it was saved without the data set's info")
+    if info["kind"] != registry.model_kind(ckpt["model"]):
+        raise ValueError(f"the checkpoint's data is {info['kind']}, but its model {ckpt['model']} draws "
+                         f"{registry.model_kind(ckpt['model'])}")
+    return info
+
+
 def draw(model, ckpt: dict, n: int, method: str, generator, temperature: float = 1.0, klass=None, prefix=None,
          length=None, demo=False, progress=True):
     """``model.sample(...)`` with the shape, cond and given values a checkpoint's writer asks for."""
-    w, info = writer_of(ckpt["model"]), ckpt["data"]
+    w, info = writer_of(ckpt["model"]), need_info(ckpt)
     cond = class_cond(ckpt, n, klass)
     if cond is not None:
         cond = cond.to(next(model.parameters()).device)

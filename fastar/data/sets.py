@@ -136,6 +136,8 @@ def load_dataset(name: str, levels: int | None = None, holdout: float = 0.1, seg
 
 def load_like(info: dict, holdout: float = 0.1) -> Dataset:
     """The data set a checkpoint was trained on, from its recorded :meth:`Dataset.info`."""
+    if not info.get("name"):
+        raise ValueError("the checkpoint records no data set name, so its data cannot be reloaded")
     src = _source(info["name"])
     opts = dict(sample_rate=info.get("sample_rate") or 16000)
     if src.kind == "audio":  # audio sets are cut into segments of the recorded length
