@@ -215,7 +215,7 @@ def _unreadable(path: str, e: Exception) -> ValueError:
     except OSError as oe:
         return ValueError(f"cannot read {path}: {oe.strerror or oe}")
     if not head:
-        return ValueError(f"{path} is not a fastar checkpoint: the file is empty")
+        return ValueError(f"{path} is not a readable fastar checkpoint: the file is empty")
     g = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
     if g:
         return ValueError(f"{path} is not a fastar checkpoint: it holds a Python object of type {g.group(1)}, and a "
@@ -223,7 +223,7 @@ def _unreadable(path: str, e: Exception) -> ValueError:
     if head == b"PK\x03\x04":
         return ValueError(f"{path} is not a readable fastar checkpoint: its archive is damaged or was not written "
                           "by torch.save")
-    return ValueError(f"{path} is not a fastar checkpoint: not a file written by torch.save (or truncated)")
+    return ValueError(f"{path} is not a readable fastar checkpoint: not a file written by torch.save (or truncated)")
 
 
 def _need(path, d: dict, key: str, types, what: str, where: str = ""):
