@@ -4,6 +4,9 @@ The names come from the model specs (``ModelSpec.shipped``); the file of name N 
 here. ``shipped_path(name)`` -> that file, or None when it is not shipped (or not in this
 install). ``fastar sample NAME`` and ``fastar demo`` accept these names where a checkpoint
 path is expected.
+
+These files were written before checkpoints carried a checksum: they load unverified
+(:func:`fastar.checkpoint.load_checkpoint` still checks every entry and validates the config).
 """
 from __future__ import annotations
 
