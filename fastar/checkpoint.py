@@ -22,7 +22,7 @@ Loading uses ``weights_only=True`` (no arbitrary code from a checkpoint file), c
 entry's presence and type, verifies the checksum, and validates the config against the
 model's constructor (:func:`fastar.registry.validate_config`) before anything is built, so a
 damaged or crafted file is one ValueError naming what is wrong. Checkpoints written before
-checksums existed (no ``checksum`` entry; the shipped ``fastar/checkpoints/*.pt``) still load,
+checksums existed (no ``checksum`` entry) still load,
 unverified.
 """
 from __future__ import annotations
@@ -281,8 +281,8 @@ def load_checkpoint(path, expect_model: str | None = None, map_location="cpu") -
     that is not a fastar checkpoint, one with a missing or mistyped entry, one whose checksum does
     not match its content (damaged on disk), one whose config the model's constructor would not
     take (:func:`fastar.registry.validate_config`), or (with ``expect_model``) a checkpoint of
-    another model. A checkpoint without a ``checksum`` entry was written before checksums (the
-    shipped ones are): it loads unverified. Stale temporaries of interrupted saves of this file are
+    another model. A checkpoint without a ``checksum`` entry was written before checksums:
+    it loads unverified. Stale temporaries of interrupted saves of this file are
     removed on the way (:func:`clean_stale_temporaries`)."""
     path = str(path)
     if os.path.isdir(path):

@@ -5,8 +5,8 @@ here. ``shipped_path(name)`` -> that file, or None when it is not shipped (or no
 install). ``fastar sample NAME`` and ``fastar demo`` accept these names where a checkpoint
 path is expected.
 
-These files were written before checkpoints carried a checksum: they load unverified
-(:func:`fastar.checkpoint.load_checkpoint` still checks every entry and validates the config).
+Each carries the checksum of :mod:`fastar.checkpoint` (added to the files trained before checksums,
+their weights and metadata unchanged), so a damaged copy is refused at load.
 """
 from __future__ import annotations
 

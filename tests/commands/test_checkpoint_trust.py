@@ -56,14 +56,20 @@ def test_checksum_is_stable_across_dict_order(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gated_pixelcnn_mnist", "wavenet_speech"])
-def test_shipped_checkpoints_load_unverified(name):
+def test_checkpoints_written_before_checksums_load_unverified(name, tmp_path):
+    import torch
+
     from fastar.checkpoints import shipped_path
 
     p = shipped_path(name)
     if p is None:
         pytest.skip(f"{name} not in this install")
-    ck = checkpoint.load_checkpoint(p)
-    assert "checksum" not in ck  # written before checksums: loads, unverified
+    raw = torch.load(p, weights_only=True)
+    raw.pop("checksum")
+    old = tmp_path / "old.pt"
+    torch.save(raw, old)
+    ck = checkpoint.load_checkpoint(str(old))
+    assert "checksum" not in ck
     checkpoint.load_model(ck)
 
 
@@ -163,3 +169,18 @@ def test_absurd_configs_refused_before_building(name):
     with pytest.raises(ValueError, match="more than 1,000,000,000 parameters"):  # within the per-value bounds
         registry.build_model(name, dict(cfg, **sizes))
     assert time.perf_counter() - t < 20  # the hooks stop the meta build as soon as a bound is crossed
+
+
+def test_shipped_checkpoints_carry_a_verified_checksum():
+    import torch
+
+    from fastar import checkpoint as _ck
+    from fastar.checkpoints import SHIPPED, shipped_path
+
+    assert SHIPPED
+    for name in SHIPPED:
+        path = shipped_path(name)
+        assert path, name
+        raw = torch.load(path, weights_only=True)
+        assert "checksum" in raw and raw["checksum"] == _ck.checksum(raw), name
+        _ck.load_checkpoint(path)
