@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 import fastar
 from fastar.data import mu_law_decode, mu_law_encode, read_wav, write_wav
