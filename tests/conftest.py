@@ -34,6 +34,17 @@ def _restore_backend():
     fastar.set_backend(prev)
 
 
+@pytest.fixture
+def one_thread():
+    """Hundreds of tiny forward passes: on a shared 2-core machine OpenMP's barriers with 2 threads
+    cost up to ~100x more than the work (measured), so such tests run single-threaded
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     # In-process CLI calls (--threads N) and single-threaded tests set torch's thread count globally.

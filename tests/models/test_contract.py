@@ -24,12 +24,7 @@ CASES = [(name, i) for name, spec in SPECS.items() for i in range(len(spec.tiny)
 IDS = [f"{name}-{i}" for name, i in CASES]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_family_has_tiny_configs():

@@ -12,14 +12,7 @@ from fastar.nn import GatedMaskedConv2d
 from fastar.nn.gated import shift_down
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Hundreds of tiny forward passes: on a shared 2-core machine OpenMP's barriers with
-    # 2 threads cost up to ~100x more than the work (measured), so these run single-threaded.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(cls, seed=0, **kw):

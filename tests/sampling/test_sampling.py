@@ -10,14 +10,7 @@ from fastar import sampling
 from fastar.models import GatedPixelCNN, PixelCNN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Hundreds of tiny forward passes: on a shared 2-core machine OpenMP's barriers with
-    # 2 threads cost up to ~100x more than the work (measured), so these run single-threaded.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(cls, device, dtype=torch.float64, seed=0, **kw):
