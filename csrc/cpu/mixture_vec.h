@@ -74,7 +74,10 @@ FASTAR_AI float vlog(float x) {
   const float fe = static_cast<float>(e);
   y += fe * -2.12194440e-4f;
   y += -0.5f * z;
-  return f + y + fe * 0.693359375f;
+  const float r = f + y + fe * 0.693359375f;
+  // The bit trick above reads NaN as a finite number: keep NaN NaN (one select), so a NaN
+  // parameter cannot come out of the loss as a finite value.
+  return x == x ? r : x;
 }
 
 FASTAR_AI float vtanh(float v) {
