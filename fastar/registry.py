@@ -12,13 +12,16 @@ The data sets are a table of their own, :mod:`fastar.data.sets`; ``load_dataset`
 """
 from __future__ import annotations
 
+import inspect
+import threading
+
 import torch
 
 from fastar.data.sets import DATASETS, Dataset, load_dataset, load_like
 
 __all__ = ["specs", "spec", "canonical_model", "model_class", "model_kind", "build_model", "default_config",
            "conditional_config", "is_conditional", "models_for", "default_model", "shipped_checkpoints",
-           "check_compatible", "load_dataset", "load_like", "Dataset", "DATASETS"]
+           "check_compatible", "validate_config", "MAX_PARAMETERS", "load_dataset", "load_like", "Dataset", "DATASETS"]
 
 
 def specs() -> dict:
@@ -54,12 +57,139 @@ def model_kind(name: str) -> str:
     return spec(name).kind
 
 
-def build_model(name: str, config: dict) -> torch.nn.Module:
-    """Instantiate a registered model from its config dict (constructor keyword arguments)."""
+# Sane bounds on a config, checked before anything is built. A config comes from --model-arg or from
+# a checkpoint file, which anyone can craft, and it becomes constructor arguments verbatim.
+MAX_PARAMETERS = 10**9   # no model this library trains comes near; 4 GB of float32 weights
+MAX_MODULES = 20_000     # a deep stack is slow to build even on the meta device (~ms a module)
+MAX_INT = 1 << 16        # no integer hyper-parameter (layers, channels, levels, height) is sanely larger
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _annotation_allows_none(p: inspect.Parameter) -> bool:
+    ann = p.annotation
+    return p.default is None or (isinstance(ann, str) and "None" in ann)
+
+
+def _expected_type(p: inspect.Parameter):
+    """int, float, str or bool from the default's type (else from a string annotation like 'int | None');
+    None when nothing says (any plain value is then accepted)."""
+    if isinstance(p.default, bool):
+        return bool
+    if isinstance(p.default, (int, float, str)):
+        return type(p.default)
+    ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+    parts = {a.strip() for a in str(ann).split("|")} - {"None", ""}
+    if len(parts) == 1:
+        return {"int": int, "float": float, "str": str, "bool": bool}.get(parts.pop())
+    return None
+
+
+def _plain(v, depth=0) -> bool:
+    if isinstance(v, _SCALARS):
+        return True
+    return isinstance(v, (list, tuple)) and depth < 2 and len(v) <= 64 and all(_plain(x, depth + 1) for x in v)
+
+
+def _ints_in(v):
+    if isinstance(v, bool):
+        return
+    if isinstance(v, int):
+        yield v
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _ints_in(x)
+
+
+def validate_config(name: str, config) -> dict:
+    """ValueError unless `config` is a dict of constructor keyword arguments of model `name` (by the
+    class's signature: unknown keys are named), each of the type its default or annotation says
+    (an int where an int is expected; a float slot accepts an int), plain values only, and no
+    integer outside [0, MAX_INT]. Returns the config. The parameter-count bound is checked by
+    :func:`build_model`, which builds on the meta device first."""
+    key = canonical_model(name)
+    if not isinstance(config, dict):
+        raise ValueError(f"the config of {key} must be a dict of constructor arguments, got {type(config).__name__}")
+    params = {k: p for k, p in inspect.signature(spec(key).cls).parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = [k for k in config if k not in params]
+    if unknown:
+        raise ValueError(f"{key} has no constructor argument {', '.join(map(repr, unknown))}; it takes "
+                         f"{', '.join(params)}")
+    for k, v in config.items():
+        p = params[k]
+        if not _plain(v):
+            raise ValueError(f"{key} config {k}={v!r}: only numbers, strings, booleans, None and short lists")
+        if v is None:
+            if not _annotation_allows_none(p):
+                raise ValueError(f"{key} config {k}=None: {k} needs a value (default {p.default!r})")
+            continue
+        want = _expected_type(p)
+        ok = (want is None or (want is float and isinstance(v, (int, float)) and not isinstance(v, bool))
+              or (want is int and isinstance(v, int) and not isinstance(v, bool)) or (want in (str, bool)
+              and isinstance(v, want)))
+        if not ok:
+            raise ValueError(f"{key} config {k}={v!r}: expected {want.__name__}, got {type(v).__name__}")
+        for i in _ints_in(v):
+            if not 0 <= i <= MAX_INT:
+                raise ValueError(f"{key} config {k}={v!r}: integers must lie in [0, {MAX_INT}]")
+    missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in config]
+    if missing:
+        raise ValueError(f"{key} config lacks the required argument(s) {', '.join(missing)}")
+    return config
+
+
+def _check_size(key: str, cls, config: dict) -> None:
+    """Build on the meta device (no memory, no random numbers drawn) and refuse a model of more than
+    MAX_PARAMETERS parameters or MAX_MODULES modules; global registration hooks stop the build as soon
+    as a bound is crossed, so an absurd config costs no more than a sane one."""
+    me, count = threading.get_ident(), {"params": 0, "modules": 0}
+
+    def on_param(module, pname, param):
+        if threading.get_ident() == me and param is not None:
+            count["params"] += param.numel()
+            if count["params"] > MAX_PARAMETERS:
+                raise _TooBig(f"more than {MAX_PARAMETERS:,} parameters")
+
+    def on_module(module, mname, sub):
+        if threading.get_ident() == me:
+            count["modules"] += 1
+            if count["modules"] > MAX_MODULES:
+                raise _TooBig(f"more than {MAX_MODULES:,} modules")
+
+    from torch.nn.modules import module as M
+
+    hooks = (M.register_module_parameter_registration_hook(on_param),
+             M.register_module_module_registration_hook(on_module))
     try:
-        return model_class(name)(**config)
-    except TypeError as e:
-        raise ValueError(f"cannot build {canonical_model(name)} from config {config}: {e}") from None
+        with torch.device("meta"):
+            cls(**config)
+    except _TooBig as e:
+        raise ValueError(f"refusing to build {key} from config {config}: {e}") from None
+    except Exception:
+        # A constructor the meta device cannot run (or a config it rejects): the real build below says
+        # what is wrong, and the per-value bounds of validate_config still hold.
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def build_model(name: str, config: dict) -> torch.nn.Module:
+    """Instantiate a registered model from its config dict (constructor keyword arguments), after
+    :func:`validate_config` and a size check on the meta device (ValueError for either)."""
+    key = canonical_model(name)
+    validate_config(key, config)
+    cls = model_class(key)
+    _check_size(key, cls, config)
+    try:
+        return cls(**config)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise ValueError(f"cannot build {key} from config {config}: {' '.join(str(e).split())}") from None
 
 
 def _info(data) -> dict:

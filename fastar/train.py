@@ -180,6 +180,14 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     for k, v in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{k.replace('_', '-')} must be a positive integer, got {v!r}")
+    # None means "all"; 0 or a negative count would silently mean "all" or "all but" through slicing
+    for k, v in (("limit", cfg.limit), ("eval_limit", cfg.eval_limit)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{k.replace('_', '-')} must be a positive integer (or None for all), got {v!r}")
+    if not isinstance(cfg.segment, int) or isinstance(cfg.segment, bool) or cfg.segment < 1:
+        raise ValueError(f"segment must be a positive integer (samples per training segment), got {cfg.segment!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed <= 2**63 - 1:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {cfg.seed!r}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ValueError(f"lr must be a positive number, got {cfg.lr!r}")
     if cfg.nan_at_step is None:

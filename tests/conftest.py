@@ -34,6 +34,15 @@ def _restore_backend():
     fastar.set_backend(prev)
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # In-process CLI calls (--threads N) and single-threaded tests set torch's thread count globally.
+    prev = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != prev:
+        torch.set_num_threads(prev)
+
+
 def requires_kernel(op: str, device) -> None:
     """Skip (with the reason) when the compiled kernel for `op` is not built for `device`.
 

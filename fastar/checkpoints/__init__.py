@@ -4,6 +4,9 @@ The names come from the model specs (``ModelSpec.shipped``); the file of name N 
 here. ``shipped_path(name)`` -> that file, or None when it is not shipped (or not in this
 install). ``fastar sample NAME`` and ``fastar demo`` accept these names where a checkpoint
 path is expected.
+
+Each carries the checksum of :mod:`fastar.checkpoint` (added to the files trained before checksums,
+their weights and metadata unchanged), so a damaged copy is refused at load.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ import glob
 import os
 import time
 
+from fastar.commands.common import positive_int
+
 NAME = "bench"
 
 
@@ -16,7 +18,7 @@ def add_parser(sub) -> None:
                    help=f"op families to run (default: all): {', '.join(FAMILIES)}")
     p.add_argument("--out", default="benchmarks/results", help="folder for the results (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: every device available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and cases, for a smoke run")
     p.add_argument("--no-plot", action="store_true", help="skip the speed-up plot (PNG beside the results)")
     p.set_defaults(func=run)

@@ -1,6 +1,8 @@
-"""What several commands share: --model-arg parsing, checkpoint names, threads, seeds, timing."""
+"""What several commands share: --model-arg parsing, argument types, checkpoint names, threads, seeds, timing."""
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import time
 
@@ -29,6 +31,43 @@ def parse_model_args(items) -> dict:
                     val = v
         out[k.strip()] = val
     return out
+
+
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; the training sampler adds the epoch to the seed
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative count would silently mean "all" or "all but")."""
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed torch can take, in [0, 2**63 - 1]."""
+    v = _int(text)
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63 - 1], got {v}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (nan compares false with everything, so it would pass a `< 0` test)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
 
 
 def resolve_checkpoint(ref: str) -> str:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from fastar.commands.common import model_names, resolve_checkpoint, seeded, set_threads, timed
+from fastar.commands.common import model_names, positive_int, resolve_checkpoint, seed_int, seeded, set_threads, timed
 
 NAME = "demo"
 
@@ -28,15 +28,15 @@ def add_parser(sub) -> None:
                                                  "--checkpoint's model)")
     p.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the shipped one")
     p.add_argument("--train", action="store_true", help="train a fresh model even when one is shipped")
-    p.add_argument("--epochs", type=int, default=3, help="epochs when the demo trains (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="train on only the first N examples")
+    p.add_argument("--epochs", type=positive_int, default=3, help="epochs when the demo trains (default: %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=None, help="train on only the first N examples")
     p.add_argument("--workdir", default="fastar-demo", help="where a demo training run goes (default: %(default)s)")
-    p.add_argument("-n", type=int, default=20, help="images (or clips) per sampler (default: %(default)s)")
-    p.add_argument("--length", type=int, default=None, help="audio models: samples per clip (default: 1/4 s)")
+    p.add_argument("-n", type=positive_int, default=20, help="images (or clips) per sampler (default: %(default)s)")
+    p.add_argument("--length", type=positive_int, default=None, help="audio models: samples per clip (default: 1/4 s)")
     p.add_argument("--out", default="samples.png", help="image grid (default: %(default)s; .wav for audio models)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

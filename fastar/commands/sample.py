@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from fastar.commands.common import resolve_checkpoint, seeded, set_threads, timed
+from fastar.commands.common import nonneg_float, positive_int, resolve_checkpoint, seed_int, seeded, set_threads, timed
 
 NAME = "sample"
 
@@ -15,18 +15,18 @@ def add_parser(sub) -> None:
     p = sub.add_parser(NAME, help="load a saved model and write an image grid (.png) or audio (.wav)")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file, a training --out folder, or a "
                                                             f"shipped name ({shipped})")
-    p.add_argument("-n", type=int, default=64, help="images or clips (default: %(default)s)")
+    p.add_argument("-n", type=positive_int, default=64, help="images or clips (default: %(default)s)")
     p.add_argument("--method", default="cached", choices=["cached", "naive"])
     p.add_argument("--out", required=True, help="FILE.png (image models) or FILE.wav (audio models)")
     p.add_argument("--class", dest="klass", type=int, default=None,
                    help="class label for every image (conditional models; default: the batch cycles 0 .. K-1)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=nonneg_float, default=1.0)
     p.add_argument("--prefix", default=None, help="an image of the model's size: its top half is kept, the rest "
                                                   "drawn")
-    p.add_argument("--length", type=int, default=None, help="audio models: samples per clip (default: 1 s)")
+    p.add_argument("--length", type=positive_int, default=None, help="audio models: samples per clip (default: 1 s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 

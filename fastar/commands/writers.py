@@ -7,9 +7,19 @@ how the result is written, and the words the commands print about it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+
+
+@contextlib.contextmanager
+def _writing(path):
+    """An OSError while writing `path` as one sentence that names the file, whatever the library said."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 class PngGrid:
@@ -24,6 +34,8 @@ class PngGrid:
 
     def inputs(self, info: dict, n: int, prefix=None, length=None) -> dict:
         """The prefix image (its top half given, the bottom half drawn) as sample()'s prefix + mask."""
+        if length is not None:  # an image has the data set's size; a --length would be silently ignored
+            raise ValueError("--length applies to audio models (.wav); this checkpoint holds an image model")
         if not prefix:
             return {}
         from fastar.data.images import load_image
@@ -41,10 +53,11 @@ class PngGrid:
         from fastar.data.images import save_image_grid
 
         w = info["shape"][-1]
-        if demo:  # the demo's grid: ten a row and about 64 pixels a digit, for a person to look at
-            return save_image_grid(x, path, info["levels"], nrow=10 if len(x) % 10 == 0 else None,
-                                   scale=max(1, 64 // w))
-        return save_image_grid(x, path, info["levels"], scale=4 if w <= 8 else 1)
+        with _writing(path):
+            if demo:  # the demo's grid: ten a row and about 64 pixels a digit, for a person to look at
+                return save_image_grid(x, path, info["levels"], nrow=10 if len(x) % 10 == 0 else None,
+                                       scale=max(1, 64 // w))
+            return save_image_grid(x, path, info["levels"], scale=4 if w <= 8 else 1)
 
 
 class WavClips:
@@ -78,8 +91,9 @@ class WavClips:
                 parts.append(gap)
             # integer draws are mu-law codes; a continuous head already draws audio in [-1, 1]
             parts.append(c.float() if c.is_floating_point() else mu_law_decode(c, info["levels"]).float())
-        os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
-        write_wav(str(path), torch.cat(parts), rate)
+        with _writing(path):
+            os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+            write_wav(str(path), torch.cat(parts), rate)
         return str(path)
 
 
@@ -102,7 +116,7 @@ def class_cond(ckpt: dict, n: int, klass=None):
     if klass is not None:
         if not conditional:
             raise ValueError("--class needs a class-conditional model (trained with --conditional); this one is not")
-        if not 0 <= klass < info["num_classes"]:
+        if not 0 <= klass < (info.get("num_classes") or 0):
             raise ValueError(f"--class must lie in [0, {info['num_classes']}), got {klass}")
         return torch.full((n,), klass, dtype=torch.int64)
     if conditional:
@@ -110,10 +124,26 @@ def class_cond(ckpt: dict, n: int, klass=None):
     return None
 
 
+def need_info(ckpt: dict) -> dict:
+    """The checkpoint's data info, with what drawing and writing read from it (a checkpoint saved without
+    data, or with a damaged one, is one ValueError, not a KeyError deep in a writer)."""
+    from fastar import registry
+
+    info = ckpt["data"]
+    missing = [k for k in ("kind", "levels", "shape") if k not in info]
+    if missing:
+        raise ValueError(f"the checkpoint records no data {missing[0]!r} (what its model draws), so it cannot be "
+                         "sampled; it was saved without the data set's info")
+    if info["kind"] != registry.model_kind(ckpt["model"]):
+        raise ValueError(f"the checkpoint's data is {info['kind']}, but its model {ckpt['model']} draws "
+                         f"{registry.model_kind(ckpt['model'])}")
+    return info
+
+
 def draw(model, ckpt: dict, n: int, method: str, generator, temperature: float = 1.0, klass=None, prefix=None,
          length=None, demo=False, progress=True):
     """``model.sample(...)`` with the shape, cond and given values a checkpoint's writer asks for."""
-    w, info = writer_of(ckpt["model"]), ckpt["data"]
+    w, info = writer_of(ckpt["model"]), need_info(ckpt)
     cond = class_cond(ckpt, n, klass)
     if cond is not None:
         cond = cond.to(next(model.parameters()).device)

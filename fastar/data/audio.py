@@ -40,8 +40,21 @@ def write_wav(path, audio: torch.Tensor, sample_rate: int = 16000) -> None:
     if audio.dim() != 2:
         raise ValueError(f"write_wav: audio must be (T,) or (channels, T), got shape {list(audio.shape)}")
     pcm = (audio.detach().cpu().double().clamp(-1, 1) * 32767).round().to(torch.int16).t().contiguous().numpy()
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(audio.shape[0])
-        f.setsampwidth(2)
-        f.setframerate(int(sample_rate))
-        f.writeframes(pcm.astype("<i2").tobytes())
+    if not (isinstance(sample_rate, int) or float(sample_rate).is_integer()) or not 1 <= int(sample_rate) <= 10**6:
+        raise ValueError(f"write_wav: sample_rate must be a whole number of Hz in [1, 1e6], got {sample_rate!r}")
+    # Open the file ourselves: wave.open(path) that cannot open it leaves a half-built Wave_write whose
+    # __del__ prints a second traceback at garbage collection, after the caller has reported the error.
+    with open(str(path), "wb") as raw:
+        f = wave.open(raw, "wb")
+        try:
+            f.setnchannels(audio.shape[0])
+            f.setsampwidth(2)
+            f.setframerate(int(sample_rate))
+            f.writeframes(pcm.astype("<i2").tobytes())
+        except BaseException:
+            try:
+                f.close()
+            except OSError:
+                pass  # the write itself failed (disk full): that error is the one to report
+            raise
+        f.close()

@@ -55,10 +55,23 @@ def _split(x, labels, holdout):
     return x[:n], x[n:], (None if labels is None else labels[:n]), (None if labels is None else labels[n:])
 
 
+MAX_LEVELS = 256  # the image sources are 8-bit; more levels than 256 only leaves gaps between the codes
+
+
+def _levels(name: str, levels, default: int, note: str = "") -> int:
+    """`levels`, or the set's default when None: an integer in [2, MAX_LEVELS] (0 was read as "default"
+    and 300 accepted before; both are mistakes to say, not to guess about)."""
+    if levels is None:
+        return default
+    if not isinstance(levels, int) or isinstance(levels, bool) or not 2 <= levels <= MAX_LEVELS:
+        raise ValueError(f"--levels must be an integer in [2, {MAX_LEVELS}] for {name}{note}, got {levels!r}")
+    return levels
+
+
 def _mnist(levels, holdout, **_):
     from fastar.data.mnist import load_mnist_5k
 
-    levels = levels or 2
+    levels = _levels("mnist", levels, 2)
     x, y = load_mnist_5k(binarize=(levels == 2))
     x = x.to(torch.int64)
     if levels not in (2, 256):
@@ -69,7 +82,7 @@ def _mnist(levels, holdout, **_):
 def _digits(levels, holdout, **_):
     from fastar.data.digits import load_digits_8x8
 
-    levels = levels or 2
+    levels = _levels("digits", levels, 2, " (its pixels have 17 grey levels: --levels 17 keeps them)")
     x, y = load_digits_8x8(levels)
     return Dataset("digits", "image", levels, (1, 8, 8), *_split(x, y, holdout), num_classes=10)
 
@@ -77,7 +90,7 @@ def _digits(levels, holdout, **_):
 def _patches(levels, holdout, **_):
     from fastar.data.patches import load_patches
 
-    levels = levels or 256
+    levels = _levels("patches", levels, 256)
     x = load_patches(levels)
     return Dataset("patches", "image", levels, tuple(x.shape[1:]), *_split(x, None, holdout))
 
@@ -85,6 +98,8 @@ def _patches(levels, holdout, **_):
 def _speech(levels, holdout, segment=4096, sample_rate=16000, **_):
     if levels not in (None, 256):
         raise ValueError("--data speech is mu-law coded to 256 levels; drop --levels")
+    if not isinstance(segment, int) or isinstance(segment, bool) or segment < 1:
+        raise ValueError(f"--segment must be a positive integer (samples per training segment), got {segment!r}")
     from fastar.data.speech import speech_codes
 
     codes = torch.cat([c.to(torch.int64) for c in speech_codes(sample_rate=sample_rate)])
@@ -121,6 +136,8 @@ def load_dataset(name: str, levels: int | None = None, holdout: float = 0.1, seg
 
 def load_like(info: dict, holdout: float = 0.1) -> Dataset:
     """The data set a checkpoint was trained on, from its recorded :meth:`Dataset.info`."""
+    if not info.get("name"):
+        raise ValueError("the checkpoint records no data set name, so its data cannot be reloaded")
     src = _source(info["name"])
     opts = dict(sample_rate=info.get("sample_rate") or 16000)
     if src.kind == "audio":  # audio sets are cut into segments of the recorded length

@@ -55,3 +55,36 @@ def test_load_like_reloads_what_a_checkpoint_records():
 def test_speech_levels_are_fixed():
     with pytest.raises(ValueError, match="mu-law coded to 256 levels"):
         load_dataset("speech", levels=16)
+
+
+@pytest.mark.parametrize("name,levels", [("digits", 0), ("digits", 300), ("digits", 1), ("mnist", 257),
+                                         ("patches", -4), ("digits", True), ("digits", 2.0)])
+def test_levels_out_of_range(name, levels):
+    # 0 silently became the default and 300 was accepted: both are refused, before any data is read
+    with pytest.raises(ValueError, match=rf"--levels must be an integer in \[2, 256\] for {name}"):
+        load_dataset(name, levels=levels)
+
+
+@pytest.mark.parametrize("segment", [0, -1])
+def test_speech_segment_must_be_positive(segment):
+    with pytest.raises(ValueError, match="--segment must be a positive integer"):  # was a ZeroDivisionError
+        load_dataset("speech", segment=segment)
+
+
+def test_write_wav_unwritable_is_one_error(tmp_path, monkeypatch):
+    """A path that cannot be opened: one OSError, and no Wave_write.__del__ error at garbage collection."""
+    import gc
+    import sys
+
+    from fastar.data.audio import write_wav
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(OSError):
+        write_wav(tmp_path / "no" / "such" / "x.wav", torch.zeros(10))
+    gc.collect()
+    assert unraisable == []
+    write_wav(tmp_path / "ok.wav", torch.zeros(10))
+    from fastar.data.audio import read_wav
+
+    assert read_wav(tmp_path / "ok.wav")[0].shape == (10,)

@@ -276,17 +276,21 @@ def test_kernel_draws_the_ref_index_at_cdf_boundaries_float64(case):
     model, shape, n, cond, prefix, mask = _case(case, dev, torch.float64)
     plan = _plan(model, n, shape, cond, prefix, mask)
     _, lk, _ = _walk(model, plan, torch.ops.fastar.gated_pixelcnn_step)
-    two = plan.levels == 2
+    two = model.levels == 2
+    C, H, W = plan.seq.info["shape"]
+    T = plan.seq.steps
 
     def full(lg):  # a binary row is the two categories (0, logit)
         return torch.cat([torch.zeros_like(lg), lg], 1) if two else lg
 
     g = torch.Generator().manual_seed(case)
-    for t in range(plan.T):
-        plan.noise[t] = boundary_uniforms(full(lk[t]), plan.temperature, g)
-    xk, lk2, _ = _walk(model, plan, torch.ops.fastar.gated_pixelcnn_step)
-    for t in range(plan.T):  # step t draws channel t % C of pixel t // C
-        got = xk.reshape(n, -1)[:, (t % plan.C) * plan.H * plan.W + t // plan.C]
-        want = categorical_sample_ref(full(lk2[t]), 1, noise=plan.noise[t], temperature=plan.temperature)
+    for t in range(T):
+        plan.noise[t, :, 0] = boundary_uniforms(full(lk[t]), plan.temperature, g)
+    plan2 = _plan(model, n, shape, cond, prefix, mask)
+    plan2.noise.copy_(plan.noise)
+    xk, lk2, _ = _walk(model, plan2, torch.ops.fastar.gated_pixelcnn_step)
+    for t in range(T):  # step t draws channel t % C of pixel t // C
+        got = xk.reshape(n, -1)[:, (t % C) * H * W + t // C]
+        want = categorical_sample_ref(full(lk2[t]), 1, noise=plan.noise[t, :, 0], temperature=plan.temperature)
         if prefix is None:
             assert torch.equal(got, want), f"step {t}"
