@@ -373,7 +373,11 @@ FASTAR_AI void tile_sample(const float* __restrict p0, const float* __restrict u
       float v = urow[i];
       v = v < lo_u ? lo_u : v;
       v = v > hi_u ? hi_u : v;
-      const float scale = vexp(vclamp_below(ls[c][i], -7.0f)) * temp;
+      // vexp saturates at e^88; a log-scale of +inf must give an infinite scale (and inf * 0 = NaN at
+      // temperature 0) as the scalar kernels' and the reference's exp do. One select per lane.
+      const float ls_c = vclamp_below(ls[c][i], -7.0f);
+      const float e_ls = vexp(ls_c);
+      const float scale = (ls_c > 88.0f ? __builtin_inff() : e_ls) * temp;
       float y = mean[c][i] + scale * (vlog(v) - vlog(1.0f - v));
       if constexpr (C == 3) {
         if (c == 1) y = y + t[0][i] * xs[0][i];

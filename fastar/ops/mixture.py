@@ -173,7 +173,12 @@ def categorical_sample_ref(logits, dim=1, generator=None, noise=None, temperatur
         kth = work.topk(top_k, dim=-1).values[..., -1:]
         work = work.masked_fill(work < kth, float("-inf"))
     if temperature == 0:
-        return work.argmax(-1)
+        # The kernels' argmax_first (csrc/common/categorical.h): the first largest value, a NaN at
+        # index 0 wins (nothing compares above it), a NaN elsewhere is skipped. torch.argmax would
+        # pick the NaN.
+        nan = torch.isnan(work)
+        best = torch.where(nan, float("-inf"), work).argmax(-1)
+        return torch.where(nan[..., 0], 0, best)
     if noise is None:
         noise = _uniforms(logits, out_shape, generator)
     # The kernels' one rule (csrc/common/categorical.h), op for op, so that float64 on CPU draws
