@@ -126,12 +126,22 @@ def _masked_conv2d_taps(x, weight, bias, mask, padding, dilation):
     return out.contiguous()
 
 
+def _masked_conv2d_def(x, weight, bias, mask, padding, dilation):
+    """:func:`_masked_conv2d_taps`, by F.conv2d whenever that gives the same values: for finite x
+    (the common case: one pass over x, about 12x faster than tap by tap on a 5x5 kernel). Under
+    torch.compile the test would break the graph, so the traced tap-by-tap form is used; on CUDA
+    the test costs one host sync per call (the reference only, never a kernel path)."""
+    if not torch.compiler.is_compiling() and bool(torch.isfinite(x).all()):
+        return F.conv2d(x, weight * mask.to(weight.dtype), bias, 1, padding, dilation)
+    return _masked_conv2d_taps(x, weight, bias, mask, padding, dilation)
+
+
 def masked_conv2d_ref(x, weight, bias, mask, padding=None, dilation=1):
     """Reference: ``F.conv2d(x, weight * mask, bias, 1, padding, dilation)`` for finite x; taps the mask
     kills for every channel pair are never read (see :func:`_masked_conv2d_taps`). Any device and dtype."""
     x, weight, bias = _autocast(x, weight, bias)
     padding, dilation = _check_args("masked_conv2d_ref", x, weight, bias, mask, padding, dilation)
-    return _masked_conv2d_taps(x, weight, bias, mask, padding, dilation)
+    return _masked_conv2d_def(x, weight, bias, mask, padding, dilation)
 
 
 def masked_conv2d(x, weight, bias, mask, padding=None, dilation=1):
@@ -146,7 +156,7 @@ def masked_conv2d(x, weight, bias, mask, padding=None, dilation=1):
     padding, dilation = _check_args("masked_conv2d", x, weight, bias, mask, padding, dilation)
     if _backend.use_kernel("masked_conv2d", x.device, x.dtype, KERNEL_DTYPES):
         return torch.ops.fastar.masked_conv2d(x, weight, bias, mask, padding, dilation)
-    return _masked_conv2d_taps(x, weight, bias, mask, padding, dilation)
+    return _masked_conv2d_def(x, weight, bias, mask, padding, dilation)
 
 
 # Registrations only when this build of _C has the ops (a stale build falls back to the reference).
@@ -184,7 +194,7 @@ if _backend.has_ops("masked_conv2d", "masked_conv2d_backward"):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 bias.requires_grad_(True)
             gx, gw, gb = reference_grads(
-                lambda x_, w_, b_: _masked_conv2d_taps(x_, w_, b_, mask, ctx.padding, ctx.dilation),
+                lambda x_, w_, b_: _masked_conv2d_def(x_, w_, b_, mask, ctx.padding, ctx.dilation),
                 (x, weight, bias), need, grad)
             return gx, gw, gb, None, None, None
         gx, gw, gb = torch.ops.fastar.masked_conv2d_backward(

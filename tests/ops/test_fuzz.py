@@ -21,7 +21,7 @@ from fastar.ops.masked_conv_at import masked_conv2d_at, masked_conv2d_at_ref
 from fastar.ops.wavenet import causal_conv1d_update, causal_conv1d_update_ref
 from tests.conftest import requires_kernel, tol
 
-FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SPECIALS = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30]
 DTYPES = st.sampled_from([torch.float32, torch.float64])

@@ -282,3 +282,17 @@ def test_absurd_dilation_is_a_clear_error():
         with pytest.raises(ValueError, match="dilation"):
             fn(x, w, None, torch.ones_like(w), None, 2 ** 40)
     assert math.isfinite(float(masked_conv2d_ref(x, w, None, torch.ones_like(w), None, 1000).sum()))
+
+
+def test_tap_by_tap_definition_is_conv2d_for_finite_x():
+    """The reference takes F.conv2d for finite x: the tap-by-tap definition must give the same there."""
+    from fastar.ops.masked_conv import _masked_conv2d_taps
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 3, 5, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    m = (torch.rand(4, 3, 5, 3, generator=g) > 0.5).double()
+    m[:, :, 0] = 0  # a dead row of taps
+    for pad, dil in (((2, 1), (1, 1)), ((4, 2), (2, 2)), ((0, 0), (1, 1))):
+        want = torch.nn.functional.conv2d(x, w * m, b, 1, pad, dil)
+        torch.testing.assert_close(_masked_conv2d_taps(x, w, b, m, pad, dil), want, rtol=1e-12, atol=1e-12)
