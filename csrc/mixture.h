@@ -51,6 +51,9 @@ FASTAR_HD T sigmoid(T v) {
 }
 template <typename T>
 FASTAR_HD T tmax(T a, T b) { return a > b ? a : b; }
+// max(v, lo) that keeps a NaN v (torch.clamp's rule): the log-scale clamp must not turn NaN into -7.
+template <typename T>
+FASTAR_HD T clamp_below(T v, T lo) { return v < lo ? lo : v; }
 
 template <typename T>
 struct DmlConst {
@@ -73,6 +76,12 @@ DmlConst<T> dml_const(int64_t num_bits) {
 // derivatives with respect to the centred value (x - m) and to ls.
 template <typename T, bool kGrad>
 FASTAR_HD T logistic_bin_logp(T xv, T m, T ls, const DmlConst<T>& k, T* d_c, T* d_ls) {
+  // A mean that is not finite describes no distribution: NaN in every bin (the reference's
+  // guard), never a limit taken in some cases (an edge bin) and not in others.
+  if (!(m - m == T(0))) {
+    if (kGrad) *d_c = *d_ls = m - m;
+    return m - m;
+  }
   const T c = xv - m;
   const T inv_s = mexp(-ls);
   if (xv < -k.edge) {
@@ -152,7 +161,7 @@ FASTAR_UNROLL
   }
 FASTAR_UNROLL
   for (int c = 0; c < C; ++c) {
-    const T ls = tmax(pp.template at<T>(K + c * S * K + K + j), k.ls_min);
+    const T ls = clamp_below(pp.template at<T>(K + c * S * K + K + j), k.ls_min);
     acc += logistic_bin_logp<T, false>(xv[c], m[c], ls, k, nullptr, nullptr);
   }
   return acc;
@@ -169,7 +178,7 @@ FASTAR_HD T pixel_nll(const PixelParams<scalar_t>& pp, const T* xv, int64_t K, c
     if (s > run_max) {
       run_sum = run_sum * mexp(run_max - s) + T(1);
       run_max = s;
-    } else {
+    } else if (s != -INFINITY) {  // a switched-off component (logit -inf) weighs 0, not exp(-inf + inf)
       run_sum += mexp(s - run_max);
     }
   }
@@ -205,7 +214,7 @@ FASTAR_UNROLL
     T s = lj - lse_l;
 FASTAR_UNROLL
     for (int c = 0; c < C; ++c) {
-      a[c] = logistic_bin_logp<T, true>(xv[c], m[c], tmax(ls_raw[c], k.ls_min), k, &dc[c], &dls[c]);
+      a[c] = logistic_bin_logp<T, true>(xv[c], m[c], clamp_below(ls_raw[c], k.ls_min), k, &dc[c], &dls[c]);
       s += a[c];
     }
     const T w = mexp(s + nll);  // posterior responsibility of component j
@@ -264,7 +273,7 @@ FASTAR_HD void pixel_sample(const PixelParams<scalar_t>& pp, const T* u, int64_t
 FASTAR_UNROLL
   for (int c = 0; c < C; ++c) {
     const T mean = pp.template at<T>(K + c * S * K + j);
-    const T ls = tmax(pp.template at<T>(K + c * S * K + K + j), T(-7));
+    const T ls = clamp_below(pp.template at<T>(K + c * S * K + K + j), T(-7));
     const T scale = mexp(ls) * temp;
     T v = u[(1 + c) * us];
     v = v < T(1e-5) ? T(1e-5) : (v > T(1.0 - 1e-5) ? T(1.0 - 1e-5) : v);

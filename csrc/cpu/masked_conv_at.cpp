@@ -78,6 +78,22 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
     }
     const scalar_t* mp = mask_c.data_ptr<scalar_t>();
     const scalar_t* wp = w_c.data_ptr<scalar_t>();
+    // Active taps, scanned in place: an ATen reduction over the mask (an
+    // allocation and a full pass) would cost more than a step's convolution.
+    // An active tap is found at its first non-zero entry. A dead tap is never
+    // read (the family's rule, as in masked_conv2d): a NaN only it would see
+    // must not reach the output through 0 * NaN.
+    std::vector<int64_t> taps;
+    std::vector<char> live(KK, 0);
+    for (int64_t t = 0; t < KK; ++t) {
+      for (int64_t oc = 0; oc < s.C_out * s.C_in; ++oc) {
+        if (mp[oc * KK + t] != scalar_t(0)) {
+          taps.push_back(t);
+          live[t] = 1;
+          break;
+        }
+      }
+    }
     if (s.N * P <= kSmallRows) {
       // A sampling step (one position, a small batch): the GEMM is tiny, so
       // packing the active taps would cost more than multiplying by the masked
@@ -96,25 +112,13 @@ at::Tensor masked_conv2d_at_cpu(const at::Tensor& x_cache, const c10::optional<a
         const scalar_t* xb = xc + n * sn;
         for (int64_t t = 0; t < KK; ++t) {
           const int64_t ih = i + (t / s.kW) * s.dil_h - s.pad_h, iw = j + (t % s.kW) * s.dil_w - s.pad_w;
-          const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+          const bool inside = live[t] && ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
           const scalar_t* src = xb + ih * sh + iw * sw;
           for (int64_t c = 0; c < s.C_in; ++c) row[c * KK + t] = inside ? src[c * sc] : scalar_t(0);
         }
       }
       finish(cols, w_eff);
       return;
-    }
-    // Active taps, scanned in place: an ATen reduction over the mask (an
-    // allocation and a full pass) would cost more than a step's convolution.
-    // An active tap is found at its first non-zero entry.
-    std::vector<int64_t> taps;
-    for (int64_t t = 0; t < KK; ++t) {
-      for (int64_t oc = 0; oc < s.C_out * s.C_in; ++oc) {
-        if (mp[oc * KK + t] != scalar_t(0)) {
-          taps.push_back(t);
-          break;
-        }
-      }
     }
     const int64_t T = static_cast<int64_t>(taps.size());
     if (T == 0) {

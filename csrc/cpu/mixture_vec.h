@@ -47,6 +47,8 @@ FASTAR_AI int32_t float_to_bits(float f) {
 }
 FASTAR_AI float vmax(float a, float b) { return a > b ? a : b; }
 FASTAR_AI float vmin(float a, float b) { return a < b ? a : b; }
+// max(v, lo) keeping a NaN v, as mix::clamp_below (the log-scale clamp must not eat a NaN).
+FASTAR_AI float vclamp_below(float v, float lo) { return v < lo ? lo : v; }
 
 // log for positive normal x.
 FASTAR_AI float vlog(float x) {
@@ -72,7 +74,10 @@ FASTAR_AI float vlog(float x) {
   const float fe = static_cast<float>(e);
   y += fe * -2.12194440e-4f;
   y += -0.5f * z;
-  return f + y + fe * 0.693359375f;
+  const float r = f + y + fe * 0.693359375f;
+  // The bit trick above reads NaN as a finite number: keep NaN NaN (one select), so a NaN
+  // parameter cannot come out of the loss as a finite value.
+  return x == x ? r : x;
 }
 
 FASTAR_AI float vtanh(float v) {
@@ -133,7 +138,15 @@ FASTAR_AI float vlogp(float xv, float m, float ls, const VConst& k, float& dc, f
     dc = lo ? dc_lo : (hi ? dc_hi : (mass ? dc_mass : dc_pdf));
     dls = lo ? dls_lo : (hi ? dls_hi : (mass ? dls_mass : dls_pdf));
   }
-  return pre + vlog(arg);
+  // A non-finite mean: NaN, as mix::logistic_bin_logp (one select per lane, no branch).
+  const bool finite_m = (m - m) == 0.0f;
+  const float nan = m - m;
+  if (kGrad) {
+    dc = finite_m ? dc : nan;
+    dls = finite_m ? dls : nan;
+  }
+  const float lp = pre + vlog(arg);
+  return finite_m ? lp : nan;
 }
 
 // Log-sum-exp over the K logits of each position of the tile.
@@ -191,7 +204,7 @@ FASTAR_AI void tile_forward(const float* __restrict p0, const float* __restrict 
       const float* lsrow = p0 + (K + c * S * K + K + j) * N;
       for (int i = 0; i < L; ++i) {
         float d0, d1;
-        s[i] += vlogp<false>(xv[c][i], m[c][i], vmax(lsrow[i], k.ls_min), k, d0, d1);
+        s[i] += vlogp<false>(xv[c][i], m[c][i], vclamp_below(lsrow[i], k.ls_min), k, d0, d1);
       }
     }
   }
@@ -201,7 +214,13 @@ FASTAR_AI void tile_forward(const float* __restrict p0, const float* __restrict 
   for (int i = 0; i < L; ++i) acc[i] = 0.0f;
   for (int64_t j = 0; j < K; ++j)
     for (int i = 0; i < L; ++i) acc[i] += vexp(sbuf[j * kTile + i] - mx[i]);
-  for (int i = 0; i < L; ++i) out[i] = -(mx[i] + vlog(acc[i]));
+  // Every component at log-probability -inf (zero mass): the NLL is +inf, as in the reference,
+  // not -(-inf - inf + ...) = NaN.
+  const float inf = __builtin_inff();
+  for (int i = 0; i < L; ++i) {
+    const float v = -(mx[i] + vlog(acc[i]));
+    out[i] = mx[i] == -inf ? inf : v;
+  }
 }
 
 // Backward of one tile given g (dL/dnll) and the forward's nll; writes the
@@ -226,7 +245,7 @@ FASTAR_AI void tile_backward(const float* __restrict p0, const float* __restrict
     for (int c = 0; c < C; ++c) {
       const float* lsrow = p0 + (K + c * S * K + K + j) * N;
       for (int i = 0; i < L; ++i)
-        s[i] += vlogp<true>(xv[c][i], m[c][i], vmax(lsrow[i], k.ls_min), k, dc[c][i], dls[c][i]);
+        s[i] += vlogp<true>(xv[c][i], m[c][i], vclamp_below(lsrow[i], k.ls_min), k, dc[c][i], dls[c][i]);
     }
     alignas(64) float gl[kTile];
     for (int i = 0; i < L; ++i) {
@@ -354,7 +373,11 @@ FASTAR_AI void tile_sample(const float* __restrict p0, const float* __restrict u
       float v = urow[i];
       v = v < lo_u ? lo_u : v;
       v = v > hi_u ? hi_u : v;
-      const float scale = vexp(vmax(ls[c][i], -7.0f)) * temp;
+      // vexp saturates at e^88; a log-scale of +inf must give an infinite scale (and inf * 0 = NaN at
+      // temperature 0) as the scalar kernels' and the reference's exp do. One select per lane.
+      const float ls_c = vclamp_below(ls[c][i], -7.0f);
+      const float e_ls = vexp(ls_c);
+      const float scale = (ls_c > 88.0f ? __builtin_inff() : e_ls) * temp;
       float y = mean[c][i] + scale * (vlog(v) - vlog(1.0f - v));
       if constexpr (C == 3) {
         if (c == 1) y = y + t[0][i] * xs[0][i];

@@ -5,8 +5,9 @@
 // CUDA graph. Two launches: the scatter of x_new into the cache, then one
 // thread per (n, out channel, position) summing over input channels and taps.
 // The effective weight weight * mask is formed with ATen on the device (no
-// host read of the mask, unlike the CPU kernel), and taps whose effective
-// weight is zero are skipped per thread. Half and bfloat16 accumulate in
+// host read of the mask, unlike the CPU kernel), as are the live-tap flags: a
+// tap masked for every channel pair is skipped, every other product taken (the
+// family's NaN rule, see fastar/ops/masked_conv.py). Half and bfloat16 accumulate in
 // float32. A position outside the map cannot be checked without a sync: its
 // scatter is skipped and its taps read as zero padding.
 #include <ATen/ATen.h>
@@ -36,7 +37,8 @@ __global__ void masked_conv2d_at_scatter_kernel(scalar_t* __restrict__ x, const 
 
 template <typename scalar_t>
 __global__ void masked_conv2d_at_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_eff,
-                                        const scalar_t* __restrict__ bias, const int64_t* __restrict__ pos,
+                                        const scalar_t* __restrict__ bias, const bool* __restrict__ live,
+                                        const int64_t* __restrict__ pos,
                                         scalar_t* __restrict__ out, int64_t N, int64_t C_in, int64_t C_out,
                                         int64_t P, int64_t H, int64_t W, int64_t kH, int64_t kW, int64_t pad_h,
                                         int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t sn, int64_t sc,
@@ -56,13 +58,12 @@ __global__ void masked_conv2d_at_kernel(const scalar_t* __restrict__ x, const sc
     if (ih < 0 || ih >= H) continue;
     for (int64_t kw = 0; kw < kW; ++kw) {
       const int64_t iw = j + kw * dil_w - pad_w;
-      if (iw < 0 || iw >= W) continue;
+      // Dead taps (masked for every channel pair) are never read; inside a live tap every product
+      // is taken, so 0 * NaN = NaN exactly as in masked_conv2d and the reference.
+      if (iw < 0 || iw >= W || !live[kh * kW + kw]) continue;
       const scalar_t* xs = xb + ih * sh + iw * sw;
       const scalar_t* ws = wo + kh * kW + kw;
-      for (int64_t c = 0; c < C_in; ++c) {
-        const acc_t wv = static_cast<acc_t>(ws[c * kH * kW]);
-        if (wv != acc_t(0)) acc += wv * static_cast<acc_t>(xs[c * sc]);
-      }
+      for (int64_t c = 0; c < C_in; ++c) acc += static_cast<acc_t>(ws[c * kH * kW]) * static_cast<acc_t>(xs[c * sc]);
     }
   }
   out[(n * C_out + o) * P + p] = static_cast<scalar_t>(acc);
@@ -82,6 +83,8 @@ at::Tensor masked_conv2d_at_cuda(const at::Tensor& x_cache, const c10::optional<
   if (s.N == 0 || P == 0) return out;
   const auto pos_c = pos.contiguous();
   const auto w_eff = (weight * mask.to(weight.scalar_type())).contiguous();
+  // (kH * kW,) live-tap flags, on the device: two small launches, no host read (graph capture).
+  const auto live = mask.ne(0).flatten(0, 1).any(0).contiguous();
   const auto b_c = has_bias ? bias->contiguous() : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int threads = 128;
@@ -99,7 +102,8 @@ at::Tensor masked_conv2d_at_cuda(const at::Tensor& x_cache, const c10::optional<
     const int64_t total = s.N * s.C_out * P;
     const int blocks = static_cast<int>((total + threads - 1) / threads);
     masked_conv2d_at_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        xc, w_eff.data_ptr<scalar_t>(), has_bias ? b_c.data_ptr<scalar_t>() : nullptr, pos_c.data_ptr<int64_t>(),
+        xc, w_eff.data_ptr<scalar_t>(), has_bias ? b_c.data_ptr<scalar_t>() : nullptr, live.data_ptr<bool>(),
+        pos_c.data_ptr<int64_t>(),
         out.data_ptr<scalar_t>(), s.N, s.C_in, s.C_out, P, s.H, s.W, s.kH, s.kW, s.pad_h, s.pad_w, s.dil_h, s.dil_w,
         x_cache.stride(0), x_cache.stride(1), x_cache.stride(2), x_cache.stride(3));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

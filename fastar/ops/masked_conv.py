@@ -9,8 +9,10 @@ weight and mask (C_out, C_in, kH, kW); bias (C_out,) or None; the result is
 (N, C_out, H + 2*pad_h - dil_h*(kH-1), W + 2*pad_w - dil_w*(kW-1)), contiguous.
 ``padding=None`` means "same" padding, ``dil*(k-1)//2`` per side.
 
-The mask is a constant (bool or floating; it is not differentiated). Kernels skip
-the taps the mask zeroes for every channel pair (about half of a causal mask).
+The mask is a constant (bool or floating; it is not differentiated). A tap the mask zeroes
+for every channel pair (about half of a causal mask) is dead: kernels and reference never read
+it, so a NaN or inf that only dead taps would see does not reach the output (for finite x the
+result is exactly the F.conv2d above). Inside a live tap arithmetic is IEEE's (0 * NaN = NaN).
 Devices and dtypes: CPU kernel float32/float64; CUDA kernel float32, float64,
 float16, bfloat16 (half precision accumulates in float32). Other dtypes run on the
 reference under the "auto" backend.
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastar import _backend
-from fastar.ops._common import check_same_device, check_tensor, pair
+from fastar.ops._common import check_same_device, check_tensor, no_double_backward, pair, reference_grads
 
 __all__ = ["masked_conv2d", "masked_conv2d_ref"]
 
@@ -29,6 +31,9 @@ KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
+
+
+_MAX_EXTENT = 2 ** 31 - 1
 
 
 def _check_args(op, x, weight, bias, mask, padding, dilation):
@@ -61,6 +66,11 @@ def _check_args(op, x, weight, bias, mask, padding, dilation):
     padding = pair(padding, "padding", op)
     if min(padding) < 0:
         raise ValueError(f"{op}: padding must be non-negative, got {padding}")
+    # Padded extents index int64 storage in the kernels and allocate in the reference: refuse
+    # sizes no map can have rather than overflow (an absurd dilation with "same" padding).
+    for name, v in (("dilation", dilation), ("padding", padding)):
+        if max(v) > _MAX_EXTENT:
+            raise ValueError(f"{op}: {name} {v} is beyond any map this op can hold (at most {_MAX_EXTENT})")
     h_out = x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1)
     w_out = x.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1)
     if h_out < 1 or w_out < 1:
@@ -80,11 +90,58 @@ def _autocast(x, weight, bias):
     return x, weight, bias
 
 
+def live_taps(mask):
+    """(kH, kW) bool: the taps the mask keeps for at least one (out, in) channel pair (NaN counts
+    as kept, NaN != 0). The other taps are never read, by the kernels or by the references."""
+    return (mask != 0).flatten(0, 1).any(0)
+
+
+def _masked_conv2d_taps(x, weight, bias, mask, padding, dilation):
+    """The op's definition, tap by tap: sum over live taps t of (weight * mask)[:, :, t] @ x shifted by t.
+
+    For finite x this is ``F.conv2d(x, weight * mask, bias, 1, padding, dilation)``. It differs where x
+    holds NaN or inf: a dead tap (masked for every channel pair) is not an edge of the network, so what
+    it would read never reaches the output, exactly as in the kernels, which skip dead taps. (A causal
+    mask's future pixels cannot poison the present through 0 * NaN.) Within a live tap the products are
+    IEEE's, so a pair masked inside a live tap still gives 0 * NaN = NaN, as the kernels' GEMMs do.
+    No host reads (the live-tap selection is a ``where``), so it traces under torch.compile.
+    """
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    ph, pw = padding
+    dh, dw = dilation
+    h_out, w_out = h + 2 * ph - dh * (kh - 1), w + 2 * pw - dw * (kw - 1)
+    w_eff = weight * mask.to(weight.dtype)
+    live = live_taps(mask)
+    xp = F.pad(x, (pw, pw, ph, ph))
+    zero = x.new_zeros(())
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            view = xp[:, :, i * dh:i * dh + h_out, j * dw:j * dw + w_out]
+            term = F.conv2d(torch.where(live[i, j], view, zero), w_eff[:, :, i:i + 1, j:j + 1])
+            out = term if out is None else out + term
+    if bias is not None:
+        out = out + bias.view(1, c_out, 1, 1)
+    return out.contiguous()
+
+
+def _masked_conv2d_def(x, weight, bias, mask, padding, dilation):
+    """:func:`_masked_conv2d_taps`, by F.conv2d whenever that gives the same values: for finite x
+    (the common case: one pass over x, about 12x faster than tap by tap on a 5x5 kernel). Under
+    torch.compile the test would break the graph, so the traced tap-by-tap form is used; on CUDA
+    the test costs one host sync per call (the reference only, never a kernel path)."""
+    if not torch.compiler.is_compiling() and bool(torch.isfinite(x).all()):
+        return F.conv2d(x, weight * mask.to(weight.dtype), bias, 1, padding, dilation)
+    return _masked_conv2d_taps(x, weight, bias, mask, padding, dilation)
+
+
 def masked_conv2d_ref(x, weight, bias, mask, padding=None, dilation=1):
-    """Reference: ``F.conv2d(x, weight * mask, bias, 1, padding, dilation)`` (any device and dtype)."""
+    """Reference: ``F.conv2d(x, weight * mask, bias, 1, padding, dilation)`` for finite x; taps the mask
+    kills for every channel pair are never read (see :func:`_masked_conv2d_taps`). Any device and dtype."""
     x, weight, bias = _autocast(x, weight, bias)
     padding, dilation = _check_args("masked_conv2d_ref", x, weight, bias, mask, padding, dilation)
-    return F.conv2d(x, weight * mask.to(weight.dtype), bias, 1, padding, dilation)
+    return _masked_conv2d_def(x, weight, bias, mask, padding, dilation)
 
 
 def masked_conv2d(x, weight, bias, mask, padding=None, dilation=1):
@@ -99,7 +156,7 @@ def masked_conv2d(x, weight, bias, mask, padding=None, dilation=1):
     padding, dilation = _check_args("masked_conv2d", x, weight, bias, mask, padding, dilation)
     if _backend.use_kernel("masked_conv2d", x.device, x.dtype, KERNEL_DTYPES):
         return torch.ops.fastar.masked_conv2d(x, weight, bias, mask, padding, dilation)
-    return F.conv2d(x, weight * mask.to(weight.dtype), bias, 1, padding, dilation)
+    return _masked_conv2d_def(x, weight, bias, mask, padding, dilation)
 
 
 # Registrations only when this build of _C has the ops (a stale build falls back to the reference).
@@ -130,8 +187,24 @@ if _backend.has_ops("masked_conv2d", "masked_conv2d_backward"):
     def _backward(ctx, grad):
         x, weight, mask = ctx.saved_tensors
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernel's backward has no derivative, so differentiate the
+            # reference instead (same values; a graph a second backward can walk).
+            bias = torch.zeros(weight.shape[0], dtype=x.dtype, device=x.device) if ctx.has_bias else None
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                bias.requires_grad_(True)
+            gx, gw, gb = reference_grads(
+                lambda x_, w_, b_: _masked_conv2d_def(x_, w_, b_, mask, ctx.padding, ctx.dilation),
+                (x, weight, bias), need, grad)
+            return gx, gw, gb, None, None, None
         gx, gw, gb = torch.ops.fastar.masked_conv2d_backward(
             grad.contiguous(), x, weight, mask, ctx.padding, ctx.dilation, need)
         return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None, None, None)
 
     torch.library.register_autograd("fastar::masked_conv2d", _backward, setup_context=_setup_context)
+
+    def _no_setup(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd("fastar::masked_conv2d_backward", no_double_backward("masked_conv2d_backward"),
+                                    setup_context=_no_setup)

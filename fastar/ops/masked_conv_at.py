@@ -11,8 +11,10 @@
 Shapes: x_cache (N, C_in, H, W), any strides (it must be writable); x_new (N, C_in, P) or None;
 weight, mask (C_out, C_in, kH, kW); bias (C_out,) or None; pos (P, 2) int64 (row, column) pairs
 on the cache's device, or a (2,) tensor for one position; the result is (N, C_out, P), contiguous.
-``padding=None`` means "same" padding. Positions must lie inside the map (the CPU kernel checks;
-the CUDA kernel cannot without a host sync and skips an outside position's write).
+``padding=None`` means "same" padding. Positions must lie inside the map: on CPU kernel and
+reference raise; on CUDA neither can check without a host sync, so both skip an outside
+position's write and read its out-of-map taps as zero padding. Taps the mask kills for every
+channel pair are never read (the family's NaN rule, see :mod:`fastar.ops.masked_conv`).
 
 Because ``pos`` is a device tensor, a sampling step built on this op has no host-device
 synchronisation and can be captured in a CUDA graph. The op mutates its cache, so it is not
@@ -25,8 +27,9 @@ from __future__ import annotations
 import torch
 
 from fastar import _backend
-from fastar.ops._common import check_same_device, check_tensor
+from fastar.ops._common import check_same_device, check_tensor, host_checkable
 from fastar.ops.masked_conv import _check_args as _check_conv_args
+from fastar.ops.masked_conv import live_taps
 
 __all__ = ["masked_conv2d_at", "masked_conv2d_at_ref"]
 
@@ -61,18 +64,35 @@ def _check_args(op, x_cache, x_new, weight, bias, mask, pos, padding, dilation):
 
 def _ref_impl(x_cache, x_new, weight, bias, mask, pos, padding, dilation):
     rows, cols = pos[:, 0], pos[:, 1]
-    if x_new is not None:
-        x_cache[:, :, rows, cols] = x_new
     n, c_in, h, w = x_cache.shape
     c_out, _, kh, kw = weight.shape
+    h_out = h + 2 * padding[0] - dilation[0] * (kh - 1)
+    w_out = w + 2 * padding[1] - dilation[1] * (kw - 1)
+    if host_checkable(pos):
+        # The CPU kernel's check, sentence for sentence (a negative index would wrap to row H - 1).
+        bad = (rows < 0) | (rows >= min(h, h_out)) | (cols < 0) | (cols >= min(w, w_out))
+        if pos.numel() and bool(bad.any()):
+            p = int(bad.nonzero()[0, 0])
+            raise ValueError(f"masked_conv2d_at: position {p} ({int(rows[p])}, {int(cols[p])}) lies outside the "
+                             f"{h}x{w} map (output {h_out}x{w_out})")
+        if x_new is not None:
+            x_cache[:, :, rows, cols] = x_new
+    elif x_new is not None:
+        # On CUDA nothing can be checked without a sync: as the CUDA kernel does, an outside
+        # position's write is skipped and its taps read zero padding.
+        valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        rc, cc = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+        x_cache[:, :, rc, cc] = torch.where(valid, x_new, x_cache[:, :, rc, cc])
     # Taps around each position; those outside the map read zero padding.
     dy = torch.arange(kh, device=pos.device) * dilation[0] - padding[0]
     dx = torch.arange(kw, device=pos.device) * dilation[1] - padding[1]
     ii = rows[:, None, None] + dy[None, :, None]                     # (P, kH, 1)
     jj = cols[:, None, None] + dx[None, None, :]                     # (P, 1, kW)
     inside = (ii >= 0) & (ii < h) & (jj >= 0) & (jj < w)             # (P, kH, kW)
+    read = inside & live_taps(mask)                                  # dead taps are never read
     patches = x_cache[:, :, ii.clamp(0, h - 1), jj.clamp(0, w - 1)]  # (N, C_in, P, kH, kW)
-    patches = patches * inside.to(x_cache.dtype)
+    # A select, not a product: the clamped read of a padding tap (or a dead tap) may hold NaN.
+    patches = torch.where(read, patches, x_cache.new_zeros(()))
     out = torch.einsum("ncpyx,ocyx->nop", patches, weight * mask.to(weight.dtype))
     if bias is not None:
         out = out + bias[None, :, None]

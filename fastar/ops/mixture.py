@@ -24,6 +24,13 @@ shape (B,); "sum" their total; "mean" their mean over the batch. The kernel comp
 over params forward and one backward, never materialising the (B, C, H, W, K) intermediates the
 reference keeps for autograd. Differentiable in params and x.
 
+Non-finite parameters (kernels and reference, every dtype): a logit of -inf switches its component
+off (exactly: the NLL is that of the other components, its gradients are 0); a logit of +inf or NaN,
+or every logit -inf, is no distribution: NaN. A mean of +-inf or NaN: NaN (no limit is taken).
+Log-scales below -7, -inf included, clamp to -7 (the paper's rule); a log-scale of +inf is the limit
+of an ever wider logistic (half the mass in each edge bin, none in between, so the NLL may be +inf);
+NaN stays NaN. NaN anywhere in a position's parameters or x gives that position a NaN NLL.
+
 ``sample_discretized_mix_logistic(params, num_mixtures, generator=None, noise=None, temperature=1.0,
 num_bits=8)``: per pixel one mixture component is chosen by inverse CDF of
 ``softmax(logits / temperature)`` on one uniform (temperature 0: argmax); each colour draws a logistic
@@ -55,6 +62,17 @@ shared by every kernel that draws. Temperature 0 means argmax.
 the draw deterministic, so a kernel and the reference draw the same sample; without
 it the uniforms come from ``torch.rand(..., generator=generator)``.
 Returns int64 indices of shape logits.shape without ``dim``.
+NaN policy (every draw site: categorical_sample, the mixture component draw, wavenet_step,
+gated_pixelcnn_step; kernels and reference): a NaN or +inf logit at a position draws index 0
+(temperature 0: argmax, where NaN after index 0 is skipped). Noise must hold uniforms in [0, 1):
+on CPU outside torch.compile every public op checks it and raises; on CUDA a check would cost
+a host sync per call (and break CUDA-graph capture of a sampling step), so there a NaN uniform
+draws the last category of positive weight and u >= 1 the same, u < 0 index 0, in kernels and
+reference alike. Temperature must be a finite non-negative number.
+The float32 CPU kernels (vectorised categorical_rows and the mixture tiles) normalise the CDF
+once (a reciprocal) instead of comparing with u * total, so their float32 draws agree with the
+reference "nearly always" (a draw within rounding of a boundary may differ); their NaN/+inf and
+out-of-range-noise outcomes are the rule above.
 The kernel computes the same thing in one pass per position (temperature and top_k included);
 without ``noise`` the uniforms are drawn in Python exactly as the reference draws them, so kernel and
 reference agree given a seed. CPU kernel float32/float64; CUDA kernel float32, float64, float16,
@@ -68,7 +86,8 @@ import torch
 import torch.nn.functional as F
 
 from fastar import _backend
-from fastar.ops._common import check_same_device, check_tensor
+from fastar.ops._common import (check_dim_arg, check_same_device, check_temperature, check_tensor, check_uniforms,
+                                host_checkable, no_double_backward, reference_grads)
 
 __all__ = ["categorical_sample", "categorical_sample_ref", "discretized_mix_logistic_nll",
            "discretized_mix_logistic_nll_ref", "sample_discretized_mix_logistic",
@@ -93,6 +112,8 @@ def _check_categorical(op, logits, dim, noise, temperature, top_k):
                         f"{logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__}")
     if logits.dim() == 0:
         raise ValueError(f"{op}: logits must have at least 1 dimension (the categories), got a scalar")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{op}: dim must be an int, got {dim!r}")
     if not -logits.dim() <= dim < logits.dim():
         raise ValueError(f"{op}: dim {dim} is out of range for logits of shape {list(logits.shape)}")
     dim = dim % logits.dim()
@@ -100,9 +121,8 @@ def _check_categorical(op, logits, dim, noise, temperature, top_k):
     if k < 1:
         raise ValueError(f"{op}: logits must have at least one category along dim {dim}, got shape "
                          f"{list(logits.shape)}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"{op}: temperature must be a non-negative number, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= k):
+    check_temperature(op, temperature)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= k):
         raise ValueError(f"{op}: top_k must be None or an int in [1, {k}], got {top_k!r}")
     out_shape = logits.shape[:dim] + logits.shape[dim + 1:]
     if noise is not None:
@@ -113,6 +133,7 @@ def _check_categorical(op, logits, dim, noise, temperature, top_k):
                              f"{list(noise.shape)}")
         if noise.device != logits.device:
             raise ValueError(f"{op}: noise is on {noise.device} but logits on {logits.device}")
+        check_uniforms(op, "noise", noise)
     return dim, out_shape
 
 
@@ -152,7 +173,12 @@ def categorical_sample_ref(logits, dim=1, generator=None, noise=None, temperatur
         kth = work.topk(top_k, dim=-1).values[..., -1:]
         work = work.masked_fill(work < kth, float("-inf"))
     if temperature == 0:
-        return work.argmax(-1)
+        # The kernels' argmax_first (csrc/common/categorical.h): the first largest value, a NaN at
+        # index 0 wins (nothing compares above it), a NaN elsewhere is skipped. torch.argmax would
+        # pick the NaN.
+        nan = torch.isnan(work)
+        best = torch.where(nan, float("-inf"), work).argmax(-1)
+        return torch.where(nan[..., 0], 0, best)
     if noise is None:
         noise = _uniforms(logits, out_shape, generator)
     # The kernels' one rule (csrc/common/categorical.h), op for op, so that float64 on CPU draws
@@ -161,9 +187,14 @@ def categorical_sample_ref(logits, dim=1, generator=None, noise=None, temperatur
     z = work / temperature
     e = _exp_rn(z - z.amax(-1, keepdim=True))
     c = torch.cumsum(e, dim=-1)
-    idx = (c <= noise.to(c.dtype).unsqueeze(-1) * c[..., -1:]).sum(-1)
+    # #{c_j <= u c_last} written as K - #{c_j > u c_last}: the same count for any real u (c does not
+    # decrease), and, like the kernels' "first j with c_j > u c_last, else the last positive", it falls
+    # to the last positive category for a NaN u instead of to 0. No positive category (NaN or +inf
+    # logits): index 0, as in the kernels.
     k = e.shape[-1]
-    last_positive = k - 1 - (e > 0).flip(-1).to(torch.int64).argmax(-1)
+    idx = k - (c > noise.to(c.dtype).unsqueeze(-1) * c[..., -1:]).sum(-1)
+    positive = e > 0
+    last_positive = torch.where(positive.any(-1), k - 1 - positive.flip(-1).to(torch.int64).argmax(-1), 0)
     return torch.minimum(idx, last_positive)
 
 
@@ -310,6 +341,9 @@ def _dml_nll_pixels_ref(x3, p3, k, c, num_bits):
         torch.where(xk > EDGE, log_one_minus_cdf_min,
                     torch.where(cdf_delta > MIN_BIN_MASS, torch.log(cdf_delta.clamp(min=1e-12)),
                                 log_pdf_mid - math.log(bins / 2))))
+    # A non-finite mean is no distribution: NaN in every bin (the edge-bin formulas alone would take
+    # the limit for one sign and give inf - inf for the other). The kernels apply the same rule.
+    log_probs = torch.where(torch.isfinite(means), log_probs, torch.full_like(log_probs, float("nan")))
     total = log_probs.sum(1) + torch.log_softmax(logits, dim=1)             # (B, K, N)
     return -torch.logsumexp(total, dim=1)
 
@@ -342,8 +376,7 @@ def discretized_mix_logistic_nll(x, params, num_mixtures, num_bits=8, reduction=
 
 def _check_dml_sample(op, params, num_mixtures, noise, temperature, num_bits):
     c, audio = _check_dml_params(op, params, num_mixtures, num_bits)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"{op}: temperature must be a non-negative number, got {temperature!r}")
+    check_temperature(op, temperature)
     b = params.shape[0]
     noise_shape = (b, 1 + c) + tuple(params.shape[2:])
     if noise is not None:
@@ -353,6 +386,7 @@ def _check_dml_sample(op, params, num_mixtures, noise, temperature, num_bits):
             raise ValueError(f"{op}: noise must have shape {list(noise_shape)} (one uniform for the component "
                              f"and one per colour at each position), got {list(noise.shape)}")
         check_same_device(op, params=params, noise=noise)
+        check_uniforms(op, "noise", noise)
     n = math.prod(params.shape[2:])
     out_shape = (b, c) + tuple(params.shape[2:]) if not audio else (b, n)
     return c, noise_shape, out_shape, params.reshape(b, params.shape[1], n)
@@ -395,7 +429,7 @@ def sample_discretized_mix_logistic_ref(params, num_mixtures, generator=None, no
     c, noise_shape, out_shape, p3 = _check_dml_sample(op, params, num_mixtures, noise, temperature, num_bits)
     if noise is None:
         noise = _sample_noise(params, noise_shape, generator)
-    u3 = noise.reshape(noise_shape[0], 1 + c, -1)
+    u3 = noise.reshape(noise_shape[0], 1 + c, p3.shape[2])  # explicit N: -1 is ambiguous for an empty batch
     return _dml_sample_ref(p3, u3, num_mixtures, c, temperature, num_bits).reshape(out_shape)
 
 
@@ -411,7 +445,7 @@ def sample_discretized_mix_logistic(params, num_mixtures, generator=None, noise=
     c, noise_shape, out_shape, p3 = _check_dml_sample(op, params, num_mixtures, noise, temperature, num_bits)
     if noise is None:
         noise = _sample_noise(params, noise_shape, generator)
-    u3 = noise.reshape(noise_shape[0], 1 + c, -1)
+    u3 = noise.reshape(noise_shape[0], 1 + c, p3.shape[2])  # explicit N: -1 is ambiguous for an empty batch
     if _backend.use_kernel(op, params.device, params.dtype, DML_KERNEL_DTYPES):
         # Samples are not differentiable (they sit on bin centres): detach so autograd never sees the op.
         out = torch.ops.fastar.sample_discretized_mix_logistic(p3.detach(), u3.to(_acc_dtype(params.dtype)),
@@ -450,9 +484,22 @@ if _backend.has_ops("discretized_mix_logistic_nll", "discretized_mix_logistic_nl
     def _dml_backward(ctx, grad):
         x, params, nll = ctx.saved_tensors
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernel's backward has no derivative; differentiate the reference.
+            c = 1 if params.shape[1] == 3 * ctx.num_mixtures else 3
+            gx, gp = reference_grads(
+                lambda x_, p_: _dml_nll_pixels_ref(x_, p_, ctx.num_mixtures, c, ctx.num_bits), (x, params), need, grad)
+            return gx, gp, None, None
         gx, gp = torch.ops.fastar.discretized_mix_logistic_nll_backward(
             grad.contiguous(), x, params, nll, ctx.num_mixtures, ctx.num_bits, need)
         return (gx if need[0] else None, gp if need[1] else None, None, None)
 
     torch.library.register_autograd("fastar::discretized_mix_logistic_nll", _dml_backward,
                                     setup_context=_dml_setup_context)
+
+    def _no_setup(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd("fastar::discretized_mix_logistic_nll_backward",
+                                    no_double_backward("discretized_mix_logistic_nll_backward"),
+                                    setup_context=_no_setup)

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from fastar import _backend
-from fastar.ops._common import check_same_device, check_tensor
+from fastar.ops._common import check_same_device, check_temperature, check_tensor, check_uniforms, host_checkable
 from fastar.ops.mixture import categorical_sample_ref
 
 __all__ = ["gated_pixelcnn_step", "gated_pixelcnn_step_ref", "GatedPixelStepPack", "gated_pixelcnn_step_packed"]
@@ -106,8 +106,7 @@ def _check(op, image, row_cache, codes, step, logits, noise, links, class_bias, 
         raise ValueError(f"{op}: image must be non-empty, got shape {list(image.shape)}")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"{op}: levels must be an int >= 2 (2 = binary), got {levels!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"{op}: temperature must be a non-negative number, got {temperature!r}")
+    check_temperature(op, temperature)
     K = 1 if levels == 2 else levels
     Tt = Ci * H * W
     if len(taps) != 2 or min(taps) < 1:
@@ -152,6 +151,11 @@ def _check(op, image, row_cache, codes, step, logits, noise, links, class_bias, 
     check_same_device(op, image=image, row_cache=row_cache, codes=codes, step=step, logits=logits, noise=noise,
                       links=links, class_bias=class_bias, cond_map=cond_map, map_w=map_w, prefix=prefix,
                       given=given, h_w=h_w, so_w=so_w, head2_w=head2_w)
+    # Only the step's own row of noise: checking all of it every step would cost O(T) per step.
+    if host_checkable(noise) and isinstance(step, torch.Tensor) and step.numel() >= 1:
+        t = int(step.reshape(-1)[0])
+        if 0 <= t < noise.shape[0]:
+            check_uniforms(op, f"noise[{t}]", noise[t])
 
 
 def _ref_impl(image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given,

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from fastar import _backend
-from fastar.ops._common import check_same_device, check_tensor
+from fastar.ops._common import check_same_device, check_temperature, check_tensor, check_uniforms, host_checkable
 from fastar.ops.mixture import categorical_sample_ref, sample_discretized_mix_logistic_ref
 
 __all__ = ["causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref",
@@ -145,6 +145,9 @@ def causal_conv1d_update_ref(x, state, weight, bias, dilation, position):
     """Reference of :func:`causal_conv1d_update` in pure PyTorch (any device and dtype)."""
     _check_update("causal_conv1d_update_ref", x, state, weight, bias, dilation)
     pos = _position_tensor("causal_conv1d_update_ref", position, state.device)
+    # The CPU kernel refuses a negative step index; so does its twin (a ring buffer would wrap it).
+    if host_checkable(pos) and int(pos[0]) < 0:
+        raise ValueError(f"causal_conv1d_update_ref: position must be non-negative, got {int(pos[0])}")
     return _update_impl(x, state, weight, bias, dilation, pos)
 
 
@@ -160,6 +163,8 @@ def causal_conv1d_update(x, state, weight, bias, dilation, position):
     pos = _position_tensor("causal_conv1d_update", position, state.device)
     if _backend.use_kernel("causal_conv1d_update", x.device, x.dtype, KERNEL_DTYPES):
         return torch.ops.fastar.causal_conv1d_update(x, state, weight, bias, dilation, pos)
+    if host_checkable(pos) and int(pos[0]) < 0:
+        raise ValueError(f"causal_conv1d_update: position must be non-negative, got {int(pos[0])}")
     return _update_impl(x, state, weight, bias, dilation, pos)
 
 
@@ -242,14 +247,19 @@ def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, 
                              f"2 * dilation channels), got {list(cond.shape)}")
         if cond.dtype != dt:
             raise TypeError(f"{op}: cond dtype {cond.dtype} must match conv_w dtype {dt}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"{op}: temperature must be a non-negative number, got {temperature!r}")
+    check_temperature(op, temperature)
     if num_steps < 1:
         raise ValueError(f"{op}: num_steps must be at least 1, got {num_steps}")
     if not mixture and not 0 <= int(start) < A:
         raise ValueError(f"{op}: start must be a code in [0, {A}), got {start}")
     check_same_device(op, samples=samples, queues=queues, position=position, logits=logits, noise=noise, cond=cond,
                       in_w=in_w, conv_w=conv_w, res_skip_w=res_skip_w, out2_w=out2_w)
+    # Only the uniforms these num_steps steps draw with: the whole (B, T) noise every call would
+    # cost O(T) per step. CPU only (see host_checkable); position is read on the host there anyway.
+    if host_checkable(noise):
+        p = int(position[0])
+        used = noise[..., max(p, 0):p + num_steps]
+        check_uniforms(op, f"noise[..., {p}:{p + num_steps}]", used)
 
 
 def _step_impl(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
