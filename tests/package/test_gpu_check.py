@@ -79,12 +79,20 @@ def test_forced_dry_run_records_failures_and_cuts_off_a_hanging_stage(tmp_path):
     rows = _stage_rows(summary)
     assert set(rows) == set(STAGES), summary
     assert rows["sanitizer"][1] == "timeout" and int(rows["sanitizer"][2]) <= 10, rows["sanitizer"]
-    assert rows["build"][1] == "fail" and "no CUDA kernels" in rows["build"][4]
-    assert rows["tests"][1] == "fail"
+    from fastar import _backend
+
+    if _backend.CUDA_KERNELS:
+        # CI's build compiles the CUDA kernels (they cannot run here): the build check and the
+        # CUDA build test pass, and the count says so
+        assert rows["build"][1] == "ok", rows["build"]
+        assert rows["tests"][1] == "ok" and "1 passed, 0 failed" in summary, summary
+    else:
+        assert rows["build"][1] == "fail" and "no CUDA kernels" in rows["build"][4]
+        assert rows["tests"][1] == "fail"
+        # the CUDA build check of test_backend ran, under FASTAR_REQUIRE_KERNELS=1, and its failure is counted
+        assert "0 passed, 1 failed" in summary and "test_info_reports_compiled_kernels" in summary
     assert rows["bench"][1] == "fail"  # it ran after the hang: --device cuda without a GPU
     assert "Families: mixture fail" in summary
-    # the CUDA build check of test_backend ran, under FASTAR_REQUIRE_KERNELS=1, and its failure is counted
-    assert "0 passed, 1 failed" in summary and "test_info_reports_compiled_kernels" in summary
     assert os.path.exists(tmp_path / "out" / "junit.xml")
     assert "the sanitizer stage was cut off" in summary
 
