@@ -17,7 +17,7 @@ import torch
 from fastar import _backend
 from fastar.bench.timing import sync
 from fastar.models import WaveNet
-from fastar.ops.wavenet import queue_sizes, wavenet_step_ref
+from fastar.ops.wavenet import queue_sizes, wavenet_step_packed
 
 FAMILY = "wavenet"
 
@@ -111,10 +111,8 @@ def _queue_ref_maker(m, batch, steps, dev):
         queues = torch.zeros(batch, sum(queue_sizes(m.dilations, m.kernel_size)), m.residual_channels, device=dev)
         position = torch.zeros(1, dtype=torch.int64, device=dev)
         logits = torch.empty(batch, m.quantization, device=dev)
-        return lambda: wavenet_step_ref(samples, queues, position, logits, noise, None, p.in_w, p.in_b,
-                                        p.conv_w, p.conv_b, p.res_skip_w, p.res_skip_b, p.out1_w,
-                                        p.out1_b, p.out2_w, p.out2_b, m.dilations, 0, 1.0, m.start_code,
-                                        num_steps=steps)
+        return lambda: wavenet_step_packed(samples, queues, position, logits, noise, None, p, 0, 1.0, m.start_code,
+                                           num_steps=steps, reference=True)
     return make
 
 

@@ -269,6 +269,7 @@ class ImageInferenceCache(InferenceCache):
             self._row()
         cur = self.table.index_select(0, self.run.t)                  # (1, 5)
         pos, c, hw, jcol = cur[:, 0:2], cur[0, 2:3], cur[0, 3:4], cur[0, 1:2]
+        self._flat = cur[0, 4:5]                                      # where update writes the drawn value
         logits = self.layers.pixel(pos, hw, jcol)                     # (N, out_channels)
         n = self.run.seq.n
         if self.levels == 2:
@@ -276,9 +277,8 @@ class ImageInferenceCache(InferenceCache):
         return logits.view(n, self.C, self.levels).index_select(1, c).squeeze(1)   # (N, levels)
 
     def update(self, key, values):
-        flat = self.table.index_select(0, self.run.t)[0, 4:5]
         x_new = (values.to(self.run.dtype) * self.scale - 1.0).unsqueeze(1)
-        self.x_img.view(self.run.seq.n, -1).index_copy_(1, flat, x_new)
+        self.x_img.view(self.run.seq.n, -1).index_copy_(1, self._flat, x_new)
 
 
 def allocate(model, run, fused=None) -> ImageInferenceCache:

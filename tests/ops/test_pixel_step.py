@@ -14,12 +14,7 @@ from fastar.models.pixelcnn_cache import ImageInferenceCache as _CachedRun
 from tests.conftest import requires_kernel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(device, dtype=torch.float64, seed=0, **kw):
