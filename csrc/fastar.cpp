@@ -81,4 +81,27 @@ TORCH_LIBRARY(fastar, m) {
       "Tensor? prefix, Tensor? given, Tensor h_w, Tensor h_b, Tensor so_w, Tensor so_b, Tensor head1_w, "
       "Tensor head1_b, Tensor head2_w, Tensor head2_b, int[2] taps, int[] residual, int levels, "
       "float temperature) -> ()");
+
+  // ---- PixelRNN scans (fastar/ops/lstm_scan.py; layouts in csrc/lstm_scan.h) ----
+  // (B, C, H, W) <-> (B, C, H, W + H - 1): row i shifted right by i / read back from column i.
+  m.def("skew(Tensor x) -> Tensor");
+  m.def("unskew(Tensor y) -> Tensor");
+  // Diagonal LSTM over is_map (B, 4h, H, W) (gates i|f|o|g), w_ss (4h, h, 2) taps [above, left],
+  // h0/c0 (B, h, H) the states left of column 0. Returns h, c (B, h, H, W) in is_map's dtype and
+  // saved (B, 5h, H, W) in the accumulation dtype: activations [i | f | o | g] and c.
+  m.def(
+      "diagonal_lstm_scan(Tensor is_map, Tensor w_ss, Tensor? bias, Tensor? h0, Tensor? c0) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Gradients w.r.t. (is_map, w_ss, bias, h0, c0) from dL/dh, dL/dc (B, h, H, W); a false
+  // output_mask entry yields an empty tensor in that slot.
+  m.def(
+      "diagonal_lstm_scan_backward(Tensor grad_h, Tensor grad_c, Tensor is_map, Tensor w_ss, Tensor h, "
+      "Tensor c, Tensor saved, Tensor? h0, Tensor? c0, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Row LSTM: w_ss (4h, h, k), k odd, a width-k conv over the previous row's states; the cell
+  // comes from above. Outputs as diagonal_lstm_scan.
+  m.def("row_lstm_scan(Tensor is_map, Tensor w_ss, Tensor? bias) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "row_lstm_scan_backward(Tensor grad_h, Tensor grad_c, Tensor is_map, Tensor w_ss, Tensor h, "
+      "Tensor c, Tensor saved, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -6,6 +6,8 @@ from fastar.ops.mixture import (categorical_sample, categorical_sample_ref, disc
                                 sample_discretized_mix_logistic_ref)
 from fastar.ops.wavenet import (WaveNetWeights, causal_conv1d_update, causal_conv1d_update_ref, wavenet_step,
                                 wavenet_step_packed, wavenet_step_ref)
+from fastar.ops.lstm_scan import (diagonal_lstm_scan, diagonal_lstm_scan_ref, row_lstm_scan, row_lstm_scan_ref, skew,
+                                  skew_ref, unskew, unskew_ref)
 from fastar.ops.pixel_step import (GatedPixelStepPack, gated_pixelcnn_step, gated_pixelcnn_step_packed,
                                    gated_pixelcnn_step_ref)
 
@@ -15,4 +17,6 @@ __all__ = ["masked_conv2d", "masked_conv2d_ref", "masked_conv2d_at", "masked_con
            "sample_discretized_mix_logistic", "sample_discretized_mix_logistic_ref",
            "causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref",
            "gated_pixelcnn_step", "gated_pixelcnn_step_ref", "WaveNetWeights", "wavenet_step_packed",
-           "GatedPixelStepPack", "gated_pixelcnn_step_packed"]
+           "GatedPixelStepPack", "gated_pixelcnn_step_packed",
+           "skew", "skew_ref", "unskew", "unskew_ref", "diagonal_lstm_scan", "diagonal_lstm_scan_ref",
+           "row_lstm_scan", "row_lstm_scan_ref"]
