@@ -7,5 +7,6 @@ from fastar.models.spec import SPECS, ModelSpec, register
 from fastar.models.pixelcnn import GatedPixelCNN, PixelCNN
 from fastar.models.wavenet import WaveNet
 from fastar.models.fvsbn import FVSBN
+from fastar.models.pixelrnn import PixelRNN
 
-__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "SPECS", "ModelSpec", "register"]
+__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "PixelRNN", "SPECS", "ModelSpec", "register"]
