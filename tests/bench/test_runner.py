@@ -62,7 +62,7 @@ def test_bench_row_prints_no_profiler_lines(tmp_path):
 
 
 def test_families_are_discovered(tmp_path, monkeypatch):
-    assert {"masked_conv", "mixture", "wavenet", "sampling"} <= set(fastar.bench.FAMILIES)
+    assert {"masked_conv", "mixture", "wavenet", "sampling", "pixelrnn"} <= set(fastar.bench.FAMILIES)
     assert not {"timing", "plot"} & set(fastar.bench.FAMILIES)  # helpers, not families
     # A new family is a module in the package, with no edit to the runner.
     (tmp_path / "toy_family.py").write_text(textwrap.dedent("""
