@@ -31,9 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the in-place build of the checkout, not some installed fastar
 
-# name -> (function, ops it covers). Order matters: the persistent WaveNet kernel spins on a
-# grid barrier, the likeliest case to stall under a sanitizer, so it runs last and cannot hide
-# the verdicts of the others.
+# name -> (function, ops it covers). Order matters: the persistent kernels spin on a grid barrier,
+# the likeliest cases to stall under a sanitizer, so they run last (the PixelRNN scans, then the
+# persistent WaveNet kernel) and cannot hide the verdicts of the others.
 CASES: dict[str, tuple] = {}
 # "cuda" for real; `--device cpu` runs the same cases on the CPU kernels, a dry run that checks the
 # cases themselves (arguments, tolerances) on a machine without a GPU.
@@ -284,6 +284,84 @@ def _pixel_step():
         raise AssertionError(f"kernel and reference images differ at {(eager != ref).sum().item()} values")
     if not torch.equal(graphed, eager):
         raise AssertionError("CUDA-graph replay differs from eager steps")
+
+
+def _scan_dtypes():
+    import torch
+    # bfloat16 only has a CUDA kernel (the CPU kernels are float32 / float64)
+    return ((torch.float32, 1e-4, 1e-3), (torch.bfloat16, 5e-2, 1e-1)) if DEV == "cuda" else \
+        ((torch.float32, 1e-4, 1e-3),)
+
+
+@case("skew_unskew", ("skew", "unskew"))
+def _skew_unskew():
+    import torch
+    from fastar.ops import skew, skew_ref, unskew, unskew_ref
+    g = torch.Generator().manual_seed(8)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for shape in ((2, 3, 4, 5), (1, 2, 5, 1), (1, 1, 1, 4)):  # wide, tall (W = 1), one row
+            x = torch.randn(*shape, generator=g).to(DEV, dtype).requires_grad_(True)
+            with _kernel():
+                y = skew(x)
+                back = unskew(y)
+                (gx,) = torch.autograd.grad(back, x, torch.ones_like(back))  # through both kernels
+            _close(y, skew_ref(x.detach()), 0, 0, f"{dtype} {shape} skew")
+            _close(back, x.detach(), 0, 0, f"{dtype} {shape} unskew(skew)")
+            _close(unskew(y.detach()), unskew_ref(y.detach()), 0, 0, f"{dtype} {shape} unskew")
+            _close(gx, torch.ones_like(gx), 0, 0, f"{dtype} {shape} grad")
+
+
+def _scan_case(kind, B, hid, H, W, k=3, states=True, seed=9):
+    """One forward + backward of a scan kernel against the reference, every dtype of _scan_dtypes."""
+    import torch
+    from fastar.ops import diagonal_lstm_scan, diagonal_lstm_scan_ref, row_lstm_scan, row_lstm_scan_ref
+    g = torch.Generator().manual_seed(seed)
+    diag = kind == "diagonal"
+    args = [torch.randn(B, 4 * hid, H, W, generator=g), torch.randn(4 * hid, hid, 2 if diag else k, generator=g) * 0.3,
+            torch.randn(4 * hid, generator=g)]
+    if diag and states:
+        args += [torch.randn(B, hid, H, generator=g), torch.randn(B, hid, H, generator=g)]
+    gh, gc = torch.randn(B, hid, H, W, generator=g), torch.randn(B, hid, H, W, generator=g)
+    fn, ref = (diagonal_lstm_scan, diagonal_lstm_scan_ref) if diag else (row_lstm_scan, row_lstm_scan_ref)
+    for dtype, ftol, btol in _scan_dtypes():
+        xk = [a.to(DEV, dtype).requires_grad_(True) for a in args]
+        # the reference in float64 on the same (rounded) values (float64: never TF32, which cuDNN
+        # may use for the row reference's float32 conv1d)
+        xr = [a.to(DEV, dtype).double().requires_grad_(True) for a in args]
+        with _kernel():
+            hk, ck = fn(*xk)
+            gk = torch.autograd.grad((hk, ck), xk, (gh.to(DEV, dtype), gc.to(DEV, dtype)))
+        hr, cr = ref(*xr)
+        gr = torch.autograd.grad((hr, cr), xr, (gh.to(DEV, dtype).double(), gc.to(DEV, dtype).double()))
+        what = f"{kind} {dtype} B={B} hid={hid} {H}x{W}"
+        _close(hk.double(), hr, ftol, ftol, f"{what} h")
+        _close(ck.double(), cr, ftol, ftol, f"{what} c")
+        for name, a, r in zip(("is_map", "w_ss", "bias", "h0", "c0"), gk, gr):
+            _close(a.double(), r, btol, btol, f"{what} grad {name}")
+
+
+@case("diagonal_lstm_scan_fwd_bwd", ("diagonal_lstm_scan", "diagonal_lstm_scan_backward"))
+def _diagonal_scan():
+    _scan_case("diagonal", 2, 5, 4, 6)             # hidden 5: a partial unit tile; more diagonals than rows
+    _scan_case("diagonal", 1, 3, 5, 1, states=False)  # W = 1: each diagonal one cell
+
+
+@case("row_lstm_scan_fwd_bwd", ("row_lstm_scan", "row_lstm_scan_backward"))
+def _row_scan():
+    _scan_case("row", 2, 5, 4, 6, k=3)
+    _scan_case("row", 1, 3, 3, 2, k=5)  # kernel wider than the row: zero padding on both sides
+
+
+@case("lstm_scan_steps_path", ("diagonal_lstm_scan", "diagonal_lstm_scan_backward", "row_lstm_scan",
+                               "row_lstm_scan_backward"))
+def _scan_steps_path():
+    # The fallback of devices without cooperative launches: one launch per diagonal / row.
+    os.environ["FASTAR_LSTM_SCAN_CUDA_PATH"] = "steps"  # read per call by the ops
+    try:
+        _scan_case("diagonal", 2, 5, 4, 6, seed=10)
+        _scan_case("row", 2, 5, 4, 6, k=3, seed=11)
+    finally:
+        os.environ.pop("FASTAR_LSTM_SCAN_CUDA_PATH", None)
 
 
 @case("wavenet_step_persistent", ("wavenet_step",))

@@ -106,6 +106,18 @@ def test_every_cuda_kernel_has_a_sanitizer_case():
     assert {"wavenet_step_persistent", "wavenet_step_blocks"} <= set(paths)  # both CUDA paths
 
 
+def test_scan_kernels_have_cases_and_their_tests_run():
+    cases = _load("gpu_sanitizer_cases")
+    covered = {op for _, covers in cases.CASES.values() for op in covers}
+    scans = {"skew", "unskew", "diagonal_lstm_scan", "diagonal_lstm_scan_backward", "row_lstm_scan",
+             "row_lstm_scan_backward"}
+    assert scans <= cases.cuda_ops_in_sources() and scans <= covered
+    with open(SCRIPT) as f:
+        script = f.read()
+    default_files = script.split('TEST_FILES=${FASTAR_GPU_CHECK_TEST_FILES:-"', 1)[1].split('"}', 1)[0].split()
+    assert {"tests/ops/test_lstm_scan.py", "tests/ops/test_lstm_scan_cuda.py"} <= set(default_files)
+
+
 @needs_no_gpu
 def test_sanitizer_driver_without_gpu_says_so():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_sanitizer_cases.py")],
