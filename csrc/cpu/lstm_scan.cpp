@@ -20,18 +20,24 @@
 //     side); tap t of row i reads grid row i, columns t .. t + W - 1: one range of W*B rows.
 //
 // So the state-to-state product of a step is, per tap, one (n*B, hid) @ (hid, 4 hid) GEMM on
-// views (cpublas, MKL), accumulated in place onto the step's input-to-state rows, and the gates
-// are a contiguous pointwise pass over the same rows (vectorised: vexp-based sigmoid / tanh in
-// float32, libm in float64). A step is split into row chunks over at::parallel_for; each chunk
-// runs its GEMM slice (single-threaded BLAS inside the parallel region) then its gates, so the
-// data a thread produces it consumes from cache and there is one barrier per step.
+// views (the Fortran BLAS torch ships, MKL), accumulated in place onto the step's input-to-state
+// rows, and the gates are a contiguous pointwise pass over the same rows (vectorised: vexp-based
+// sigmoid / tanh in float32, compiled for AVX-512 / AVX2 as well; libm in float64). A step is split
+// into row chunks over at::parallel_for; each chunk runs its GEMM slice (single-threaded BLAS
+// inside the parallel region) then its gates, so one barrier per step.
 //
-// The backward runs the steps in reverse with the same geometry mirrored (the rows below / to
-// the right, on the next step; a zero border at the bottom / right), carrying dL/dc along the
-// cell's direction in a per-row (diagonal) or per-column (row) buffer updated in place. The
-// gradient w.r.t. w_ss is one GEMM per tap per step (diagonal; the up / left rows of the state
-// grid rebuilt from h) or per tap over the whole grid (row: there the pairing is a constant row
-// shift). The NCHW <-> row-layout conversions are blocked transposing copies.
+// The backward runs the steps in reverse with the geometry mirrored (the cells below / to the
+// right, on the next step; a zero border at the bottom / right), carrying dL/dc along the cell's
+// direction in a per-row (diagonal) or per-column (row) buffer updated in place. d_w is one GEMM
+// per tap per step (dz^T against the state rows the step read, rebuilt from h).
+//
+// Memory: the diagonal kernels convert NCHW <-> cell rows once per tensor (blocked transposing
+// copies): a diagonal's cells sit in different image rows, so reading NCHW inside the step would
+// touch one cache line per value. The row kernels are fused instead: an image row's cells are W
+// contiguous columns of every plane, so each chunk reads / writes NCHW directly and the per-row
+// buffers stay in cache. On this 2-core VM the NCHW stores of h, c and saved (7 hid values per
+// cell) cost about as much as the GEMMs at hid 128; they are the bound the reference, which keeps
+// its saved activations per step, does not pay in its forward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -130,9 +136,10 @@ at::Tensor unskew_cpu(const at::Tensor& y) {
 
 inline float sigm(float x) { return 1.0f / (1.0f + vec::vexp(-x)); }
 inline double sigm(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+// (1 - e^-2x) / (1 + e^-2x): vexp's clamp keeps e^-2x finite (<= e^88), so large |x| give +-1.
 inline float tanh_(float x) {
-  const float t = vec::vexp(-2.0f * std::fabs(x));
-  return std::copysign((1.0f - t) / (1.0f + t), x);
+  const float t = vec::vexp(-2.0f * x);
+  return (1.0f - t) / (1.0f + t);
 }
 inline double tanh_(double x) { return std::tanh(x); }
 
@@ -183,6 +190,57 @@ inline void cell_backward(const T* __restrict s, const T* __restrict dh, const T
   }
 }
 
+// A run of n cell rows (row r of each operand at base + r * its ld; ld 0 repeats one row).
+template <typename T>
+__attribute__((always_inline)) inline void rows_forward_impl(int64_t n, T* z, int64_t ldz, const T* bias, const T* cl,
+                                                             int64_t ldcl, T* c, int64_t ldc, T* h, int64_t ldh,
+                                                             int64_t hid) {
+  for (int64_t r = 0; r < n; ++r) cell_forward<T>(z + r * ldz, bias, cl + r * ldcl, c + r * ldc, h + r * ldh, hid);
+}
+template <typename T>
+__attribute__((always_inline)) inline void rows_backward_impl(int64_t n, const T* s, int64_t lds, const T* dh,
+                                                              int64_t lddh, const T* gc, int64_t ldgc, T* carry,
+                                                              int64_t ldcy, const T* cl, int64_t ldcl, T* dz,
+                                                              int64_t lddz, int64_t hid) {
+  for (int64_t r = 0; r < n; ++r)
+    cell_backward<T>(s + r * lds, dh + r * lddh, gc + r * ldgc, carry + r * ldcy, cl + r * ldcl, dz + r * lddz, hid);
+}
+
+// float32 is compiled for AVX-512 / AVX2 too and picked at load time (the extension's baseline is
+// SSE2; the gates are most of the work that is not GEMM).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTAR_SCAN_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define FASTAR_SCAN_CLONES
+#endif
+FASTAR_SCAN_CLONES void rows_forward_f32(int64_t n, float* z, int64_t ldz, const float* bias, const float* cl,
+                                         int64_t ldcl, float* c, int64_t ldc, float* h, int64_t ldh, int64_t hid) {
+  rows_forward_impl<float>(n, z, ldz, bias, cl, ldcl, c, ldc, h, ldh, hid);
+}
+FASTAR_SCAN_CLONES void rows_backward_f32(int64_t n, const float* s, int64_t lds, const float* dh, int64_t lddh,
+                                          const float* gc, int64_t ldgc, float* carry, int64_t ldcy, const float* cl,
+                                          int64_t ldcl, float* dz, int64_t lddz, int64_t hid) {
+  rows_backward_impl<float>(n, s, lds, dh, lddh, gc, ldgc, carry, ldcy, cl, ldcl, dz, lddz, hid);
+}
+inline void rows_forward(int64_t n, float* z, int64_t ldz, const float* bias, const float* cl, int64_t ldcl, float* c,
+                         int64_t ldc, float* h, int64_t ldh, int64_t hid) {
+  rows_forward_f32(n, z, ldz, bias, cl, ldcl, c, ldc, h, ldh, hid);
+}
+inline void rows_forward(int64_t n, double* z, int64_t ldz, const double* bias, const double* cl, int64_t ldcl,
+                         double* c, int64_t ldc, double* h, int64_t ldh, int64_t hid) {
+  rows_forward_impl<double>(n, z, ldz, bias, cl, ldcl, c, ldc, h, ldh, hid);
+}
+inline void rows_backward(int64_t n, const float* s, int64_t lds, const float* dh, int64_t lddh, const float* gc,
+                          int64_t ldgc, float* carry, int64_t ldcy, const float* cl, int64_t ldcl, float* dz,
+                          int64_t lddz, int64_t hid) {
+  rows_backward_f32(n, s, lds, dh, lddh, gc, ldgc, carry, ldcy, cl, ldcl, dz, lddz, hid);
+}
+inline void rows_backward(int64_t n, const double* s, int64_t lds, const double* dh, int64_t lddh, const double* gc,
+                          int64_t ldgc, double* carry, int64_t ldcy, const double* cl, int64_t ldcl, double* dz,
+                          int64_t lddz, int64_t hid) {
+  rows_backward_impl<double>(n, s, lds, dh, lddh, gc, ldgc, carry, ldcy, cl, ldcl, dz, lddz, hid);
+}
+
 // ------------------------------------------------------------------------------------ BLAS on rows
 
 // The Fortran BLAS that libtorch_cpu exports (MKL, LP64); at::native::cpublas is not exported to
@@ -224,17 +282,22 @@ inline void mm_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, bo
 
 // --------------------------------------------------------------------- NCHW <-> row-layout copies
 
-constexpr int64_t kCBlock = 16;
+constexpr int64_t kTile = 16;
+
+// NCHW <-> cell rows, in tasks of (b, 16 channels, image row): the gather reads 16 planes' row
+// segments (in L1 over the j loop) and writes whole 16-channel pieces of cell rows; the scatter
+// goes through a 16 x 16 tile (full-line reads of cell rows, full-line writes of plane rows).
+// (Measured on the 2-core box: this pairing beat the tile gather by 2x, and the plain scatter.)
 
 // dst[(rb[i * W + j] + b) * ldd + c] = src[b, c, i, j] for c < nch (src: any strides).
 template <typename T>
 void gather_cells(const T* src, int64_t sb, int64_t sc, int64_t si, int64_t sj, int64_t nch, const int64_t* rb,
                   int64_t B, int64_t H, int64_t W, T* dst, int64_t ldd) {
-  const int64_t ncb = (nch + kCBlock - 1) / kCBlock;
-  at::parallel_for(0, B * ncb * H, std::max<int64_t>(1, 32768 / (kCBlock * W)), [&](int64_t t0, int64_t t1) {
+  const int64_t ncb = (nch + kTile - 1) / kTile;
+  at::parallel_for(0, B * ncb * H, std::max<int64_t>(1, 32768 / (kTile * W)), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = t % H, cb = (t / H) % ncb, b = t / (H * ncb);
-      const int64_t c0 = cb * kCBlock, c1 = std::min(nch, c0 + kCBlock);
+      const int64_t c0 = cb * kTile, c1 = std::min(nch, c0 + kTile);
       const T* s = src + b * sb + i * si;
       for (int64_t j = 0; j < W; ++j) {
         T* d = dst + (rb[i * W + j] + b) * ldd;
@@ -249,16 +312,24 @@ void gather_cells(const T* src, int64_t sb, int64_t sc, int64_t si, int64_t sj, 
 template <typename T>
 void scatter_cells(const T* src, int64_t lds, int64_t nch, const int64_t* rb, int64_t B, int64_t H, int64_t W, T* dst,
                    int64_t dstC, int64_t dc0) {
-  const int64_t ncb = (nch + kCBlock - 1) / kCBlock;
+  const int64_t ncb = (nch + kTile - 1) / kTile;
   const int64_t HW = H * W;
-  at::parallel_for(0, B * ncb * H, std::max<int64_t>(1, 32768 / (kCBlock * W)), [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * ncb * H, std::max<int64_t>(1, 32768 / (kTile * W)), [&](int64_t t0, int64_t t1) {
+    T tile[kTile][kTile];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = t % H, cb = (t / H) % ncb, b = t / (H * ncb);
-      const int64_t c0 = cb * kCBlock, c1 = std::min(nch, c0 + kCBlock);
-      T* d = dst + (b * dstC + dc0) * HW + i * W;
-      for (int64_t j = 0; j < W; ++j) {
-        const T* s = src + (rb[i * W + j] + b) * lds;
-        for (int64_t c = c0; c < c1; ++c) d[c * HW + j] = s[c];
+      const int64_t c0 = cb * kTile, nc = std::min(nch - c0, kTile);
+      T* d = dst + (b * dstC + dc0 + c0) * HW + i * W;
+      for (int64_t j0 = 0; j0 < W; j0 += kTile) {
+        const int64_t nj = std::min(W - j0, kTile);
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          const T* sr = src + (rb[i * W + j0 + jj] + b) * lds + c0;
+          for (int64_t cc = 0; cc < nc; ++cc) tile[cc][jj] = sr[cc];
+        }
+        for (int64_t cc = 0; cc < nc; ++cc) {
+          T* dr = d + cc * HW + j0;
+          for (int64_t jj = 0; jj < nj; ++jj) dr[jj] = tile[cc][jj];
+        }
       }
     }
   });
@@ -355,8 +426,8 @@ void diag_forward_impl(const ScanShape& s, const at::Tensor& is_map, const at::T
       const int64_t m = r1 - r0;
       mm_rows<T>(m, G4, hid, hs + (ur + r0) * hid, hid, false, w_up, G4, false, T(1), z + (zr + r0) * G4, G4);
       mm_rows<T>(m, G4, hid, hs + (lr + r0) * hid, hid, false, w_left, G4, false, T(1), z + (zr + r0) * G4, G4);
-      for (int64_t r = r0; r < r1; ++r)
-        cell_forward<T>(z + (zr + r) * G4, bp, cs + (lr + r) * hid, cs + (zr + r) * hid, hs + (zr + r) * hid, hid);
+      rows_forward(m, z + (zr + r0) * G4, G4, bp, cs + (lr + r0) * hid, hid, cs + (zr + r0) * hid, hid,
+                   hs + (zr + r0) * hid, hid, hid);
     });
   }
   scatter_cells<T>(hs, hid, hid, rb.data(), B, H, W, h.data_ptr<T>(), hid, 0);
@@ -460,11 +531,9 @@ void diag_backward_impl(const ScanShape& s, const at::Tensor& grad_h, const at::
       // dL/dh += W_up^T dz(below) + W_left^T dz(right): (m, 4h) @ (4h, h), the (h, 4h) taps transposed.
       mm_rows<T>(m, hid, G4, dz + (dr + r0) * G4, G4, false, w_up, G4, true, T(1), ghp + (zr + r0) * hid, hid);
       mm_rows<T>(m, hid, G4, dz + (rr + r0) * G4, G4, false, w_left, G4, true, T(1), ghp + (zr + r0) * hid, hid);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t gi = a + r / B, b = r % B;
-        cell_backward<T>(sp + (zr + r) * G5, ghp + (zr + r) * hid, gcp + (zr + r) * hid,
-                         cy + ((gi - 1) * B + b) * hid, sp + (lr + r) * G5 + G4, dz + (zr + r) * G4, hid);
-      }
+      // The carry of image row gi - 1, batch b is row (gi - 1) * B + b = (a - 1) * B + r.
+      rows_backward(m, sp + (zr + r0) * G5, G5, ghp + (zr + r0) * hid, hid, gcp + (zr + r0) * hid, hid,
+                    cy + ((a - 1) * B + r0) * hid, hid, sp + (lr + r0) * G5 + G4, G5, dz + (zr + r0) * G4, G4, hid);
     });
   }
   if (mask[0]) {
@@ -546,49 +615,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> diagonal_
 }
 
 // ------------------------------------------------------------------------------------ Row LSTM
+//
+// Fused per image row: a row's cells are W contiguous columns of every NCHW plane, so each chunk of
+// columns reads its input-to-state / gradients straight from NCHW and writes its outputs back there
+// (a small transpose through cache), and the per-row buffers stay cache-resident: no full-size
+// intermediate is ever written. Rows of a step are (j, b), batch innermost; the state of the
+// previous row is kept on a zero-bordered strip of W + K - 1 columns (column j at j + P, P = K / 2),
+// so tap t of the cells j0 .. j1 reads strip rows (j0 + t) * B .. (j1 + t) * B.
 
-// The state grid: (H + 1) x (W + K - 1), image cell (i, j) at (i + 1, j + P), P = K / 2, row-major,
-// batch innermost: row ((gi * Wp) + gj) * B + b. The other per-cell arrays are plain (H, W, B, .).
+// dst[((j - j0) * B + b) * ldd + c] = src[b, c, i, j] for j in [j0, j1), c < nch (src: any strides).
+template <typename T>
+inline void load_cols(const T* src, int64_t sb, int64_t sc, int64_t si, int64_t sj, int64_t i, int64_t j0,
+                      int64_t j1, int64_t nch, int64_t B, T* dst, int64_t ldd) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c0 = 0; c0 < nch; c0 += kTile) {
+      const int64_t c1 = std::min(nch, c0 + kTile);
+      const T* s = src + b * sb + i * si;
+      for (int64_t j = j0; j < j1; ++j) {
+        T* d = dst + ((j - j0) * B + b) * ldd;
+        const T* sj_ = s + j * sj;
+        for (int64_t c = c0; c < c1; ++c) d[c] = sj_[c * sc];
+      }
+    }
+}
+
+// dst[b, dc0 + c, i, j] (contiguous, dstC channels, H x W) = src[((j - j0) * B + b) * lds + c].
+// (Measured: a per-plane walk like this beats a 16 x 32 tile through a local buffer here.)
+template <typename T>
+inline void store_cols(const T* src, int64_t lds, int64_t nch, int64_t i, int64_t j0, int64_t j1, int64_t B,
+                       int64_t H, int64_t W, T* dst, int64_t dstC, int64_t dc0) {
+  const int64_t HW = H * W;
+  for (int64_t b = 0; b < B; ++b) {
+    T* d = dst + (b * dstC + dc0) * HW + i * W;
+    for (int64_t c = 0; c < nch; ++c) {
+      T* dr = d + c * HW;
+      const T* sr = src + b * lds + c;
+      for (int64_t j = j0; j < j1; ++j) dr[j] = sr[(j - j0) * B * lds];
+    }
+  }
+}
+
+// Column chunks of a row: about one per thread, single-threaded when a row is too small to split.
+inline int64_t col_grain(int64_t W, int64_t B, int64_t macs_per_row) {
+  const int64_t min_cols = std::max<int64_t>(1, ((int64_t{1} << 18) / std::max<int64_t>(macs_per_row, 1) + B - 1) / B);
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  return std::max(min_cols, (W + nt - 1) / nt);
+}
+
 template <typename T>
 void row_forward_impl(const ScanShape& s, const at::Tensor& is_map, const at::Tensor& w_ss, const at::Tensor& bias,
                       at::Tensor& h, at::Tensor& c, at::Tensor& saved) {
-  const int64_t B = s.B, H = s.H, W = s.W, hid = s.hid, G4 = 4 * hid, K = s.K, P = K / 2, Wp = W + K - 1;
+  const int64_t B = s.B, H = s.H, W = s.W, hid = s.hid, G4 = 4 * hid, G5 = 5 * hid, K = s.K, P = K / 2;
+  const int64_t Wp = W + K - 1, M = W * B;
   auto opts = is_map.options().memory_format(at::MemoryFormat::Contiguous);
-  std::vector<int64_t> rb_plain(H * W), rb_grid(H * W);
-  for (int64_t i = 0; i < H; ++i)
-    for (int64_t j = 0; j < W; ++j) {
-      rb_plain[i * W + j] = (i * W + j) * B;
-      rb_grid[i * W + j] = ((i + 1) * Wp + j + P) * B;
-    }
-  auto Z = at::empty({H * W * B, G4}, opts);
-  auto Cs = at::empty({H * W * B, hid}, opts);
-  auto Hs = at::zeros({(H + 1) * Wp * B, hid}, opts);
+  auto Z = at::empty({M, G4}, opts);                // the row's pre-activations, then activations
+  auto Cs = at::empty({2, M, hid}, opts);           // c of the previous / this row
+  auto Hs = at::zeros({2, Wp * B, hid}, opts);      // h of the previous / this row, zero border
   T* z = Z.data_ptr<T>();
   T* cs = Cs.data_ptr<T>();
   T* hs = Hs.data_ptr<T>();
-  gather_nchw<T>(is_map, G4, rb_plain, B, H, W, z, G4);
+  const T* xp = is_map.data_ptr<T>();
+  const int64_t sb = is_map.stride(0), sc = is_map.stride(1), si = is_map.stride(2), sj = is_map.stride(3);
+  T* hp = h.data_ptr<T>();
+  T* cp = c.data_ptr<T>();
+  T* svp = saved.data_ptr<T>();
   const auto wt = pack_taps(w_ss);  // (K, h, 4h)
   const T* wp = wt.data_ptr<T>();
-  std::vector<T> zeros(std::max<int64_t>(G4, 1), T(0));
+  std::vector<T> zeros(G4, T(0));
   const T* bp = bias.defined() ? bias.data_ptr<T>() : zeros.data();
-  const int64_t M = W * B;
+  const int64_t grain = col_grain(W, B, K * hid * G4);
   for (int64_t i = 0; i < H; ++i) {
-    const int64_t zr = i * W * B, hr = (i + 1) * Wp * B + P * B;
-    at::parallel_for(0, M, step_grain(M, K * hid * G4), [&](int64_t r0, int64_t r1) {
-      const int64_t m = r1 - r0;
-      for (int64_t t = 0; t < K; ++t)
-        mm_rows<T>(m, G4, hid, hs + (i * Wp * B + t * B + r0) * hid, hid, false, wp + t * hid * G4, G4, false, T(1),
-                   z + (zr + r0) * G4, G4);
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* cl = i > 0 ? cs + (zr - M + r) * hid : zeros.data();
-        cell_forward<T>(z + (zr + r) * G4, bp, cl, cs + (zr + r) * hid, hs + (hr + r) * hid, hid);
-      }
+    const T* hprev = hs + (i % 2) * Wp * B * hid;
+    T* hcur = hs + ((i + 1) % 2) * Wp * B * hid;
+    const T* cprev = cs + (i % 2) * M * hid;
+    T* ccur = cs + ((i + 1) % 2) * M * hid;
+    at::parallel_for(0, W, grain, [&](int64_t j0, int64_t j1) {
+      const int64_t r0 = j0 * B, m = (j1 - j0) * B;
+      T* zc = z + r0 * G4;
+      load_cols<T>(xp, sb, sc, si, sj, i, j0, j1, G4, B, zc, G4);
+      if (i > 0)
+        for (int64_t t = 0; t < K; ++t)
+          mm_rows<T>(m, G4, hid, hprev + (r0 + t * B) * hid, hid, false, wp + t * hid * G4, G4, false, T(1), zc, G4);
+      rows_forward(m, zc, G4, bp, i > 0 ? cprev + r0 * hid : zeros.data(), i > 0 ? hid : 0, ccur + r0 * hid, hid,
+                   hcur + (r0 + P * B) * hid, hid, hid);
+      store_cols<T>(hcur + (r0 + P * B) * hid, hid, hid, i, j0, j1, B, H, W, hp, hid, 0);
+      store_cols<T>(ccur + r0 * hid, hid, hid, i, j0, j1, B, H, W, cp, hid, 0);
+      store_cols<T>(zc, G4, G4, i, j0, j1, B, H, W, svp, G5, 0);
+      store_cols<T>(ccur + r0 * hid, hid, hid, i, j0, j1, B, H, W, svp, G5, G4);
     });
   }
-  scatter_cells<T>(hs, hid, hid, rb_grid.data(), B, H, W, h.data_ptr<T>(), hid, 0);
-  scatter_cells<T>(cs, hid, hid, rb_plain.data(), B, H, W, c.data_ptr<T>(), hid, 0);
-  scatter_cells<T>(z, G4, G4, rb_plain.data(), B, H, W, saved.data_ptr<T>(), 5 * hid, 0);
-  scatter_cells<T>(cs, hid, hid, rb_plain.data(), B, H, W, saved.data_ptr<T>(), 5 * hid, G4);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_lstm_scan_cpu(const at::Tensor& is_map, const at::Tensor& w_ss,
@@ -613,77 +728,80 @@ void row_backward_impl(const ScanShape& s, const at::Tensor& grad_h, const at::T
   const int64_t B = s.B, H = s.H, W = s.W, hid = s.hid, G4 = 4 * hid, G5 = 5 * hid, K = s.K, P = K / 2;
   const int64_t Wp = W + K - 1, M = W * B;
   auto opts = saved.options().memory_format(at::MemoryFormat::Contiguous);
-  std::vector<int64_t> rb_plain(H * W), rb_grid(H * W), rb_dz(H * W);
-  for (int64_t i = 0; i < H; ++i)
-    for (int64_t j = 0; j < W; ++j) {
-      rb_plain[i * W + j] = (i * W + j) * B;
-      rb_grid[i * W + j] = ((i + 1) * Wp + j + P) * B;
-      rb_dz[i * W + j] = (i * Wp + j + P) * B;
-    }
-  auto S = at::empty({H * W * B, G5}, opts);
-  auto GH = at::empty({H * W * B, hid}, opts);
-  auto GC = at::empty({H * W * B, hid}, opts);
-  // dz on the grid (H + 1) x Wp, image cell (i, j) at (i, j + P): zero border columns and a zero row below.
-  auto DZ = at::empty({(H + 1) * Wp * B, G4}, opts);
-  auto carry = at::zeros({M, hid}, opts);  // per column: f * dL/dc of the cell below
+  auto S = at::empty({M, G5}, opts);                // saved of this row
+  auto CL = at::empty({M, hid}, opts);              // c of the row above
+  auto GH = at::empty({M, hid}, opts);              // grad_h, + the gradient from the row below
+  auto GC = at::empty({M, hid}, opts);
+  auto DZ = at::zeros({2, Wp * B, G4}, opts);       // dz of the row below / this row, zero border
+  auto carry = at::zeros({M, hid}, opts);           // per column: f * dL/dc of the cell below
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const bool need_w = mask[1], need_b = mask[2];
+  auto DW = need_w ? at::zeros({nt, K, G4, hid}, opts) : at::Tensor();  // per-thread partial sums
+  auto DB = need_b ? at::zeros({nt, G4}, opts) : at::Tensor();
+  const int64_t grain = col_grain(W, B, K * hid * G4);
+  // Each thread's window of the row above (for d_w): its columns and P more on each side.
+  auto HL = need_w ? at::empty({nt, (W + K - 1) * B, hid}, opts) : at::Tensor();
+  if (mask[0]) out.d_is = at::empty({B, G4, H, W}, opts);
   T* sp = S.data_ptr<T>();
+  T* clp = CL.data_ptr<T>();
   T* ghp = GH.data_ptr<T>();
   T* gcp = GC.data_ptr<T>();
-  T* dz = DZ.data_ptr<T>();
+  T* dzp = DZ.data_ptr<T>();
   T* cy = carry.data_ptr<T>();
-  gather_nchw<T>(saved, G5, rb_plain, B, H, W, sp, G5);
-  gather_nchw<T>(grad_h, hid, rb_plain, B, H, W, ghp, hid);
-  gather_nchw<T>(grad_c, hid, rb_plain, B, H, W, gcp, hid);
-  for (int64_t gi = 0; gi <= H; ++gi)
-    for (int64_t gj = 0; gj < Wp; ++gj)
-      if (gi == H || gj < P || gj >= P + W)
-        std::fill(dz + (gi * Wp + gj) * B * G4, dz + (gi * Wp + gj + 1) * B * G4, T(0));
   const auto wt = pack_taps(w_ss);  // (K, h, 4h)
   const T* wp = wt.data_ptr<T>();
   std::vector<T> zeros(hid, T(0));
   for (int64_t i = H - 1; i >= 0; --i) {
-    const int64_t zr = i * M, dzr = (i * Wp + P) * B;
-    at::parallel_for(0, M, step_grain(M, K * hid * G4), [&](int64_t r0, int64_t r1) {
-      const int64_t m = r1 - r0;
-      // dL/dh(i, j) += sum_t W_t^T dz(i + 1, j - t + P): grid row i + 1, columns 2P - t ...
-      for (int64_t t = 0; t < K; ++t)
-        mm_rows<T>(m, hid, G4, dz + (((i + 1) * Wp + 2 * P - t) * B + r0) * G4, G4, false, wp + t * hid * G4, G4,
-                   true, T(1), ghp + (zr + r0) * hid, hid);
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* cl = i > 0 ? sp + (zr - M + r) * G5 + G4 : zeros.data();
-        cell_backward<T>(sp + (zr + r) * G5, ghp + (zr + r) * hid, gcp + (zr + r) * hid, cy + r * hid, cl,
-                         dz + (dzr + r) * G4, hid);
+    const T* dnext = dzp + ((i + 1) % 2) * Wp * B * G4;
+    T* dcur = dzp + (i % 2) * Wp * B * G4;
+    at::parallel_for(0, W, grain, [&](int64_t j0, int64_t j1) {
+      const int64_t r0 = j0 * B, m = (j1 - j0) * B;
+      const int64_t tid = at::get_thread_num() % nt;
+      load_cols<T>(saved.data_ptr<T>(), saved.stride(0), saved.stride(1), saved.stride(2), saved.stride(3), i, j0, j1,
+                   G5, B, sp + r0 * G5, G5);
+      if (i > 0)
+        load_cols<T>(saved.data_ptr<T>() + G4 * saved.stride(1), saved.stride(0), saved.stride(1), saved.stride(2),
+                     saved.stride(3), i - 1, j0, j1, hid, B, clp + r0 * hid, hid);
+      load_cols<T>(grad_h.data_ptr<T>(), grad_h.stride(0), grad_h.stride(1), grad_h.stride(2), grad_h.stride(3), i, j0,
+                   j1, hid, B, ghp + r0 * hid, hid);
+      load_cols<T>(grad_c.data_ptr<T>(), grad_c.stride(0), grad_c.stride(1), grad_c.stride(2), grad_c.stride(3), i, j0,
+                   j1, hid, B, gcp + r0 * hid, hid);
+      // dL/dh(i, j) += sum_t W_t^T dz(i + 1, j - t + P): strip rows (j - t + 2P) * B.
+      if (i + 1 < H)
+        for (int64_t t = 0; t < K; ++t)
+          mm_rows<T>(m, hid, G4, dnext + (r0 + (2 * P - t) * B) * G4, G4, false, wp + t * hid * G4, G4, true, T(1),
+                     ghp + r0 * hid, hid);
+      T* dzc = dcur + (r0 + P * B) * G4;
+      rows_backward(m, sp + r0 * G5, G5, ghp + r0 * hid, hid, gcp + r0 * hid, hid, cy + r0 * hid, hid,
+                    i > 0 ? clp + r0 * hid : zeros.data(), i > 0 ? hid : 0, dzc, G4, hid);
+      if (mask[0]) store_cols<T>(dzc, G4, G4, i, j0, j1, B, H, W, out.d_is.data_ptr<T>(), G4, 0);
+      if (need_b) {
+        T* db = DB.data_ptr<T>() + tid * G4;
+        for (int64_t r = 0; r < m; ++r) {
+          const T* dr = dzc + r * G4;
+          for (int64_t k = 0; k < G4; ++k) db[k] += dr[k];
+        }
+      }
+      if (need_w && i > 0) {
+        // d_w[:, :, t] += dz(i, j)^T h(i - 1, j + t - P): the window of the row above, columns
+        // j0 - P .. j1 + P - 1 (zero outside the image), as strip rows from (j0 - P + P) * B.
+        T* hl = HL.data_ptr<T>() + tid * (W + K - 1) * B * hid;
+        const int64_t q1 = j1 - j0 + K - 1;
+        for (int64_t q = 0; q < q1; ++q) {
+          const int64_t j = j0 + q - P;
+          if (j < 0 || j >= W) std::fill(hl + q * B * hid, hl + (q + 1) * B * hid, T(0));
+        }
+        const int64_t lo = std::max<int64_t>(0, j0 - P), hi = std::min<int64_t>(W, j1 + P);
+        load_cols<T>(h.data_ptr<T>(), h.stride(0), h.stride(1), h.stride(2), h.stride(3), i - 1, lo, hi, hid, B,
+                     hl + (lo - (j0 - P)) * B * hid, hid);
+        T* dw = DW.data_ptr<T>() + tid * K * G4 * hid;
+        for (int64_t t = 0; t < K; ++t)
+          mm_rows<T>(G4, hid, m, dzc, G4, true, hl + t * B * hid, hid, false, T(1), dw + t * G4 * hid, hid);
       }
     });
   }
-  if (mask[0]) {
-    out.d_is = at::empty({B, G4, H, W}, opts);
-    scatter_cells<T>(dz, G4, G4, rb_dz.data(), B, H, W, out.d_is.data_ptr<T>(), G4, 0);
-  }
-  if (mask[1]) {
-    // d_w[:, :, t] = sum dz(i, j) h(i - 1, j + t - P)^T: on the two grids the pairing is one constant
-    // row shift, (t - P) * B, so each tap is one GEMM over every row (the zero borders add nothing).
-    auto Hs = at::zeros({(H + 1) * Wp * B, hid}, opts);
-    T* hs = Hs.data_ptr<T>();
-    gather_nchw<T>(h, hid, rb_grid, B, H, W, hs, hid);
-    auto dw = at::empty({K, G4, hid}, opts);
-    T* dwp = dw.data_ptr<T>();
-    const int64_t r0 = P * B, r1 = ((H - 1) * Wp + P + W) * B;
-    for (int64_t t = 0; t < K; ++t)
-      mm_rows<T>(G4, hid, r1 - r0, dz + r0 * G4, G4, true, hs + (r0 + (t - P) * B) * hid, hid, false, T(0),
-                 dwp + t * G4 * hid, hid);
-    out.d_w = dw.permute({1, 2, 0}).contiguous();
-  }
-  if (mask[2]) {
-    auto db = at::zeros({G4}, opts);
-    T* dbp = db.data_ptr<T>();
-    for (int64_t i = 0; i < H; ++i)
-      for (int64_t r = 0; r < M; ++r) {
-        const T* d = dz + ((i * Wp + P) * B + r) * G4;
-        for (int64_t k = 0; k < G4; ++k) dbp[k] += d[k];
-      }
-    out.d_bias = db;
-  }
+  if (need_w) out.d_w = DW.sum(0).permute({1, 2, 0}).contiguous();
+  if (need_b) out.d_bias = DB.sum(0);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_lstm_scan_backward_cpu(
