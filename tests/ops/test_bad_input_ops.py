@@ -98,6 +98,12 @@ def _gps(**bad):
     return call
 
 
+def _scan(x=None, w=None, b=None, h0=None, k=2):
+    x = torch.zeros(2, 8, 3, 4) if x is None else x
+    w = torch.zeros(8, 2, k) if w is None else w
+    return (lambda f: f(x, w, b, h0)) if k == 2 else (lambda f: f(x, w, b))
+
+
 ROWS = [
     # masked_conv2d
     Row("masked_conv2d", "x 3-D", _conv(x=torch.zeros(2, 5, 5)), "x must be 4-D"),
@@ -192,6 +198,15 @@ ROWS = [
     Row("gated_pixelcnn_step", "int32 step", _gps(step=lambda s: s.to(torch.int32)), "step"),
     Row("gated_pixelcnn_step", "logits shape", _gps(logits=lambda lg: lg[:, :1].contiguous()), "logits"),
     Row("gated_pixelcnn_step", "levels 1", _gps(levels=1), "levels"),
+    # skew / unskew / the PixelRNN scans (tests/ops/test_lstm_scan.py holds the rest)
+    Row("skew", "x 3-D", lambda f: f(torch.zeros(2, 3, 4)), "x must be 4-D"),
+    Row("unskew", "too narrow", lambda f: f(torch.zeros(1, 2, 5, 4)), "at least 5 wide"),
+    Row("diagonal_lstm_scan", "channels", _scan(x=torch.zeros(2, 4, 3, 4)), "is_map has 4 channels"),
+    Row("diagonal_lstm_scan", "three taps", _scan(w=torch.zeros(8, 2, 3)), "must have 2 taps"),
+    Row("diagonal_lstm_scan", "h0 shape", _scan(h0=torch.zeros(2, 2, 4)), r"h0 must be \(B, hidden, H\)"),
+    Row("diagonal_lstm_scan", "dtype mix", _scan(b=torch.zeros(8, dtype=torch.float64)), "bias dtype"),
+    Row("row_lstm_scan", "even width", _scan(k=4), "must be odd"),
+    Row("row_lstm_scan", "is_map 3-D", _scan(x=torch.zeros(8, 3, 4), k=3), "is_map must be 4-D"),
 ]
 
 
