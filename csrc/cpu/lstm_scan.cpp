@@ -39,6 +39,7 @@
 // cell) cost about as much as the GEMMs at hid 128; they are the bound the reference, which keeps
 // its saved activations per step, does not pay in its forward.
 #include <ATen/ATen.h>
+#include <cstdlib>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -244,15 +245,29 @@ inline void rows_backward(int64_t n, const double* s, int64_t lds, const double*
 // ------------------------------------------------------------------------------------ BLAS on rows
 
 // The Fortran BLAS that libtorch_cpu exports (MKL, LP64); at::native::cpublas is not exported to
-// extensions. Called from inside at::parallel_for chunks it runs single-threaded there.
+// extensions. Called from inside at::parallel_for chunks it runs single-threaded there. Declared
+// weak: a torch whose libtorch_cpu does not export them still loads this library, and mm_rows then
+// goes through at::mm_out / at::addmm_out on views of the same memory (same results, a little
+// dispatch overhead per call).
 extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+__attribute__((weak)) void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
             const int* ldc);
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+__attribute__((weak)) void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc);
 }
+
+// FASTAR_LSTM_SCAN_ATEN_GEMM=1 forces the ATen path (tests run it, so the fallback is known to work).
+inline bool aten_gemm_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("FASTAR_LSTM_SCAN_ATEN_GEMM");
+    return v != nullptr && v[0] == '1';
+  }();
+  return forced;
+}
+inline bool have_blas(float*) { return sgemm_ != nullptr && !aten_gemm_forced(); }
+inline bool have_blas(double*) { return dgemm_ != nullptr && !aten_gemm_forced(); }
 
 inline void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
                       int ldb, float beta, float* c, int ldc) {
@@ -272,6 +287,21 @@ inline void mm_rows(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, bo
   if (K <= 0) {
     if (beta == T(0))
       for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, T(0));
+    return;
+  }
+  if (!have_blas(static_cast<T*>(nullptr))) {
+    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opt).t()
+                      : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opt);
+    at::Tensor b = tb ? at::from_blob(const_cast<T*>(Bm), {N, K}, {ldb, 1}, opt).t()
+                      : at::from_blob(const_cast<T*>(Bm), {K, N}, {ldb, 1}, opt);
+    at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+    if (beta == T(0)) {
+      at::mm_out(c, a, b);
+    } else {
+      at::Tensor prod = at::mm(a, b);
+      c.mul_(beta).add_(prod);
+    }
     return;
   }
   TORCH_CHECK(std::max({M, N, K, lda, ldb, ldc}) < (int64_t{1} << 31), "lstm_scan: a GEMM dimension exceeds the 32-bit BLAS interface");

@@ -445,3 +445,40 @@ def test_bad_input_raw_ops_cpu_misc():
     for fn in (unskew, unskew_ref):
         with pytest.raises(ValueError, match=r"at least 5 wide"):
             fn(torch.zeros(1, 1, 5, 4))
+
+
+def test_aten_gemm_fallback_gives_the_same_results():
+    # The CPU kernels call the BLAS symbols libtorch_cpu exports, declared weak; where a torch build
+    # lacks them the kernels fall back to at::mm_out on the same views. FASTAR_LSTM_SCAN_ATEN_GEMM=1
+    # forces that path, in a fresh process (the switch is read once).
+    import os
+    import subprocess
+    import sys
+
+    requires_kernel("diagonal_lstm_scan", "cpu")
+    requires_kernel("row_lstm_scan", "cpu")
+    code = (
+        "import torch, fastar\n"
+        "from fastar.ops import diagonal_lstm_scan, row_lstm_scan\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.randn(3, 16, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)\n"
+        "w2 = torch.randn(16, 4, 2, generator=g, dtype=torch.float64, requires_grad=True)\n"
+        "w3 = torch.randn(16, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)\n"
+        "out = []\n"
+        "with fastar.backend('kernel'):\n"
+        "    for f, w in ((diagonal_lstm_scan, w2), (row_lstm_scan, w3)):\n"
+        "        h, c = f(x, w)\n"
+        "        gx, gw = torch.autograd.grad((h * 1.3 + c).sum(), (x, w))\n"
+        "        out += [h, c, gx, gw]\n"
+        "torch.save([t.detach() for t in out], __import__('sys').argv[1])\n")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        res = {}
+        for flag in ("0", "1"):
+            path = os.path.join(d, f"out{flag}.pt")
+            env = dict(os.environ, FASTAR_LSTM_SCAN_ATEN_GEMM=flag)
+            subprocess.run([sys.executable, "-c", code, path], env=env, check=True, timeout=300)
+            res[flag] = torch.load(path)
+    for a, b in zip(res["0"], res["1"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
