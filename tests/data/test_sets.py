@@ -14,7 +14,13 @@ def test_datasets_are_real_and_split(name, shape, levels):
     assert d.shape == shape and d.levels == levels and d.kind == "image" == DATASETS[name].kind
     assert tuple(d.train.shape[1:]) == shape and d.train.dtype == torch.int64
     assert int(d.train.min()) == 0 and int(d.train.max()) == levels - 1
-    assert len(d.test) == round(0.1 * (len(d.train) + len(d.test)))
+    assert abs(len(d.test) - round(0.1 * (len(d.train) + len(d.test)))) <= 5
+    if d.num_classes:
+        # every class in both parts, in proportion (the MNIST file is sorted by class)
+        tr, te = torch.bincount(d.train_labels, minlength=d.num_classes), torch.bincount(d.test_labels,
+                                                                                        minlength=d.num_classes)
+        assert (te > 0).all() and (tr > 0).all()
+        assert ((te.float() / (tr + te).float()) - 0.1).abs().max() < 0.02
     # the photos have texture: patches are not constant
     assert d.train.float().std() > 0.1 * (levels - 1)
 
