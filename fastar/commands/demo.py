@@ -1,5 +1,8 @@
 """``fastar demo``: a shipped checkpoint (or a quick training run) sampled by the cached and the naive
-sampler; prints held-out bits/dim and the speed-up, writes what the cached sampler drew.
+sampler; prints the held-out NLL (nats and bits/dim) and the speed-up, and writes what the model
+draws: for an image model a grid of ten rows (row k: class k for a class-conditional model), the
+classifier agreement of those samples (:mod:`fastar.quality`) and a second picture of completions of
+held-out digits; for an audio model the cached clips.
 
 Which model, which checkpoint and how to train one all come from the model's spec: the default
 model is the first registered image model that ships a checkpoint; ``spec.shipped[0]`` is its
@@ -31,9 +34,15 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=positive_int, default=3, help="epochs when the demo trains (default: %(default)s)")
     p.add_argument("--limit", type=positive_int, default=None, help="train on only the first N examples")
     p.add_argument("--workdir", default="fastar-demo", help="where a demo training run goes (default: %(default)s)")
-    p.add_argument("-n", type=positive_int, default=20, help="images (or clips) per sampler (default: %(default)s)")
+    p.add_argument("-n", type=positive_int, default=None,
+                   help="images (or clips) each of the cached and the naive sampler draws for the speed-up "
+                        "(default: 2 images, 20 clips: the naive sampler runs the whole network per value)")
+    p.add_argument("--per-class", type=positive_int, default=10,
+                   help="image models: cached samples per row of the picture (ten rows; default: %(default)s)")
     p.add_argument("--length", type=positive_int, default=None, help="audio models: samples per clip (default: 1/4 s)")
-    p.add_argument("--out", default="samples.png", help="image grid (default: %(default)s; .wav for audio models)")
+    p.add_argument("--out", default="samples.png",
+                   help="image grid (default: %(default)s; .wav for audio models); image models also write "
+                        "<out>_completions.png")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--seed", type=seed_int, default=0)
@@ -62,10 +71,11 @@ def demo_checkpoint(args, spec) -> str:
     return os.path.join(out, "last.pt")
 
 
-def held_out(model, ckpt, device) -> None:
-    """Print the held-out bits/dim; the samplers need no data, so missing data is said and skipped."""
+def held_out(model, ckpt, device):
+    """Print the held-out NLL; returns the data set (None when missing: the samplers need no data,
+    so missing data is said and skipped)."""
     from fastar import registry
-    from fastar.train import evaluate
+    from fastar.quality import held_out_nll
 
     info = ckpt["data"]
     try:
@@ -74,11 +84,13 @@ def held_out(model, ckpt, device) -> None:
         saved = ckpt["evals"][-1]["test_bpd"] if ckpt.get("evals") else None
         print(f"held-out data unavailable ({e}); bits/dim recorded at training time: "
               + (f"{saved:.4f}" if saved is not None else "none"))
-        return
+        return None
     t = time.perf_counter()
-    bpd = evaluate(model, ds, device, conditional=registry.is_conditional(ckpt["model"], ckpt["config"], info))
-    print(f"{ckpt['model']} on {info['name']} held-out ({len(ds.test)} examples): {bpd:.4f} bits/dim "
-          f"({time.perf_counter() - t:.1f} s)")
+    r = held_out_nll(model, ds, registry.is_conditional(ckpt["model"], ckpt["config"], info))
+    per, dim = (f"{r['dims']}-sample segment", "sample") if info["kind"] == "audio" else ("image", "dim")
+    print(f"{ckpt['model']} on {info['name']} held-out ({len(ds.test)} examples): {r['nll_nats']:.2f} nats per "
+          f"{per} = {r['bits_per_dim']:.4f} bits/{dim} ({time.perf_counter() - t:.1f} s)")
+    return ds
 
 
 def run(args) -> int:
@@ -94,21 +106,23 @@ def run(args) -> int:
         spec = registry.spec(args.model if args.model is not None else registry.default_model())
     path = demo_checkpoint(args, spec)
     model, ckpt = checkpoint.load_model(path, device=device, expect_model=spec.name)
-    held_out(model, ckpt, device)
+    ds = held_out(model, ckpt, device)
 
     w = writer_of(ckpt["model"])
+    n = args.n or w.demo_n
     draws = {}
     width = max(len(w.cached_label), len(w.naive_label)) + 1
     for method, label in (("cached", w.cached_label), ("naive", w.naive_label)):
-        x, dt = timed(lambda: draw(model, ckpt, args.n, method, seeded(args.seed, device), length=args.length,
+        x, dt = timed(lambda: draw(model, ckpt, n, method, seeded(args.seed, device), length=args.length,
                                    demo=True, progress=not args.no_progress), device)
         draws[method] = (x, dt)
         print(f"{label + ':':<{width}} {w.describe(x)} in {dt:.2f} s")
     (fast, t_fast), (slow, t_slow) = draws["cached"], draws["naive"]
-    out = args.out if args.out.lower().endswith(w.ext) else os.path.splitext(args.out)[0] + w.ext
-    w.write(fast, out, ckpt["data"], demo=True)
     same = (fast == slow).float().mean().item()
-    print(f"speed-up of the {w.speedup_label}: {t_slow / t_fast:.1f}x ({device}, batch {args.n}, "
+    print(f"speed-up of the {w.speedup_label}: {t_slow / t_fast:.1f}x ({device}, batch {n}, "
           f"{torch.get_num_threads()} threads); the two samplers agree on {100 * same:.2f}% of {w.unit}")
-    print(f"wrote {out}")
+    out = args.out if args.out.lower().endswith(w.ext) else os.path.splitext(args.out)[0] + w.ext
+    for line in w.demo_write(model, ckpt, fast, out, ds, per_class=args.per_class, seed=args.seed,
+                             progress=not args.no_progress):
+        print(line)
     return 0

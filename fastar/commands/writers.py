@@ -27,6 +27,7 @@ class PngGrid:
 
     ext = ".png"
     unit = "pixels"
+    demo_n = 2  # the naive sampler runs the whole network per sub-pixel: 784 passes for a 28x28 digit
     cached_label, naive_label, speedup_label = "cached sampler", "naive sampler", "cached sampler"
 
     def shape(self, info: dict, length=None, demo=False) -> tuple:
@@ -59,12 +60,62 @@ class PngGrid:
                                        scale=max(1, 64 // w))
             return save_image_grid(x, path, info["levels"], scale=4 if w <= 8 else 1)
 
+    def demo_write(self, model, ckpt: dict, fast, path, ds, per_class: int = 10, seed: int = 0,
+                   progress: bool = True):
+        """The demo's pictures: ten rows of ``per_class`` cached samples (row k drawn for class k when the
+        model is class-conditional, with the fixed classifier's agreement), then completions of held-out
+        images (their top half given) beside the originals. Yields the lines to print."""
+        import time
+
+        from fastar import quality, registry
+
+        info = ckpt["data"]
+        conditional = registry.is_conditional(ckpt["model"], ckpt["config"], info)
+        t = time.perf_counter()
+        if conditional:
+            grid, labels = quality.class_grid(model, info, per_class, seed=seed, progress=progress)
+        else:
+            dev = next(model.parameters()).device
+            g = torch.Generator(device=dev).manual_seed(seed)
+            grid = model.sample(10 * per_class, tuple(info["shape"][1:]), generator=g, progress=progress).cpu()
+        dt = time.perf_counter() - t
+        with _writing(path):
+            self._write_rows(grid, path, info, per_class)
+        what = "row k: class k" if conditional else "unconditional"
+        yield f"wrote {path} ({len(grid)} cached samples, {what}; drawn in {dt:.2f} s)"
+        if conditional and ds is not None and ds.train_labels is not None:
+            clf = quality.classifier_for(info)
+            a = quality.agreement(clf, grid, labels)
+            yield (f"classifier agreement: {100 * a['agreement']:.1f}% of the {a['n']} samples are labelled as the "
+                   f"class they were drawn for (chance {100 / info['num_classes']:.0f}%; the classifier, an MLP "
+                   f"trained on the real training digits, labels {100 * clf.accuracy:.1f}% of the real held-out "
+                   "digits right)")
+        if ds is None:
+            yield "no completions picture: the held-out data is unavailable"
+            return
+        per = 4
+        t = time.perf_counter()
+        done = quality.completions(model, ds, conditional, n=10, per=per, seed=seed, progress=progress)
+        dt = time.perf_counter() - t
+        cpath = os.path.splitext(str(path))[0] + "_completions" + self.ext
+        with _writing(cpath):
+            self._write_rows(done, cpath, info, 1 + per)
+        yield (f"wrote {cpath} (each row: a held-out image, then {per} completions of its bottom half given its "
+               f"top half{' and class' if conditional else ''}; drawn in {dt:.2f} s)")
+
+    @staticmethod
+    def _write_rows(x, path, info, per_row):
+        from fastar.data.images import save_image_grid
+
+        return save_image_grid(x, path, info["levels"], nrow=per_row, scale=max(1, 64 // info["shape"][-1]))
+
 
 class WavClips:
     """Audio models: draws (n, T) clips, written as one WAV, the clips joined by 0.25 s of silence."""
 
     ext = ".wav"
     unit = "samples"
+    demo_n = 20
     cached_label, naive_label, speedup_label = "fast (queued) generation", "naive generation", "fast generator"
 
     def shape(self, info: dict, length=None, demo=False) -> tuple:
@@ -95,6 +146,11 @@ class WavClips:
             os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
             write_wav(str(path), torch.cat(parts), rate)
         return str(path)
+
+
+    def demo_write(self, model, ckpt: dict, fast, path, ds, per_class=None, seed=0, progress=True):
+        """The demo writes the fast generator's clips."""
+        yield f"wrote {self.write(fast, path, ckpt['data'], demo=True)}"
 
 
 WRITERS = {"png": PngGrid(), "wav": WavClips()}

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -177,10 +179,14 @@ def test_checkpoint_of_another_model(tiny_ckpt, tmp_path, capsys):
 
 def test_demo_on_a_given_checkpoint(tiny_ckpt, tmp_path):
     out = tmp_path / "samples.png"
-    r = fastar("demo", "--checkpoint", tiny_ckpt, "-n", 4, "--out", out, "--no-progress")
-    assert out.exists()
-    assert "bits/dim" in r.stdout and "speed-up of the cached sampler" in r.stdout
+    r = fastar("demo", "--checkpoint", tiny_ckpt, "-n", 4, "--per-class", 3, "--out", out, "--no-progress")
+    assert "nats per image = " in r.stdout and "bits/dim" in r.stdout and "speed-up of the cached sampler" in r.stdout
     assert "agree on 100.00% of pixels" in r.stdout
+    # the class grid (ten rows of --per-class digits, 8x8 drawn at 8x scale, 2-pixel gaps), its classifier
+    # agreement, and the completions picture (each row: an original and four completions)
+    assert Image.open(out).size == (2 + 3 * 66, 2 + 10 * 66)
+    assert re.search(r"classifier agreement: \d+\.\d% of the 30 samples are labelled as the class", r.stdout)
+    assert Image.open(tmp_path / "samples_completions.png").size == (2 + 5 * 66, 2 + 10 * 66)
 
 
 def test_demo_trains_when_nothing_is_shipped(tmp_path):
