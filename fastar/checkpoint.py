@@ -39,7 +39,8 @@ import torch
 
 from fastar import registry
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "checksum", "clean_stale_temporaries", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "export_checkpoint", "checksum",
+           "clean_stale_temporaries", "FORMAT"]
 
 FORMAT = "fastar-checkpoint"
 VERSION = 1
@@ -325,6 +326,21 @@ def load_checkpoint(path, expect_model: str | None = None, map_location="cpu") -
     except ValueError as e:
         raise ValueError(f"{path} holds a config its model cannot be built from: {e}") from None
     return ckpt
+
+
+def export_checkpoint(src, dst: str, keep_optimizer: bool = False) -> str:
+    """Copy a verified checkpoint to ``dst`` without its optimizer state (Adam's moments are twice the
+    weights): what a shipped model needs to be sampled and evaluated, a third of the size. Everything
+    else (config, weights, data info, history, evaluations, RNG) is kept; the copy gets its own
+    checksum and is written atomically. It can seed a new run but not ``--resume`` one exactly."""
+    ck = load_checkpoint(src)
+    if not keep_optimizer:
+        ck["optimizer"] = None
+    ck.pop("checksum", None)
+    ck["checksum"] = checksum(ck)
+    out = atomic_save(ck, dst)
+    load_checkpoint(out)  # read back and verified before it is called done
+    return out
 
 
 def load_model(path_or_ckpt, device="cpu", expect_model: str | None = None):

@@ -184,3 +184,26 @@ def test_shipped_checkpoints_carry_a_verified_checksum():
         raw = torch.load(path, weights_only=True)
         assert "checksum" in raw and raw["checksum"] == _ck.checksum(raw), name
         _ck.load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------- export for shipping
+
+def test_export_drops_the_optimizer_and_keeps_everything_else(tmp_path):
+    src = _save(tmp_path / "last.pt")
+    dst = checkpoint.export_checkpoint(src, str(tmp_path / "ship.pt"))
+    a, b = checkpoint.load_checkpoint(src), checkpoint.load_checkpoint(dst)  # both verify
+    assert b["optimizer"] is None and a["optimizer"] is not None
+    for k in ("model", "config", "epoch", "step", "data", "train", "history", "evals"):
+        assert a[k] == b[k]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert os.path.getsize(dst) < os.path.getsize(src)
+    m1, _ = checkpoint.load_model(src)
+    m2, _ = checkpoint.load_model(dst)
+    x = torch.randint(0, 2, (3, 1, 8, 8))
+    assert torch.equal(m1.nll(x), m2.nll(x))
+    with open(src, "r+b") as f:  # a damaged source is refused, not exported
+        f.seek(os.path.getsize(src) // 2)
+        f.write(b"\x00" * 64)
+    with pytest.raises(ValueError):
+        checkpoint.export_checkpoint(src, str(tmp_path / "bad.pt"))
+    assert not os.path.exists(tmp_path / "bad.pt")
