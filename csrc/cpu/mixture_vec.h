@@ -461,16 +461,93 @@ FASTAR_CLONES void sample_tiles(const TileJob& J, int64_t t0, int64_t t1, const 
 // position's logits are gathered into buf, the exps taken in one vectorised
 // pass, then the CDF is walked until it passes the uniform (same contract as
 // mixture.h's inverse_cdf_pick). tmp (K floats) serves the top-k selection.
+// The float32 pick of one row (temperature > 0), the rule of common/categorical.h in float with
+// vexp: z = l / t (a division, like the reference), e = exp(z - max z) (0 below expf's range),
+// then the first j whose running sum exceeds u * total, else the last e > 0. Written for the
+// vectoriser: the max and the total are kept per lane of 16-wide blocks (lane-wise selects and
+// adds, no loop-carried scalar chain), and the search adds whole blocks (a 4-deep tree each)
+// until the block holding the crossing, then walks that block: about K/16 + 16 dependent additions
+// instead of K. The sums are grouped by lane and block, so their roundings differ from a
+// left-to-right cumsum: the float path is checked against the reference to within a share of
+// boundary cases (float64 is bit-exact). NaN or +inf logits make the total NaN: index 0, as the
+// rule says. buf: the row (K), overwritten with e.
+constexpr int kLanes = 16;
+FASTAR_AI float block_sum(const float* e) {
+  float t[8];
+  for (int l = 0; l < 8; ++l) t[l] = e[l] + e[l + 8];
+  for (int l = 0; l < 4; ++l) t[l] += t[l + 4];
+  return (t[0] + t[2]) + (t[1] + t[3]);
+}
+
+typedef float v16f __attribute__((vector_size(64)));
+
+FASTAR_AI int64_t pick_row(const float* src, float* buf, int64_t K, float temp, float u) {
+  const int64_t KB = K / kLanes * kLanes;
+  v16f mv = v16f{} - __builtin_inff();
+  const v16f tv = v16f{} + temp;
+  for (int64_t j = 0; j < KB; j += kLanes) {
+    v16f x;
+    std::memcpy(&x, src + j, sizeof x);
+    const v16f z = x / tv;
+    std::memcpy(buf + j, &z, sizeof z);
+    mv = z > mv ? z : mv;
+  }
+  float mx = -__builtin_inff();
+  for (int64_t j = KB; j < K; ++j) {
+    const float z = src[j] / temp;
+    buf[j] = z;
+    mx = z > mx ? z : mx;
+  }
+  for (int l = 0; l < kLanes; ++l) mx = mv[l] > mx ? mv[l] : mx;
+  float acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = 0.0f;
+  for (int64_t j = 0; j < KB; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float a = buf[j + l] - mx;
+      const float v = vexp(a);
+      const float e = a < -87.3f ? 0.0f : v;  // -inf (masked) and below expf's range weigh exactly 0
+      buf[j + l] = e;
+      acc[l] += e;
+    }
+  float tail = 0.0f;
+  for (int64_t j = KB; j < K; ++j) {
+    const float a = buf[j] - mx;
+    const float v = vexp(a);
+    buf[j] = a < -87.3f ? 0.0f : v;
+    tail += buf[j];
+  }
+  const float total = block_sum(acc) + tail;
+  if (!(total == total) || total == __builtin_inff()) return 0;  // NaN / +inf logits, or none finite
+  const float ut = u * total;
+  float c = 0.0f;
+  int64_t j = 0;
+  for (; j < KB; j += kLanes) {  // whole blocks while the crossing lies beyond them
+    const float sb = block_sum(buf + j);
+    if (c + sb > ut) break;
+    c += sb;
+  }
+  for (; j < K; ++j) {
+    c += buf[j];
+    if (c > ut) return j;
+  }
+  for (j = K - 1; j > 0; --j)  // u * total not reached (u ~ 1 and rounding): the last e > 0
+    if (buf[j] > 0.0f) return j;
+  return 0;
+}
+
 FASTAR_CLONES void categorical_rows(const float* lp, const float* up, int64_t* out, int64_t i0, int64_t i1, int64_t K,
                                     int64_t I, float temp, int64_t top_k, float* buf, float* tmp) {
   const bool mask_top = top_k > 0 && top_k < K;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t oi = i / I, ii = i % I;
     const float* src = lp + oi * K * I + ii;
-    if (I == 1)
-      for (int64_t j = 0; j < K; ++j) buf[j] = src[j];
-    else
-      for (int64_t j = 0; j < K; ++j) buf[j] = src[j * I];
+    const bool gather = I != 1 || mask_top || temp == 0.0f;
+    if (gather) {
+      if (I == 1)
+        for (int64_t j = 0; j < K; ++j) buf[j] = src[j];
+      else
+        for (int64_t j = 0; j < K; ++j) buf[j] = src[j * I];
+    }
     if (mask_top) {
       // The k-th largest value; everything strictly below it is dropped (ties kept).
       std::copy(buf, buf + K, tmp);
@@ -490,30 +567,7 @@ FASTAR_CLONES void categorical_rows(const float* lp, const float* up, int64_t* o
       out[i] = best;
       continue;
     }
-    float mx = -__builtin_inff();
-    for (int64_t j = 0; j < K; ++j) mx = vmax(mx, buf[j] / temp);
-    // Masked categories (-inf) and anything below expf's normal range must weigh exactly 0, as
-    // they do in the reference; vexp clamps its input, so select 0 explicitly.
-    for (int64_t j = 0; j < K; ++j) {
-      const float a = buf[j] / temp - mx;
-      const float e = vexp(a);
-      buf[j] = a < -87.3f ? 0.0f : e;
-    }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < K; ++j) sum += buf[j];
-    const float u = up[i];
-    float cdf = 0.0f;
-    int64_t pick = -1, last_pos = -1;
-    for (int64_t j = 0; j < K; ++j) {
-      const float pj = buf[j] / sum;
-      if (pj > 0.0f) last_pos = j;
-      cdf += pj;
-      if (cdf > u) {
-        pick = j;
-        break;
-      }
-    }
-    out[i] = pick >= 0 ? pick : (last_pos < 0 ? 0 : last_pos);
+    out[i] = pick_row(gather ? buf : src, buf, K, temp, up[i]);
   }
 }
 

@@ -27,8 +27,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
+#include "common/adaptive_threads.h"
 #include "common/vec_math.h"
 #include "cpu/wavenet_internal.h"
 
@@ -139,14 +141,26 @@ void run_steps(StepArgs<T>& g, int64_t p0, int64_t num_steps) {
   const int64_t threads = at::get_num_threads();
   // Only with OpenMP: its team threads run concurrently, which the spin barriers rely on
   // (a task pool could run both parts one after the other on one thread).
-  const bool two_threads = AT_PARALLEL_OPENMP && threads >= 2 && !at::in_parallel_region();
+  const bool can_two = AT_PARALLEL_OPENMP && threads >= 2 && !at::in_parallel_region();
+  // The two-thread small-batch paths meet at spin barriers several times a layer: when another
+  // process holds a core they are slower than one thread, so the choice is measured per shape
+  // (common/adaptive_threads.h). Both choices compute the same bits.
+  static AdaptiveThreads choice;
+  bool small = false;
+  if constexpr (std::is_same_v<T, float>) small = s.B <= kSmallBatch && cpu_has_avx512();
+  const bool split = !small && s.B <= 2 && s.D >= 32 && s.R + s.S >= 64;
+  const bool choose = can_two && (small || split);
+  const uint64_t key = work_key({s.B, s.R, s.D, s.S, s.A, s.L, int64_t(sizeof(T))});
+  const bool two_threads = choose && choice.use_all(key);
+  std::optional<AdaptiveThreads::Timer> timer;
+  if (choose) timer.emplace(choice, key, two_threads, double(num_steps));
   if constexpr (std::is_same_v<T, float>) {
-    if (s.B <= kSmallBatch && cpu_has_avx512()) {
+    if (small) {
       run_small(g, p0, num_steps, two_threads);
       return;
     }
   }
-  if (two_threads && s.B <= 2 && s.D >= 32 && s.R + s.S >= 64) {
+  if (two_threads && split) {
     run_split<T>(g, p0, num_steps);
     return;
   }
