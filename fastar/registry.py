@@ -241,8 +241,12 @@ def shipped_checkpoints() -> list[str]:
 
 
 def default_model(kind: str = "image") -> str:
-    """The demo's model: the first registered spec of `kind` that ships a checkpoint (else the first of `kind`)."""
+    """The demo's model: of the registered specs of `kind` that ship a checkpoint, the one of the highest
+    ``demo_priority`` (the first registered among equals); else the first of `kind`."""
     of_kind = [s for s in specs().values() if s.kind == kind]
     if not of_kind:
         raise ValueError(f"no registered model takes {kind} data")
-    return next((s.name for s in of_kind if s.shipped), of_kind[0].name)
+    shipping = [s for s in of_kind if s.shipped]
+    if not shipping:
+        return of_kind[0].name
+    return max(shipping, key=lambda s: s.demo_priority).name  # max keeps the first of equal priority

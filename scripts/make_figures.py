@@ -1,6 +1,6 @@
 """Regenerate the README's pictures from the shipped checkpoints (CPU, fixed seeds):
 
-- docs/samples.png: the class grid of the shipped MNIST model (row k: ten samples drawn for class k);
+- docs/samples.png: the class grid of the demo's shipped image model (row k: ten samples drawn for class k);
 - docs/completions.png: held-out digits (left) and four completions of their bottom half given the top;
 - docs/speech.png: log-magnitude spectrograms of a real held-out speech segment and of one second drawn
   by the shipped WaveNet, one above the other on the same scale.
@@ -21,6 +21,19 @@ def spectrogram(wave: torch.Tensor, n_fft: int = 512, hop: int = 128) -> np.ndar
     """log10 |STFT| (freq, time) of a waveform in [-1, 1], Hann window."""
     s = torch.stft(wave.float(), n_fft, hop, window=torch.hann_window(n_fft), return_complex=True).abs()
     return torch.log10(s + 1e-4).numpy()
+
+
+def describe(w: torch.Tensor, rate: int) -> dict:
+    """Numbers that say what a clip sounds like: loudness, the share of its energy below 1 kHz (voiced
+    speech: most), zero crossings per second (hiss: thousands), the share of 32 ms frames within 30 dB of
+    the loudest (speech: pauses between words)."""
+    spec = torch.stft(w, 512, 128, window=torch.hann_window(512), return_complex=True).abs().pow(2)
+    freqs = torch.arange(spec.shape[0]) * rate / 512
+    frame = spec.sum(0)
+    return {"rms": float(w.pow(2).mean().sqrt()),
+            "energy below 1 kHz": float(spec[freqs < 1000].sum() / spec.sum()),
+            "zero crossings/s": float(((w[1:] > 0) != (w[:-1] > 0)).float().mean() * rate),
+            "loud frames": float((frame > frame.max() * 1e-3).float().mean())}
 
 
 def spectrogram_png(parts: list[tuple[str, np.ndarray]], path: str, decades: float = 3.5) -> str:
@@ -58,7 +71,9 @@ def main(argv=None) -> int:
     from fastar.data import mu_law_decode
 
     os.makedirs(args.out, exist_ok=True)
-    model, ckpt = checkpoint.load_model(shipped_path("gated_pixelcnn_mnist"))
+    name = registry.spec(registry.default_model()).shipped[0]
+    model, ckpt = checkpoint.load_model(shipped_path(name))
+    print(f"image model: the shipped {name}")
     ds = registry.load_like(ckpt["data"])
     for line in PngGrid().demo_write(model, ckpt, None, os.path.join(args.out, "samples.png"), ds, per_class=10,
                                      seed=0, progress=False):
@@ -75,8 +90,9 @@ def main(argv=None) -> int:
     p = spectrogram_png([(f"real held-out speech ({len(real) / rate:.2f} s, 0-8 kHz)", spectrogram(real)),
                          ("wavenet_speech sample, seed 0 (1 s)", spectrogram(fake))],
                         os.path.join(args.out, "speech.png"))
-    print(f"wrote {p}; sample rms {float(fake.float().pow(2).mean().sqrt()):.3f}, real rms "
-          f"{float(real.float().pow(2).mean().sqrt()):.3f}")
+    for name, w in (("real held-out", real), ("sample", fake)):
+        print(f"{name:>13}: " + ", ".join(f"{k} {v:.3f}" for k, v in describe(w.float(), rate).items()))
+    print(f"wrote {p}")
     return 0
 
 

@@ -43,7 +43,8 @@ class ModelSpec:
     demo: the ``fastar train`` keyword arguments the demo uses when it must train one itself;
     tiny: a tiny config and sample shape for the contract tests (``{"config": {...}, "shape":
     ...}``; the shape small enough to enumerate every sequence of a binary or 3-level domain);
-    bench: the module of its ``fastar bench`` family, if any.
+    demo_priority: ``fastar demo``'s default model is the shipping spec of the highest priority (the
+    first registered among equals).
     """
 
     name: str
@@ -57,6 +58,7 @@ class ModelSpec:
     demo: dict = dataclasses.field(default_factory=dict)
     tiny: tuple = ()
     description: str = ""
+    demo_priority: int = 0
 
     def __post_init__(self):
         if self.kind not in ("image", "audio"):

@@ -36,9 +36,10 @@ def test_wrong_kind_names_the_models_that_fit():
         registry.check_compatible(audio[0], dict(name="digits", kind="image"))
 
 
-def test_default_model_is_the_first_image_spec_that_ships():
-    first = next(s for s in SPECS.values() if s.kind == "image" and s.shipped)
-    assert registry.default_model() == first.name
+def test_default_model_is_the_shipping_image_spec_of_highest_priority():
+    shipping = [s for s in SPECS.values() if s.kind == "image" and s.shipped]
+    top = max(s.demo_priority for s in shipping)
+    assert registry.default_model() == next(s.name for s in shipping if s.demo_priority == top)
     assert registry.shipped_checkpoints() == [c for s in SPECS.values() for c in s.shipped]
 
 
