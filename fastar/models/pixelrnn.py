@@ -162,6 +162,7 @@ def _class_config(data: dict) -> dict | None:
 register(ModelSpec(
     name="pixelrnn", cls=PixelRNN, kind="image", datasets=("mnist", "digits", "patches"),
     default_config=_config("diagonal", 4, 16), conditional_config=_class_config, writer="png",
+    shipped=("pixelrnn_mnist",), demo_priority=1,  # the demo's model: its samples are the digits they claim
     demo=dict(data="mnist", batch_size=64, lr=3e-3, config=dict(layers=3, hidden=16)),
     tiny=(dict(config=dict(kind="diagonal", in_channels=1, levels=2, layers=2, hidden=4), shape=(2, 2)),
           dict(config=dict(kind="row", in_channels=1, levels=2, layers=2, hidden=4), shape=(2, 3)),
