@@ -95,7 +95,7 @@ def test_held_out_nll_units_agree(name):
 def _figures(text: str, bpd: float):
     """Every 'X bits/dim' near `bpd` in a text, and the nats figure that follows it as '= Y nats'."""
     found = []
-    for m in re.finditer(r"(\d+\.\d+) bits/dim(?:\s+on\s+the\s+held-out\s+digits)?\**[\s(=]+(\d+\.\d+) nats", text):
+    for m in re.finditer(r"(\d+\.\d+) bits/dim(?:\s+on\s+the\s+held-out\s+digits)?\**[\s(=]+(\d+\.\d+)\s+nats", text):
         if abs(float(m.group(1)) - bpd) < 5e-4:
             found.append((float(m.group(1)), float(m.group(2))))
     return found
