@@ -71,7 +71,7 @@ def demo_checkpoint(args, spec) -> str:
     return os.path.join(out, "last.pt")
 
 
-def held_out(model, ckpt, device):
+def held_out(model, ckpt):
     """Print the held-out NLL; returns the data set (None when missing: the samplers need no data,
     so missing data is said and skipped)."""
     from fastar import registry
@@ -106,7 +106,7 @@ def run(args) -> int:
         spec = registry.spec(args.model if args.model is not None else registry.default_model())
     path = demo_checkpoint(args, spec)
     model, ckpt = checkpoint.load_model(path, device=device, expect_model=spec.name)
-    ds = held_out(model, ckpt, device)
+    ds = held_out(model, ckpt)
 
     w = writer_of(ckpt["model"])
     n = args.n or w.demo_n
