@@ -26,7 +26,17 @@ namespace fastar {
 
 enum class ThreadPolicy { Adaptive, All, One };
 
+// A choice made by the caller for this thread: the decode loop (fastar/sampling/threads.py) picks
+// all threads or one per step itself, and an inner choice of its own would judge the "all" steps by
+// stale timings (a nested measurement can lock into the wrong choice), so the loop sets All here
+// for its duration (the op _thread_policy_override). -1 = none: the environment decides.
+inline int& thread_policy_override() {
+  thread_local int v = -1;
+  return v;
+}
+
 inline ThreadPolicy thread_policy() {
+  if (thread_policy_override() >= 0) return static_cast<ThreadPolicy>(thread_policy_override());
   const char* e = std::getenv("FASTAR_CPU_THREADS");  // read each call: tests and benches switch it
   if (e == nullptr || *e == 0 || std::strcmp(e, "adaptive") == 0) return ThreadPolicy::Adaptive;
   if (std::strcmp(e, "all") == 0) return ThreadPolicy::All;

@@ -23,6 +23,7 @@ import math
 import torch
 
 from fastar.sampling.protocol import ForwardCache, GenerationRun, Sequence
+from fastar.sampling.threads import StepThreads
 
 __all__ = ["sample", "prepare", "cached_sample", "naive_sample", "GraphRunner", "progress_bar"]
 
@@ -156,24 +157,29 @@ def cached_sample(model, run: GenerationRun, progress: bool = False, cuda_graphs
         return params
 
     bar = progress_bar(T, progress, f"{type(model).__name__} cached sampling")
+    threads = StepThreads(model, run)       # CPU: one thread or all, per kind of step, by measuring
     t = 0
-    while t < T:
-        key, k = cache.plan(t)
-        k = max(1, min(int(k), T - t)) if cache.draws else 1
-        if run.record:
-            k = 1 if not cache.draws else k
-        if use_graphs:
-            fn = runners.get((key, k))
-            if fn is None:
-                fn = runners[(key, k)] = GraphRunner(lambda key=key, k=k: work(key, k))
-            fn()
-            params = cache.params if cache.draws else None
-        else:
-            params = work(key, k)
-        if recs is not None:
-            recs.append(params.clone())     # fused steps reuse their parameter buffer
-        t += k
-        bar.update(k)
+    try:
+        while t < T:
+            key, k = cache.plan(t)
+            k = max(1, min(int(k), T - t)) if cache.draws else 1
+            if run.record:
+                k = 1 if not cache.draws else k
+            if use_graphs:
+                fn = runners.get((key, k))
+                if fn is None:
+                    fn = runners[(key, k)] = GraphRunner(lambda key=key, k=k: work(key, k))
+                fn()
+                params = cache.params if cache.draws else None
+            else:
+                with threads.step(key, k):
+                    params = work(key, k)
+            if recs is not None:
+                recs.append(params.clone())     # fused steps reuse their parameter buffer
+            t += k
+            bar.update(k)
+    finally:
+        threads.close()
     bar.close()
     out = run.seq.finish(run.values)
     return (out, torch.stack(recs)) if recs is not None else out

@@ -1,0 +1,193 @@
+"""One thread or all of torch's, per kind of step, chosen by measuring (CPU decode loops).
+
+A cached decode loop runs hundreds of small steps. With all of torch's threads each op of a step
+forks and joins (or meets at spin barriers inside a fused op); when another process holds a core,
+a thread that lost its core stalls the others at every join, and the default thread count becomes
+several times slower than one thread (measured on the 2-core box: PixelRNN sampling 3.5x, Gated
+PixelCNN 2.5x). Which is faster depends on the load, so the engine measures: per kind of step
+(the cache's plan key, its block length, the batch) it keeps a running mean of the seconds per
+step with one thread and with all, runs the faster, and re-times the other now and then, so that
+a change of load is noticed. The fused C++ ops have a choice of their own
+(csrc/common/adaptive_threads.h) for when they are called directly; inside the loop they stand
+aside (a nested measurement judges the outer "all" steps by stale timings and can lock into the
+wrong choice) and this one covers the whole step, the per-op paths included.
+
+Both choices compute the same values: fastar's fused CPU ops give the same bits on any thread
+count (tested), and so do the per-op paths the caches run (torch's CPU GEMMs split the output,
+not the reduction; ``tests/sampling/test_threads.py`` checks cached sampling bit for bit on one
+thread and on two). ``FASTAR_CPU_THREADS=all`` or ``one`` fixes the choice (benchmarks, tests);
+``adaptive`` (the default) lets it measure.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import weakref
+
+import torch
+
+from fastar import _backend
+
+__all__ = ["ThreadChoice", "StepThreads", "choice_for", "policy"]
+
+_POLICIES = ("adaptive", "all", "one")
+
+
+def policy() -> str:
+    """FASTAR_CPU_THREADS: 'adaptive' (unset or empty), 'all' or 'one'."""
+    p = os.environ.get("FASTAR_CPU_THREADS", "") or "adaptive"
+    if p not in _POLICIES:
+        raise ValueError(f"FASTAR_CPU_THREADS must be 'adaptive', 'all' or 'one', got {p!r}")
+    return p
+
+
+class ThreadChoice:
+    """The measured choice for one model's decode loops.
+
+    ``use_all(key)`` says whether the next step of this kind should run on all threads;
+    ``record(key, all, seconds_per_step)`` feeds back what it cost. It starts with ``BURST`` calls on
+    all threads and ``BURST`` on one. A choice's figure is the median of its last ``WINDOW`` timings:
+    single steps on a shared machine have outliers of several times their cost, and the first step
+    after a change of thread count is slow by itself (the other core's cache went cold, its thread
+    asleep), so a mean, or one timing, would mislead. The other choice is re-timed by a burst of
+    ``BURST`` calls after ``EXPLORE`` calls, its figure replaced by the burst's (the load may have
+    changed since). Each time a burst confirms the choice the wait doubles, up to ``EXPLORE_MAX``
+    (a choice that loses by a wide margin costs little to keep checking); when the choice flips it
+    drops back to ``EXPLORE``. If the choice in use gets slower than the other's last figure (a
+    process took a core) it flips at once.
+    """
+
+    EXPLORE = 32
+    EXPLORE_MAX = 256
+    WINDOW = 5
+    BURST = 3
+
+    def __init__(self):
+        self._e = {}   # key -> _Entry
+
+    class _Entry:
+        __slots__ = ("times", "using", "probe", "countdown", "wait")
+
+        def __init__(self, explore):
+            self.times = {True: [], False: []}    # the last timings of each choice, oldest first
+            self.using = None                     # the choice in use; None while starting
+            self.probe = 0                        # calls left in a re-timing burst of the other choice
+            self.countdown = explore
+            self.wait = explore
+
+        def figure(self, all_threads):
+            t = self.times[all_threads]
+            return sorted(t)[len(t) // 2]
+
+        def faster(self):
+            return self.figure(True) <= self.figure(False)
+
+    def _entry(self, key):
+        e = self._e.get(key)
+        if e is None:
+            e = self._e[key] = self._Entry(self.EXPLORE)
+        return e
+
+    def best(self, key) -> bool | None:
+        """The choice in use for this kind of step (True = all threads), None while starting."""
+        e = self._e.get(key)
+        return None if e is None else e.using
+
+    def use_all(self, key) -> bool:
+        e = self._entry(key)
+        if e.using is None:
+            return len(e.times[True]) < self.BURST      # start: a burst on all threads, then one on one
+        if e.probe == 0:
+            e.countdown -= 1
+            if e.countdown <= 0:
+                e.probe = self.BURST
+                e.times[not e.using] = []
+        return (not e.using) if e.probe else e.using
+
+    def _flip(self, e, to):
+        e.using = to
+        e.wait = e.countdown = self.EXPLORE
+
+    def record(self, key, all_threads: bool, seconds: float) -> None:
+        e = self._entry(key)
+        t = e.times[all_threads]
+        t.append(seconds)
+        del t[:-self.WINDOW]
+        if e.using is None:
+            if len(e.times[False]) >= self.BURST:
+                e.using = e.faster()
+            return
+        if e.probe and all_threads != e.using:           # a call of the re-timing burst
+            e.probe -= 1
+            if e.probe == 0:
+                if e.faster() != e.using:
+                    self._flip(e, not e.using)
+                else:
+                    e.wait = e.countdown = min(2 * e.wait, self.EXPLORE_MAX)
+            return
+        if all_threads == e.using and e.faster() != e.using:
+            self._flip(e, not e.using)                   # the choice in use got slower than the other
+
+
+_choices: "weakref.WeakKeyDictionary[torch.nn.Module, ThreadChoice]" = weakref.WeakKeyDictionary()
+
+
+def choice_for(model) -> ThreadChoice:
+    """The model's ThreadChoice, kept while the model lives (so a second sampling call starts
+    from what the first measured)."""
+    c = _choices.get(model)
+    if c is None:
+        c = _choices[model] = ThreadChoice()
+    return c
+
+
+class StepThreads:
+    """Runs a decode loop's steps on the chosen thread count: ``with st.step(key, k):`` around each
+    step (k steps in the block). Inert (no timing, torch's thread count untouched) off the CPU,
+    with one torch thread, or when ``FASTAR_CPU_THREADS`` fixes the choice to 'all'."""
+
+    def __init__(self, model, run):
+        pol = policy()
+        self.threads = torch.get_num_threads()
+        self.active = run.device.type == "cpu" and self.threads > 1 and pol != "all"
+        self.shape = (run.seq.n, run.dtype)
+        self.fixed_one = pol == "one"
+        self.choice = choice_for(model) if self.active and not self.fixed_one else None
+        self.current = self.threads
+        self.steps = {True: 0, False: 0}   # steps run on all threads / on one: what the choice did
+        self._prev_override = None
+        if self.choice is not None and _backend.has_ops("_thread_policy_override"):
+            # this loop chooses per step; the fused ops' own choice (csrc/common/adaptive_threads.h)
+            # would judge this loop's all-thread steps by stale timings, so it stands aside
+            self._prev_override = torch.ops.fastar._thread_policy_override(1)
+
+    def _set(self, n):
+        if n != self.current:
+            torch.set_num_threads(n)
+            self.current = n
+
+    @contextlib.contextmanager
+    def step(self, key, k: int = 1):
+        if not self.active:
+            yield
+            return
+        if self.fixed_one:
+            self._set(1)
+            self.steps[False] += k
+            yield
+            return
+        key = (key, k, self.threads) + self.shape
+        all_threads = self.choice.use_all(key)
+        self._set(self.threads if all_threads else 1)
+        t0 = time.perf_counter()
+        yield
+        self.choice.record(key, all_threads, (time.perf_counter() - t0) / k)
+        self.steps[all_threads] += k
+
+    def close(self):
+        """Gives torch back its thread count (and the fused ops their own choice)."""
+        self._set(self.threads)
+        if self._prev_override is not None:
+            torch.ops.fastar._thread_policy_override(self._prev_override)
+            self._prev_override = None
