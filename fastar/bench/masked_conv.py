@@ -5,15 +5,18 @@ import torch
 
 from fastar import _backend, masks
 from fastar.bench.timing import peak_memory_bytes, time_fn
-from fastar.ops.masked_conv import masked_conv2d, masked_conv2d_ref
+from fastar.ops.masked_conv import cpu_prefers_onednn, masked_conv2d, masked_conv2d_ref
 
 FAMILY = "masked_conv"
 
-COLUMNS = ["case", "pass", "reference_ms", "compiled_ms", "kernel_ms", "speedup_vs_ref", "speedup_vs_compiled",
-           "ref_peak_MB", "kernel_peak_MB", "active_taps"]
+COLUMNS = ["case", "pass", "reference_ms", "compiled_ms", "kernel_ms", "auto_ms", "speedup_vs_ref",
+           "speedup_vs_compiled", "auto_vs_ref", "auto_uses", "ref_peak_MB", "kernel_peak_MB", "active_taps"]
 
 NOTES = ("reference = F.conv2d(x, weight * mask) (oneDNN on CPU, cuDNN on CUDA); compiled = "
-         "torch.compile(reference); speedup = reference_ms / kernel_ms. fwd+bwd = forward plus backward to x, "
+         "torch.compile(reference); speedup = reference_ms / kernel_ms. auto = masked_conv2d under the default "
+         "backend, which on CPU runs the kernel where it is faster and F.conv2d(weight * mask) (oneDNN) where that "
+         "is (fastar.ops.masked_conv.cpu_prefers_onednn); auto_vs_ref = reference_ms / auto_ms (the target: "
+         ">= 0.95 on every shape), auto_uses = which of the two it ran. fwd+bwd = forward plus backward to x, "
          "weight and bias. The 3->66 case has colour groups 3 (66, not 64, because the R/G/B channel blocks must "
          "be equal).")
 
@@ -73,10 +76,16 @@ def run(device: str, quick: bool = False) -> list[dict]:
             with _backend.backend("kernel"):
                 return masked_conv2d(x, w, b, m)
 
+        def auto(x, w, b, m):
+            with _backend.backend("auto"):
+                return masked_conv2d(x, w, b, m)
+
         for pass_name, wrap in (("fwd", _fwd), ("fwd+bwd", _fwd_bwd)):
             with torch.no_grad() if pass_name == "fwd" else torch.enable_grad():
                 ref_t = time_fn(wrap(masked_conv2d_ref, x, w, b, m), dev, repeat=repeat)
                 ker_t = time_fn(wrap(kernel, x, w, b, m), dev, repeat=repeat)
+                auto_t = time_fn(wrap(auto, x, w, b, m), dev, repeat=repeat)
+                onednn = dev.type == "cpu" and cpu_prefers_onednn(x, w, pass_name == "fwd+bwd")
                 comp_ms = None
                 if compiled_ref is not None:
                     try:
@@ -88,12 +97,16 @@ def run(device: str, quick: bool = False) -> list[dict]:
             rows.append({
                 "case": case[0], "pass": pass_name,
                 "reference_ms": ref_t["median_ms"], "compiled_ms": comp_ms, "kernel_ms": ker_t["median_ms"],
+                "auto_ms": auto_t["median_ms"],
                 "speedup_vs_ref": ref_t["median_ms"] / ker_t["median_ms"],
                 "speedup_vs_compiled": (comp_ms / ker_t["median_ms"]) if comp_ms else None,
+                "auto_vs_ref": ref_t["median_ms"] / auto_t["median_ms"],
+                "auto_uses": "oneDNN" if onednn else "kernel",
                 "ref_peak_MB": ref_mem / 2**20 if ref_mem is not None else None,
                 "kernel_peak_MB": ker_mem / 2**20 if ker_mem is not None else None,
                 "active_taps": f"{active}/{case[4] ** 2}",
             })
             print(f"  {case[0]:<28} {pass_name:<8} ref {ref_t['median_ms']:8.3f} ms  kernel "
-                  f"{ker_t['median_ms']:8.3f} ms  x{ref_t['median_ms'] / ker_t['median_ms']:.2f}", flush=True)
+                  f"{ker_t['median_ms']:8.3f} ms  x{ref_t['median_ms'] / ker_t['median_ms']:.2f}  auto "
+                  f"x{ref_t['median_ms'] / auto_t['median_ms']:.2f} ({'oneDNN' if onednn else 'kernel'})", flush=True)
     return rows

@@ -15,7 +15,8 @@ it, so a NaN or inf that only dead taps would see does not reach the output (for
 result is exactly the F.conv2d above). Inside a live tap arithmetic is IEEE's (0 * NaN = NaN).
 Devices and dtypes: CPU kernel float32/float64; CUDA kernel float32, float64,
 float16, bfloat16 (half precision accumulates in float32). Other dtypes run on the
-reference under the "auto" backend.
+reference under the "auto" backend, and so do the CPU shapes where oneDNN's convolution
+is faster than the kernel (small maps, few input channels: :func:`cpu_prefers_onednn`).
 """
 from __future__ import annotations
 
@@ -144,6 +145,30 @@ def masked_conv2d_ref(x, weight, bias, mask, padding=None, dilation=1):
     return _masked_conv2d_def(x, weight, bias, mask, padding, dilation)
 
 
+# Where the CPU kernel beats F.conv2d(weight * mask) (oneDNN), measured on the 2-core box over
+# batch 1-128 x {64->64 3x3 B 32x32, 3->66 7x7 A 32x32, 128->128 3x3 B 16x16, 32->32 5x5 B 28x28},
+# forward and forward + backward (benchmarks/results/masked_conv-cpu.md has the benchmarked ones):
+# the kernel's edge is skipping the dead taps in one stacked GEMM; its cost is the padded grid copy,
+# so below ~4096 output pixels oneDNN wins (b1 0.44-0.91x, b2 0.6-1.1x); with 3 input channels the
+# stacked K is too small for the forward (0.69-0.96x below batch 128) and the backward wins only from
+# ~16k pixels (1.1-1.4x); at 32 input channels the backward is a toss-up (0.88-1.13x).
+_KERNEL_MIN_PIXELS = 4096
+_KERNEL_MIN_PIXELS_FEW_CHANNELS_GRAD = 16384
+
+
+def cpu_prefers_onednn(x, weight, grad: bool) -> bool:
+    """Whether, on CPU under the "auto" backend, F.conv2d(weight * mask) (oneDNN) is expected to be
+    faster than the kernel for this call (a fixed rule of the shapes, so results never depend on a
+    timing; ``grad``: a backward will follow)."""
+    n, c_in = x.shape[0], x.shape[1]
+    pixels = n * x.shape[2] * x.shape[3]
+    if pixels < _KERNEL_MIN_PIXELS:
+        return True
+    if c_in < 16:
+        return not (grad and pixels >= _KERNEL_MIN_PIXELS_FEW_CHANNELS_GRAD)
+    return grad and c_in < 64
+
+
 def masked_conv2d(x, weight, bias, mask, padding=None, dilation=1):
     """Masked convolution ``conv2d(x, weight * mask, bias)`` that skips fully masked taps.
 
@@ -155,6 +180,10 @@ def masked_conv2d(x, weight, bias, mask, padding=None, dilation=1):
     x, weight, bias = _autocast(x, weight, bias)
     padding, dilation = _check_args("masked_conv2d", x, weight, bias, mask, padding, dilation)
     if _backend.use_kernel("masked_conv2d", x.device, x.dtype, KERNEL_DTYPES):
+        if (x.device.type == "cpu" and _backend.get_backend() == "auto" and not torch.compiler.is_compiling()
+                and cpu_prefers_onednn(x, weight, torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (x, weight, bias)))):
+            return _masked_conv2d_def(x, weight, bias, mask, padding, dilation)
         return torch.ops.fastar.masked_conv2d(x, weight, bias, mask, padding, dilation)
     return _masked_conv2d_def(x, weight, bias, mask, padding, dilation)
 

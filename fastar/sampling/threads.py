@@ -45,13 +45,18 @@ def policy() -> str:
 class ThreadChoice:
     """The measured choice for one model's decode loops.
 
-    ``use_all(key)`` says whether the next step of this kind should run on all threads;
-    ``record(key, all, seconds_per_step)`` feeds back what it cost. It starts with ``BURST`` calls on
-    all threads and ``BURST`` on one. A choice's figure is the median of its last ``WINDOW`` timings:
-    single steps on a shared machine have outliers of several times their cost, and the first step
-    after a change of thread count is slow by itself (the other core's cache went cold, its thread
-    asleep), so a mean, or one timing, would mislead. The other choice is re-timed by a burst of
-    ``BURST`` calls after ``EXPLORE`` calls, its figure replaced by the burst's (the load may have
+    ``use_all(key)`` says whether the next call (a step, or a block of steps) of this kind should run
+    on all threads; ``record(key, all, seconds)`` feeds back what the call cost. A choice's figure is
+    the median of its last ``WINDOW`` timings: single steps on a shared machine have outliers of
+    several times their cost, and the first steps after a change of thread count are slow by
+    themselves (measured on the 2-core box: after a stretch on one thread, about one all-thread
+    step in two or three of 1.5 ms takes 3x its cost for the first few: the idle core's thread
+    asleep, its cache cold), so a mean, or one short timing, would mislead.
+
+    Each choice is timed by a burst of calls: enough calls for ``BURST_SECONDS`` of work, at least
+    one and at most ``BURST`` (a WaveNet block of 256 steps is one call; a pixel step of 1.5 ms,
+    seven). It starts with a burst on all threads and one on one thread. After ``EXPLORE`` calls
+    the other choice is re-timed by a burst, whose figure replaces its old one (the load may have
     changed since). Each time a burst confirms the choice the wait doubles, up to ``EXPLORE_MAX``
     (a choice that loses by a wide margin costs little to keep checking); when the choice flips it
     drops back to ``EXPLORE``. If the choice in use gets slower than the other's last figure (a
@@ -59,20 +64,23 @@ class ThreadChoice:
     """
 
     EXPLORE = 32
-    EXPLORE_MAX = 256
+    EXPLORE_MAX = 1024
     WINDOW = 5
-    BURST = 3
+    BURST = 8
+    BURST_SECONDS = 0.01
 
     def __init__(self):
         self._e = {}   # key -> _Entry
 
     class _Entry:
-        __slots__ = ("times", "using", "probe", "countdown", "wait")
+        __slots__ = ("times", "using", "starting_all", "burst", "probe", "countdown", "wait")
 
         def __init__(self, explore):
             self.times = {True: [], False: []}    # the last timings of each choice, oldest first
             self.using = None                     # the choice in use; None while starting
-            self.probe = 0                        # calls left in a re-timing burst of the other choice
+            self.starting_all = True              # starting: in the burst on all threads
+            self.burst = None                     # calls per burst, set by the first timing
+            self.probe = 0                        # calls left in the current burst
             self.countdown = explore
             self.wait = explore
 
@@ -96,12 +104,12 @@ class ThreadChoice:
 
     def use_all(self, key) -> bool:
         e = self._entry(key)
-        if e.using is None:
-            return len(e.times[True]) < self.BURST      # start: a burst on all threads, then one on one
+        if e.using is None:         # starting: a burst on all threads, then one on one thread
+            return e.starting_all
         if e.probe == 0:
             e.countdown -= 1
             if e.countdown <= 0:
-                e.probe = self.BURST
+                e.probe = e.burst
                 e.times[not e.using] = []
         return (not e.using) if e.probe else e.using
 
@@ -115,10 +123,18 @@ class ThreadChoice:
         t.append(seconds)
         del t[:-self.WINDOW]
         if e.using is None:
-            if len(e.times[False]) >= self.BURST:
-                e.using = e.faster()
+            if e.burst is None:     # the first call sizes the bursts
+                e.burst = max(1, min(self.BURST, int(self.BURST_SECONDS / max(seconds, 1e-9)) + 1))
+                e.probe = e.burst
+            e.probe -= 1
+            if e.probe == 0:
+                if all_threads:
+                    e.starting_all = False
+                    e.probe = e.burst          # now the burst on one thread
+                else:
+                    e.using = e.faster()
             return
-        if e.probe and all_threads != e.using:           # a call of the re-timing burst
+        if e.probe and all_threads != e.using:           # a call of a re-timing burst
             e.probe -= 1
             if e.probe == 0:
                 if e.faster() != e.using:
@@ -182,7 +198,7 @@ class StepThreads:
         self._set(self.threads if all_threads else 1)
         t0 = time.perf_counter()
         yield
-        self.choice.record(key, all_threads, (time.perf_counter() - t0) / k)
+        self.choice.record(key, all_threads, time.perf_counter() - t0)
         self.steps[all_threads] += k
 
     def close(self):

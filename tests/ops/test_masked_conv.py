@@ -347,3 +347,53 @@ def test_kernel_in_no_grad_with_parameters_on_worker_threads(threads):
     finally:
         torch.set_num_threads(prev)
     torch.testing.assert_close(out, ref, **tol(torch.float32, 64 * 9))
+
+
+def test_auto_on_cpu_runs_onednn_where_it_is_faster_and_the_kernel_elsewhere(monkeypatch):
+    requires_kernel("masked_conv2d", torch.device("cpu"))
+    from fastar.ops import masked_conv as mc
+    calls = []
+    real = mc._masked_conv2d_def
+    monkeypatch.setattr(mc, "_masked_conv2d_def", lambda *a: calls.append(a[0].shape) or real(*a))
+    cases = [  # (shape of x, c_out, grad) -> oneDNN?
+        ((1, 64, 32, 32), 64, False, True),      # 1024 pixels: oneDNN
+        ((16, 64, 32, 32), 64, False, False),    # the kernel's home ground
+        ((16, 64, 32, 32), 64, True, False),
+        ((16, 3, 32, 32), 66, False, True),      # 3 input channels, forward: oneDNN
+        ((16, 3, 32, 32), 66, True, False),      # ... with a backward from 16k pixels: the kernel
+        ((4, 3, 32, 32), 66, True, True),
+        ((16, 32, 28, 28), 32, False, False),
+        ((16, 32, 28, 28), 32, True, True),      # 32 channels with a backward: a toss-up, oneDNN
+    ]
+    for shape, c_out, grad, onednn in cases:
+        calls.clear()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(*shape, generator=g)
+        w = torch.randn(c_out, shape[1], 3, 3, generator=g) * 0.1
+        b = torch.randn(c_out, generator=g)
+        m = masks.causal_mask("B", c_out, shape[1], 3, 3 if shape[1] == 3 else 1)
+        assert mc.cpu_prefers_onednn(x, w, grad) is onednn, (shape, grad)
+        if grad:
+            x.requires_grad_(True)
+        out = masked_conv2d(x, w, b, m)
+        assert bool(calls) is onednn, (shape, grad)
+        torch.testing.assert_close(out, masked_conv2d_ref(x, w, b, m), **tol(torch.float32))
+        if grad:
+            out.sum().backward()
+            assert x.grad is not None and x.grad.shape == x.shape
+        calls.clear()
+        with fastar.backend("kernel"):
+            masked_conv2d(x, w, b, m)
+        assert not calls                          # "kernel" always means the kernel
+
+
+def test_auto_keeps_the_ops_semantics_for_non_finite_input_on_the_onednn_path():
+    # a dead tap's NaN must not reach the output, whichever path auto takes
+    x = torch.zeros(1, 4, 6, 6)
+    x[0, :, 5, 5] = float("nan")                 # the last pixel: only future taps of other pixels see it
+    w = torch.ones(4, 4, 3, 3)
+    m = masks.causal_mask("A", 4, 4, 3, 1)
+    out = masked_conv2d(x, w, None, m)
+    assert torch.isfinite(out).all()
+    with fastar.backend("kernel"):
+        assert torch.equal(torch.isfinite(masked_conv2d(x, w, None, m)), torch.isfinite(out))
