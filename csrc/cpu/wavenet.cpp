@@ -247,6 +247,29 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
 }  // namespace
 }  // namespace wavenet_cpu
 
+// fastar::_wavenet_profile(enable): true resets the two-part path's stage profile and turns it on;
+// false turns it off and returns it: for part 0 then part 1, the seconds spent in each stage
+// (input, layer GEMVs, layer barrier wait, layer finish, skip publish, head wait, head1, head1
+// wait, head2, head2 wait, draw) and the number of steps, summed over every call since the start.
+std::vector<double> wavenet_profile(bool enable) {
+  auto& acc = wavenet_cpu::profile_acc();
+  std::vector<double> out;
+  if (enable) {
+    for (auto& row : acc)
+      for (double& v : row) v = 0.0;
+    wavenet_cpu::profile_on().store(true);
+    return out;
+  }
+  wavenet_cpu::profile_on().store(false);
+  for (auto& row : acc)
+    for (double v : row) out.push_back(v);
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(fastar, m) {
+  m.def("_wavenet_profile(bool enable) -> float[]", &wavenet_profile);
+}
+
 TORCH_LIBRARY_IMPL(fastar, CPU, m) {
   m.impl("causal_conv1d_update", &wavenet_cpu::causal_conv1d_update_cpu);
   m.impl("wavenet_step", &wavenet_cpu::wavenet_step_cpu);

@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -23,6 +25,41 @@
 
 namespace fastar {
 namespace wavenet_cpu {
+
+// A profile of the two-part small-batch path (fastar::_wavenet_profile, used by `fastar bench
+// floors`): while on, each part adds the seconds of each stage of each step to its row. Off by
+// default; when off a stage mark is one predictable branch.
+enum ProfileStage {
+  kProfInput, kProfLayer, kProfLayerWait, kProfLayerFinish, kProfSkip, kProfHeadWait, kProfHead1,
+  kProfHead1Wait, kProfHead2, kProfHead2Wait, kProfDraw, kProfSteps, kProfStages
+};
+inline std::atomic<bool>& profile_on() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+inline double (&profile_acc())[2][kProfStages] {
+  static double acc[2][kProfStages];
+  return acc;
+}
+struct StageClock {
+  bool on;
+  double* row;
+  std::chrono::steady_clock::time_point t;
+  explicit StageClock(int64_t part)
+      : on(profile_on().load(std::memory_order_relaxed)), row(profile_acc()[part]) {}
+  void start() {
+    if (on) t = std::chrono::steady_clock::now();
+  }
+  void mark(int stage) {
+    if (!on) return;
+    const auto n = std::chrono::steady_clock::now();
+    row[stage] += std::chrono::duration<double>(n - t).count();
+    t = n;
+  }
+  void step() {
+    if (on) row[kProfSteps] += 1;
+  }
+};
 
 #ifdef FASTAR_X86
 inline bool cpu_has_avx2_fma() {

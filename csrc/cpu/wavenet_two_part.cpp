@@ -247,23 +247,37 @@ void run_part_threaded(StepArgs<float>& g, const SmallPlan& pl, SmallShared& sh,
   float* buf = part_buffer(t, pl.size[t]);  // packed by the thread that streams it: it starts in its L2
   pack_part(g, pl, t, buf);
   SmallPart pt(g, pl, sh, t, buf);
+  StageClock clk(t);
   for (int64_t i = 0; i < num_steps; ++i) {
     const int64_t p = p0 + i;
+    clk.start();
     pt.input(p, p0);
+    clk.mark(kProfInput);
     for (int64_t l = 0; l < s.L; ++l) {
       auto& hp = sh.hp[l & 1];  // double-buffered: a part may write layer l+1's partial while
                                 // the other still reads layer l's
       pt.layer_compute(l, p, hp);
+      clk.mark(kProfLayer);
       sh.bar.wait(2);
+      clk.mark(kProfLayerWait);
       pt.layer_finish(l, p, hp, true);
+      clk.mark(kProfLayerFinish);
     }
     pt.publish_skip();
+    clk.mark(kProfSkip);
     sh.bar.wait(2);
+    clk.mark(kProfHeadWait);
     pt.head1();
+    clk.mark(kProfHead1);
     sh.bar.wait(2);
+    clk.mark(kProfHead1Wait);
     pt.head2();
+    clk.mark(kProfHead2);
     sh.bar.wait(2);
+    clk.mark(kProfHead2Wait);
     pt.sample(p);
+    clk.mark(kProfDraw);
+    clk.step();
   }
 }
 
@@ -277,18 +291,28 @@ void run_parts_sequential(StepArgs<float>& g, const SmallPlan& pl, SmallShared& 
     pack_part(g, pl, t, buf);
     parts.push_back(std::make_unique<SmallPart>(g, pl, sh, t, buf));
   }
+  StageClock clk(0);  // one thread: both parts' stages land in row 0
   for (int64_t i = 0; i < num_steps; ++i) {
     const int64_t p = p0 + i;
+    clk.start();
     for (auto& pt : parts) pt->input(p, p0);
+    clk.mark(kProfInput);
     for (int64_t l = 0; l < s.L; ++l) {
       auto& hp = sh.hp[l & 1];
       for (auto& pt : parts) pt->layer_compute(l, p, hp);
+      clk.mark(kProfLayer);
       for (auto& pt : parts) pt->layer_finish(l, p, hp, true);
+      clk.mark(kProfLayerFinish);
     }
     for (auto& pt : parts) pt->publish_skip();
+    clk.mark(kProfSkip);
     for (auto& pt : parts) pt->head1();
+    clk.mark(kProfHead1);
     for (auto& pt : parts) pt->head2();
+    clk.mark(kProfHead2);
     for (auto& pt : parts) pt->sample(p);
+    clk.mark(kProfDraw);
+    clk.step();
   }
 }
 
