@@ -250,7 +250,8 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
 // fastar::_wavenet_profile(enable): true resets the two-part path's stage profile and turns it on;
 // false turns it off and returns it: for part 0 then part 1, the seconds spent in each stage
 // (input, layer GEMVs, layer barrier wait, layer finish, skip publish, head wait, head1, head1
-// wait, head2, head2 wait, draw) and the number of steps, summed over every call since the start.
+// wait, head2, head2 wait, draw, packing the weights at the start of a call) and the number of
+// steps, summed over every call since the start.
 std::vector<double> wavenet_profile(bool enable) {
   auto& acc = wavenet_cpu::profile_acc();
   std::vector<double> out;

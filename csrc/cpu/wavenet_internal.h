@@ -31,7 +31,7 @@ namespace wavenet_cpu {
 // default; when off a stage mark is one predictable branch.
 enum ProfileStage {
   kProfInput, kProfLayer, kProfLayerWait, kProfLayerFinish, kProfSkip, kProfHeadWait, kProfHead1,
-  kProfHead1Wait, kProfHead2, kProfHead2Wait, kProfDraw, kProfSteps, kProfStages
+  kProfHead1Wait, kProfHead2, kProfHead2Wait, kProfDraw, kProfPack, kProfSteps, kProfStages
 };
 inline std::atomic<bool>& profile_on() {
   static std::atomic<bool> on{false};

@@ -244,10 +244,12 @@ float* part_buffer(int64_t t, int64_t n) {
 void run_part_threaded(StepArgs<float>& g, const SmallPlan& pl, SmallShared& sh, int64_t t, int64_t p0,
                        int64_t num_steps) {
   const StepShape& s = *g.s;
+  StageClock clk(t);
+  clk.start();
   float* buf = part_buffer(t, pl.size[t]);  // packed by the thread that streams it: it starts in its L2
   pack_part(g, pl, t, buf);
   SmallPart pt(g, pl, sh, t, buf);
-  StageClock clk(t);
+  clk.mark(kProfPack);
   for (int64_t i = 0; i < num_steps; ++i) {
     const int64_t p = p0 + i;
     clk.start();
@@ -285,13 +287,15 @@ void run_part_threaded(StepArgs<float>& g, const SmallPlan& pl, SmallShared& sh,
 void run_parts_sequential(StepArgs<float>& g, const SmallPlan& pl, SmallShared& sh, int64_t p0,
                           int64_t num_steps) {
   const StepShape& s = *g.s;
+  StageClock clk(0);  // one thread: both parts' stages land in row 0
+  clk.start();
   std::vector<std::unique_ptr<SmallPart>> parts;
   for (int64_t t = 0; t < pl.parts; ++t) {
     float* buf = part_buffer(t, pl.size[t]);
     pack_part(g, pl, t, buf);
     parts.push_back(std::make_unique<SmallPart>(g, pl, sh, t, buf));
   }
-  StageClock clk(0);  // one thread: both parts' stages land in row 0
+  clk.mark(kProfPack);
   for (int64_t i = 0; i < num_steps; ++i) {
     const int64_t p = p0 + i;
     clk.start();
