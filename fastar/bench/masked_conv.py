@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fastar import _backend, masks
-from fastar.bench.timing import peak_memory_bytes, time_fn
+from fastar.bench.timing import peak_memory_bytes, time_interleaved
 from fastar.ops.masked_conv import cpu_prefers_onednn, masked_conv2d, masked_conv2d_ref
 
 FAMILY = "masked_conv"
@@ -18,7 +18,8 @@ NOTES = ("reference = F.conv2d(x, weight * mask) (oneDNN on CPU, cuDNN on CUDA);
          "is (fastar.ops.masked_conv.cpu_prefers_onednn); auto_vs_ref = reference_ms / auto_ms (the target: "
          ">= 0.95 on every shape), auto_uses = which of the two it ran. fwd+bwd = forward plus backward to x, "
          "weight and bias. The 3->66 case has colour groups 3 (66, not 64, because the R/G/B channel blocks must "
-         "be equal).")
+         "be equal). Every timed variant of a case runs round-robin (one call each per round), medians kept, so "
+         "the machine's drift reaches them alike.")
 
 # (name, batch, c_in, c_out, kernel, mask_type, color_groups, size)
 CASES = [
@@ -69,7 +70,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
         x, w, b, m = _inputs(case, dev, dtype)
         active = int((m.flatten(0, 1) != 0).any(0).sum())
         big = case[1] >= 128 and dev.type == "cpu"
-        repeat = 3 if (quick or big) else 15
+        repeat = 3 if quick else (5 if big else (100 if case[1] == 1 else 15))  # sub-ms calls: many rounds
         compiled_ref = None if quick else torch.compile(masked_conv2d_ref, dynamic=False)
 
         def kernel(x, w, b, m):
@@ -82,16 +83,21 @@ def run(device: str, quick: bool = False) -> list[dict]:
 
         for pass_name, wrap in (("fwd", _fwd), ("fwd+bwd", _fwd_bwd)):
             with torch.no_grad() if pass_name == "fwd" else torch.enable_grad():
-                ref_t = time_fn(wrap(masked_conv2d_ref, x, w, b, m), dev, repeat=repeat)
-                ker_t = time_fn(wrap(kernel, x, w, b, m), dev, repeat=repeat)
-                auto_t = time_fn(wrap(auto, x, w, b, m), dev, repeat=repeat)
-                onednn = dev.type == "cpu" and cpu_prefers_onednn(x, w, pass_name == "fwd+bwd")
+                fns = {"ref": wrap(masked_conv2d_ref, x, w, b, m), "kernel": wrap(kernel, x, w, b, m),
+                       "auto": wrap(auto, x, w, b, m)}
                 comp_ms = None
                 if compiled_ref is not None:
                     try:
-                        comp_ms = time_fn(wrap(compiled_ref, x, w, b, m), dev, repeat=repeat)["median_ms"]
+                        comp = wrap(compiled_ref, x, w, b, m)
+                        comp()                       # compile outside the timed rounds
+                        fns["compiled"] = comp
                     except Exception as e:  # a compile failure is a result to report, not a crash
                         print(f"  torch.compile(reference) failed for {case[0]} {pass_name}: {e}")
+                ts = time_interleaved(fns, dev, repeat=repeat)
+                ref_t, ker_t, auto_t = ts["ref"], ts["kernel"], ts["auto"]
+                if "compiled" in ts:
+                    comp_ms = ts["compiled"]["median_ms"]
+                onednn = dev.type == "cpu" and cpu_prefers_onednn(x, w, pass_name == "fwd+bwd")
                 ref_mem = peak_memory_bytes(wrap(masked_conv2d_ref, x, w, b, m), dev)
                 ker_mem = peak_memory_bytes(wrap(kernel, x, w, b, m), dev)
             rows.append({

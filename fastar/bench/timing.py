@@ -48,6 +48,41 @@ def time_fn(fn, device, *, warmup: int = 3, repeat: int = 20, min_seconds: float
             "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))], "n": len(times)}
 
 
+def time_interleaved(fns: dict, device, *, warmup: int = 3, repeat: int = 20) -> dict:
+    """Like :func:`time_fn` for several functions at once, called round-robin (one call of each per
+    round, `repeat` rounds after `warmup`, the order rotated each round), so that a shared machine's drift in load reaches all of
+    them alike and their ratios stay fair. Returns name -> the stats of time_fn."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(repeat):
+        # each round starts one function later: what runs right after what (a thread pool just woken,
+        # a cache just filled) is spread over all of them
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[k]
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times[k].append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for k, ts in times.items():
+        ts.sort()
+        out[k] = {"median_ms": statistics.median(ts), "min_ms": ts[0],
+                  "p90_ms": ts[min(len(ts) - 1, int(0.9 * len(ts)))], "n": len(ts)}
+    return out
+
+
 def peak_memory_bytes(fn, device) -> int | None:
     """Peak bytes allocated by ``fn()`` above what was live before it (None if not measurable)."""
     device = torch.device(device)
