@@ -55,7 +55,9 @@ class ThreadChoice:
 
     Each choice is timed by a burst of calls: enough calls for ``BURST_SECONDS`` of work, at least
     one and at most ``BURST`` (a WaveNet block of 256 steps is one call; a pixel step of 1.5 ms,
-    seven). It starts with a burst on all threads and one on one thread. After ``EXPLORE`` calls
+    seven). It starts, after one untimed call (a first call pays for allocation, packing and cold
+    caches: timed, it made one thread look faster at batch 16), with a burst on all threads and one
+    on one thread. After ``EXPLORE`` calls
     the other choice is re-timed by a burst, whose figure replaces its old one (the load may have
     changed since). Each time a burst confirms the choice the wait doubles, up to ``EXPLORE_MAX``
     (a choice that loses by a wide margin costs little to keep checking); when the choice flips it
@@ -73,11 +75,12 @@ class ThreadChoice:
         self._e = {}   # key -> _Entry
 
     class _Entry:
-        __slots__ = ("times", "using", "starting_all", "burst", "probe", "countdown", "wait")
+        __slots__ = ("times", "using", "warm", "starting_all", "burst", "probe", "countdown", "wait")
 
         def __init__(self, explore):
             self.times = {True: [], False: []}    # the last timings of each choice, oldest first
             self.using = None                     # the choice in use; None while starting
+            self.warm = False                     # the first call (allocation, packing, cold caches) is not timed
             self.starting_all = True              # starting: in the burst on all threads
             self.burst = None                     # calls per burst, set by the first timing
             self.probe = 0                        # calls left in the current burst
@@ -119,6 +122,9 @@ class ThreadChoice:
 
     def record(self, key, all_threads: bool, seconds: float) -> None:
         e = self._entry(key)
+        if not e.warm:
+            e.warm = True           # a first call's cost is its set-up, not its thread count
+            return
         t = e.times[all_threads]
         t.append(seconds)
         del t[:-self.WINDOW]

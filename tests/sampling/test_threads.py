@@ -24,24 +24,28 @@ def _drive(choice, cost, n, key="k"):
 
 
 B = ThreadChoice.BURST
+S0 = 1 + 2 * B  # calls before the choice is made: one untimed, then a burst on all threads and one on one
 MS = 1e-4   # the rule's costs below are in 0.1 ms: short calls, so bursts of B calls
 
 
 def test_rule_times_both_then_keeps_the_faster_and_checks_less_often_while_it_holds():
     c = ThreadChoice()
-    picks = _drive(c, lambda i, a: (2.0 if a else 1.0) * MS, 3000)      # all threads twice as slow (a core taken)
-    assert picks[:2 * B] == [1] * B + [0] * B                     # a burst of each, all threads first
+    picks = _drive(c, lambda i, a: (2.0 if a else 1.0) * MS, 6000)      # all threads twice as slow (a core taken)
+    assert picks[:S0] == [1] * (B + 1) + [0] * B                     # a burst of each, all threads first
     assert c.best("k") is False
-    starts = [i for i in range(2 * B, 3000) if picks[i] and not picks[i - 1]]
+    starts = [i for i in range(S0, 6000) if picks[i] and not picks[i - 1]]
     assert all(picks[i:i + B] == [1] * B and picks[i + B] == 0 for i in starts)   # re-timed in bursts
-    assert starts[0] == 2 * B + ThreadChoice.EXPLORE - 1
+    assert starts[0] == S0 + ThreadChoice.EXPLORE - 1
     gaps = [b - a - B for a, b in zip(starts, starts[1:])]
-    assert gaps[:3] == [2 * ThreadChoice.EXPLORE - 1, 4 * ThreadChoice.EXPLORE - 1, ThreadChoice.EXPLORE_MAX - 1]
-    assert set(gaps[3:]) == {ThreadChoice.EXPLORE_MAX - 1}
+    want, w = [], ThreadChoice.EXPLORE
+    while len(want) < len(gaps):
+        w = min(2 * w, ThreadChoice.EXPLORE_MAX)
+        want.append(w - 1)                          # the wait doubles while the choice holds, then stays
+    assert gaps == want and gaps[-1] == ThreadChoice.EXPLORE_MAX - 1
     c = ThreadChoice()
     picks = _drive(c, lambda i, a: (1.0 if a else 1.6) * MS, 300)       # a quiet machine: all threads faster
-    assert picks[:2 * B] == [1] * B + [0] * B and c.best("k") is True
-    assert sum(1 for p in picks[2 * B:] if p == 0) <= 4 * B
+    assert picks[:S0] == [1] * (B + 1) + [0] * B and c.best("k") is True
+    assert sum(1 for p in picks[S0:] if p == 0) <= 4 * B
 
 
 def test_rule_ignores_outliers_and_a_slow_first_call_after_a_switch():
@@ -56,7 +60,7 @@ def test_rule_ignores_outliers_and_a_slow_first_call_after_a_switch():
         return s * (8 if i % 10 == 9 else 1) * MS
     picks = _drive(c, cost, 1000)
     assert c.best("k") is True
-    runs = "".join(map(str, picks[2 * B:])).replace("1", " ").split()
+    runs = "".join(map(str, picks[S0:])).replace("1", " ").split()
     assert runs and set(runs) == {"0" * B} and len(runs) <= 6   # one-thread calls: re-timing bursts only
 
 
@@ -76,8 +80,8 @@ def test_rule_follows_a_change_of_load_both_ways():
 def test_long_calls_are_timed_one_at_a_time():
     c = ThreadChoice()                         # a WaveNet block of 256 steps: 25 ms a call
     picks = _drive(c, lambda i, a: (0.025 if a else 0.05), 200)
-    assert picks[:2] == [1, 0] and c.best("k") is True
-    runs = "".join(map(str, picks[2:])).replace("1", " ").split()
+    assert picks[:3] == [1, 1, 0] and c.best("k") is True
+    runs = "".join(map(str, picks[3:])).replace("1", " ").split()
     assert set(runs) == {"0"}                  # re-timings of one call each
 
 
@@ -123,8 +127,8 @@ def test_steps_follow_the_cost_and_the_thread_count_comes_back(two_threads, monk
             time.sleep(0.0008 if torch.get_num_threads() > 1 else 0.00008)  # all threads 10x slower
     st.close()
     assert torch.get_num_threads() == 2
-    assert seen[:2 * B] == [2] * B + [1] * B and seen[2 * B:].count(2) <= 2 * B
-    assert st.steps[False] >= 200 - 3 * B
+    assert seen[:S0] == [2] * (B + 1) + [1] * B and seen[S0:].count(2) <= 2 * B
+    assert st.steps[False] >= 200 - 4 * B
     assert choice_for(model) is st.choice                 # kept with the model for its next loop
     st2 = StepThreads(model, _Run())
     with st2.step("pixel"):
