@@ -18,12 +18,12 @@ cannot hold them, two can, which is what the two-part path arranges).
 """
 from __future__ import annotations
 
-import contextlib
-import os
+import time
 
 import torch
 
 from fastar import _backend
+from fastar.bench.load import thread_mode
 from fastar.bench.timing import time_fn
 
 FAMILY = "floors"
@@ -38,19 +38,9 @@ NOTES = ("us = microseconds per call (WaveNet: per sample). floor = the case's w
          "with FASTAR_CPU_THREADS=all (no adaptive fallback to one thread).")
 
 
-@contextlib.contextmanager
-def _threads(n, policy="all"):
-    prev, prev_env = torch.get_num_threads(), os.environ.get("FASTAR_CPU_THREADS")
-    torch.set_num_threads(n)
-    os.environ["FASTAR_CPU_THREADS"] = policy
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-        if prev_env is None:
-            os.environ.pop("FASTAR_CPU_THREADS", None)
-        else:
-            os.environ["FASTAR_CPU_THREADS"] = prev_env
+def _threads(n):
+    """n torch threads, every fused call on all of them (no adaptive fallback to one thread)."""
+    return thread_mode("all", n)
 
 
 def _us(fn, repeat):
@@ -108,7 +98,6 @@ def wavenet_profile(model, steps, threads):
     """Per-sample seconds by stage of the fused step at batch 1 (the two-part path's own clocks,
     fastar::_wavenet_profile), for each part, and the wall time per sample."""
     op = torch.ops.fastar._wavenet_profile
-    import time
 
     def gen():
         model.generate(steps, batch_size=1, progress=False, generator=torch.Generator().manual_seed(1))

@@ -21,6 +21,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _call_ms(fn, device) -> float:
+    """Milliseconds of one call of fn (CUDA: between events around it)."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_fn(fn, device, *, warmup: int = 3, repeat: int = 20, min_seconds: float = 0.0) -> dict:
     """Median / min / p90 milliseconds of ``fn()`` over `repeat` timed calls after `warmup` calls."""
     device = torch.device(device)
@@ -30,17 +44,7 @@ def time_fn(fn, device, *, warmup: int = 3, repeat: int = 20, min_seconds: float
     times = []
     start_all = time.perf_counter()
     while len(times) < repeat or (time.perf_counter() - start_all) < min_seconds:
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(_call_ms(fn, device))
         if len(times) >= 10 * repeat:
             break
     times.sort()
@@ -63,18 +67,7 @@ def time_interleaved(fns: dict, device, *, warmup: int = 3, repeat: int = 20) ->
         # each round starts one function later: what runs right after what (a thread pool just woken,
         # a cache just filled) is spread over all of them
         for k in names[r % len(names):] + names[:r % len(names)]:
-            fn = fns[k]
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times[k].append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append(_call_ms(fns[k], device))
     out = {}
     for k, ts in times.items():
         ts.sort()
