@@ -189,10 +189,31 @@ def masked_conv_rows(rates, threads, quick):
     b = torch.randn(c, generator=g)
     m = masks.causal_mask("B", c, c, 3, 1)
     flops = 2 * n * size * size * c * c * 5
+    # the kernel's parts, each by plain PyTorch at the same sizes: its stacked GEMM over the padded
+    # grid (C_out x 5*C_in times 5*C_in x N*Hp*Wp), the copy of x into that grid, and the gather of
+    # the five shifted views into the GEMM's operand (the kernel does these a column block at a time)
+    hp = size + 2
+    cols = n * hp * hp
+    a = torch.randn(c, 5 * c, generator=g)
+    bm = torch.randn(5 * c, cols, generator=g)
+    grid = torch.zeros(c, n, hp, hp)
+    flat = grid.view(c, -1)
+    offs = [0, 1, 2, hp, hp + 1]                       # mask B 3x3: the taps above and the centre row's left + centre
+    rep = 5 if quick else 15
     with torch.no_grad(), _backend.backend("kernel"), _threads(threads):
-        us = _us(lambda: masked_conv2d(x, w, b, m), 5 if quick else 15)
-    return [_row(f"masked_conv2d b{n} {c}->{c} 3x3 B {size}x{size} fwd", threads, us, flops / rates["gemm", threads],
-                 "GEMM", f"{flops / 1e9:.2f} GFLOP (5 live taps of 9)")]
+        us = _us(lambda: masked_conv2d(x, w, b, m), rep)
+        gemm = _us(lambda: torch.mm(a, bm), rep)
+        copy = _us(lambda: grid[:, :, 1:-1, 1:-1].copy_(x.permute(1, 0, 2, 3)), rep)
+        gather = _us(lambda: torch.cat([flat[:, o:o + cols - 2 * hp - 2] for o in offs]), rep)
+    name = f"masked_conv2d b{n} {c}->{c} 3x3 B {size}x{size} fwd"
+    return [_row(name, threads, us, flops / rates["gemm", threads], "GEMM", f"{flops / 1e9:.2f} GFLOP (5 live taps of 9)"),
+            _row(f"{name}: its GEMM alone (torch.mm, {c}x{5 * c} @ {5 * c}x{cols})", threads, gemm,
+                 flops * cols / (n * size * size) / rates["gemm", threads], "GEMM",
+                 f"{100 * gemm / us:.0f}% of the kernel's time; the padded grid adds {100 * (cols / (n * size * size) - 1):.0f}% columns"),
+            _row(f"{name}: copying x into the padded grid (torch copy_)", threads, copy, None, "-",
+                 f"{100 * copy / us:.0f}% of the kernel's time"),
+            _row(f"{name}: gathering the 5 shifted views (torch.cat)", threads, gather, None, "-",
+                 f"{100 * gather / us:.0f}% (the kernel gathers a cache-sized column block at a time)")]
 
 
 def categorical_rows(rates, threads, quick):

@@ -5,8 +5,8 @@ binary 28x28, batch 16: the fused pixel step, one parallel_for per sub-pixel) an
 generation (R=64, D=64, S=256, A=256, 20 layers, kernel 2, batch 1 and 16: the fused step, whose
 small-batch path meets at spin barriers several times a layer) and PixelRNN cached sampling (Diagonal
 BiLSTM, 4 layers, hidden 32, batch 16: per-op, torch's own threading, no fused step). Each case runs in three thread
-modes: ``adaptive`` (the default: torch's thread count, with the fused ops choosing per shape
-between all threads and one by measuring, ``FASTAR_CPU_THREADS`` unset), ``all`` (every call on all
+modes: ``adaptive`` (the default: torch's thread count, with the sampling engine choosing per kind
+of step between all threads and one by measuring, ``FASTAR_CPU_THREADS`` unset), ``all`` (every call on all
 threads, ``FASTAR_CPU_THREADS=all``: the behaviour before the adaptive choice) and ``one``
 (``torch.set_num_threads(1)``), each quiet and with a busy-loop process that this benchmark starts
 and ends itself (by its pid; it stops itself after ``BUSY_LIMIT_S`` whatever happens).
@@ -30,8 +30,9 @@ COLUMNS = ["case", "mode", "threads", "quiet_s", "busy_s", "busy_vs_quiet", "bus
            "busy_vs_adaptive_quiet", "rate_quiet", "rate_busy", "unit"]
 
 NOTES = ("Seconds per run, median of REPEATS runs, the modes and the quiet/busy conditions interleaved per "
-         "case. adaptive = the default (torch's threads; the fused ops measure per shape whether all threads "
-         "or one is faster and use that, re-timing the other every 32nd call); all = FASTAR_CPU_THREADS=all "
+         "case. adaptive = the default (torch's threads; the sampling engine measures per kind of step whether "
+         "all threads or one is faster and uses that, re-timing the other in short bursts: "
+         "fastar/sampling/threads.py); all = FASTAR_CPU_THREADS=all "
          "(every fused call on all threads, as before); one = torch.set_num_threads(1). busy = while one "
          "`python -c 'while True: pass'`-style process (bounded, started and killed by the benchmark) holds a "
          "core. busy_vs_one_busy = busy_s / the one-thread busy_s (<= 1: at least as fast as one thread); "
