@@ -47,11 +47,12 @@ class ThreadChoice:
 
     ``use_all(key)`` says whether the next call (a step, or a block of steps) of this kind should run
     on all threads; ``record(key, all, seconds)`` feeds back what the call cost. A choice's figure is
-    the median of its last ``WINDOW`` timings: single steps on a shared machine have outliers of
-    several times their cost, and the first steps after a change of thread count are slow by
-    themselves (measured on the 2-core box: after a stretch on one thread, about one all-thread
-    step in two or three of 1.5 ms takes 3x its cost for the first few: the idle core's thread
-    asleep, its cache cold), so a mean, or one short timing, would mislead.
+    the mean of its last ``WINDOW`` timings less the largest: single steps on a shared machine have
+    outliers of several times their cost, and the first steps after a change of thread count are
+    slow by themselves (measured on the 2-core box: after a stretch on one thread, about one
+    all-thread step in two or three of 1.5 ms takes 3x its cost for the first few: the idle core's
+    thread asleep, its cache cold), so one short timing would mislead; but with a core taken,
+    all-thread steps alternate between fast and 2-4x slower, and a median saw only the fast ones.
 
     Each choice is timed by a burst of calls: enough calls for ``BURST_SECONDS`` of work, at least
     one and at most ``BURST`` (a WaveNet block of 256 steps is one call; a pixel step of 1.5 ms,
@@ -62,12 +63,14 @@ class ThreadChoice:
     changed since). Each time a burst confirms the choice the wait doubles, up to ``EXPLORE_MAX``
     (a choice that loses by a wide margin costs little to keep checking); when the choice flips it
     drops back to ``EXPLORE``. If the choice in use gets slower than the other's last figure (a
-    process took a core) it flips at once.
+    process took a core) it flips at once. All threads are taken only when ``MARGIN`` faster than
+    one (kept while no slower).
     """
 
     EXPLORE = 32
     EXPLORE_MAX = 1024
-    WINDOW = 5
+    WINDOW = 6
+    MARGIN = 1.2
     BURST = 8
     BURST_SECONDS = 0.01
 
@@ -88,11 +91,20 @@ class ThreadChoice:
             self.wait = explore
 
         def figure(self, all_threads):
-            t = self.times[all_threads]
-            return sorted(t)[len(t) // 2]
+            # the mean of the last timings without the largest: one outlier does not count, but a
+            # run of slow calls does (under load, all-thread steps alternate between fast and
+            # several times slower: the median saw the fast ones and kept coming back)
+            t = sorted(self.times[all_threads])
+            if len(t) >= 3:
+                t = t[:-1]
+            return sum(t) / len(t)
 
         def faster(self):
-            return self.figure(True) <= self.figure(False)
+            """The better choice: all threads only if MARGIN faster than one, unless all is in use and
+            still no slower than one (a hysteresis: with a core taken, all-thread steps have fast
+            spells, and every switch to all costs the slow steps it takes to notice)."""
+            a, o = self.figure(True), self.figure(False)
+            return a <= o if self.using else a * ThreadChoice.MARGIN <= o
 
     def _entry(self, key):
         e = self._e.get(key)
