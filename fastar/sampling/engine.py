@@ -172,8 +172,9 @@ def cached_sample(model, run: GenerationRun, progress: bool = False, cuda_graphs
                 fn()
                 params = cache.params if cache.draws else None
             else:
-                with threads.step(key, k):
-                    params = work(key, k)
+                token = threads.before(key, k)
+                params = work(key, k)
+                threads.after(token)
             if recs is not None:
                 recs.append(params.clone())     # fused steps reuse their parameter buffer
             t += k

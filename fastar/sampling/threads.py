@@ -172,8 +172,8 @@ def choice_for(model) -> ThreadChoice:
 
 
 class StepThreads:
-    """Runs a decode loop's steps on the chosen thread count: ``with st.step(key, k):`` around each
-    step (k steps in the block). Inert (no timing, torch's thread count untouched) off the CPU,
+    """Runs a decode loop's steps on the chosen thread count: ``before(key, k)`` / ``after(token)``
+    (or ``with st.step(key, k):``) around each step (k steps in the block). Inert (no timing, torch's thread count untouched) off the CPU,
     with one torch thread, or when ``FASTAR_CPU_THREADS`` fixes the choice to 'all'."""
 
     def __init__(self, model, run):
@@ -196,23 +196,34 @@ class StepThreads:
             torch.set_num_threads(n)
             self.current = n
 
-    @contextlib.contextmanager
-    def step(self, key, k: int = 1):
+    def before(self, key, k: int = 1):
+        """Sets the thread count for the next call (k steps of this kind); returns what
+        :meth:`after` needs. Plain methods, not a context manager: this runs once a step."""
         if not self.active:
-            yield
-            return
+            return None
         if self.fixed_one:
             self._set(1)
             self.steps[False] += k
-            yield
-            return
+            return None
         key = (key, k, self.threads) + self.shape
         all_threads = self.choice.use_all(key)
         self._set(self.threads if all_threads else 1)
-        t0 = time.perf_counter()
-        yield
+        return key, k, all_threads, time.perf_counter()
+
+    def after(self, token) -> None:
+        """Records what the call begun by :meth:`before` cost."""
+        if token is None:
+            return
+        key, k, all_threads, t0 = token
         self.choice.record(key, all_threads, time.perf_counter() - t0)
         self.steps[all_threads] += k
+
+    @contextlib.contextmanager
+    def step(self, key, k: int = 1):
+        """``with st.step(key, k):`` around a call: :meth:`before` and :meth:`after`."""
+        token = self.before(key, k)
+        yield
+        self.after(token)
 
     def close(self):
         """Gives torch back its thread count (and the fused ops their own choice)."""
