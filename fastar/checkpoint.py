@@ -259,14 +259,19 @@ def _check_entries(path: str, ck: dict) -> None:
     data = _need(path, ck, "data", dict, "what the model was trained on")
     # save_checkpoint(data=None) records {}: fine for the library; what is recorded must make sense,
     # and what a command needs of it is asked for by the command (fastar.commands.writers.need_info).
-    for k, types, what in (("name", str, "the data set's name"), ("kind", str, "'image' or 'audio'"),
-                           ("levels", int, "an integer"), ("shape", (list, tuple), "a list of sizes")):
+    from fastar.data.kinds import KINDS
+
+    for k, types, what in (("name", str, "the data set's name"), ("kind", str, f"one of {', '.join(KINDS)}"),
+                           ("levels", (int, type(None)), "an integer"), ("shape", (list, tuple), "a list of sizes")):
         if k in data:
             _need(path, data, k, types, what, "data ")
     kind, levels, shape = data.get("kind", "image"), data.get("levels", 2), data.get("shape")
-    ok_shape = shape is None or (len(shape) == (3 if kind == "image" else 1) and all(
+    known = KINDS.get(kind)
+    ok_shape = shape is None or known is None or (len(shape) == known.rank and all(
         isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in shape))
-    if kind not in ("image", "audio") or not 2 <= levels <= 1 << 16 or not ok_shape:
+    ok_levels = (isinstance(levels, int) and 2 <= levels <= 1 << 16) if (known is None or known.discrete) else \
+        (levels is None or (isinstance(levels, int) and 0 <= levels <= 1 << 16))
+    if known is None or not ok_levels or not ok_shape:
         raise ValueError(f"{path} is a damaged fastar checkpoint: data kind {kind!r}, levels {levels}, shape "
                          f"{shape} make no data set")
     for k in ("num_classes", "sample_rate"):

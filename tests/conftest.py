@@ -5,6 +5,9 @@ import pytest
 import torch
 
 import fastar
+# Two model families defined only in the tests (a joint three-value step with a fused multi-step cache,
+# a real-valued head): registering them here puts them under every suite that iterates the registry.
+import tests.models.toy_families  # noqa: F401,E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -1,4 +1,5 @@
-"""How samples are drawn for and written to a file, per ``ModelSpec.writer``: a PNG grid or a WAV.
+"""How samples are drawn for and written to a file, per ``ModelSpec.writer``: a PNG grid, a WAV, a
+``.npy`` array; a table that grows (:func:`register_writer`).
 
 The commands pick the writer of a checkpoint's model from its spec (``WRITERS[spec.writer]``)
 and never ask which model it is. A writer knows the shape of what its kind of model draws
@@ -153,13 +154,75 @@ class WavClips:
         yield f"wrote {self.write(fast, path, ckpt['data'], demo=True)}"
 
 
-WRITERS = {"png": PngGrid(), "wav": WavClips()}
+class NpyArray:
+    """Real-valued vectors (the ``vector`` kind): draws (n, D) values, written as one ``.npy`` array.
+    ``--prefix FILE.npy``: a (D,) or (n, D) array whose NaN entries are drawn and the rest given."""
+
+    ext = ".npy"
+    unit = "values"
+    demo_n = 16
+    cached_label, naive_label, speedup_label = "cached sampler", "naive sampler", "cached sampler"
+
+    def shape(self, info: dict, length=None, demo=False) -> tuple:
+        return tuple(info["shape"])
+
+    def inputs(self, info: dict, n: int, prefix=None, length=None) -> dict:
+        if length is not None:
+            raise ValueError("--length applies to audio models (.wav); this checkpoint holds a vector model")
+        if not prefix:
+            return {}
+        import numpy as np
+
+        try:
+            a = torch.as_tensor(np.load(prefix, allow_pickle=False), dtype=torch.float64)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--prefix {prefix}: not a readable .npy array ({e})") from None
+        D = tuple(info["shape"])
+        if tuple(a.shape) == D:
+            a = a.expand(n, *D)
+        if tuple(a.shape) != (n, *D):
+            raise ValueError(f"--prefix {prefix}: the array must be {list(D)} or {[n, *D]}, got {list(a.shape)}")
+        mask = ~torch.isnan(a)
+        return dict(prefix=torch.where(mask, a, torch.zeros_like(a)).contiguous(), mask=mask)
+
+    def describe(self, x) -> str:
+        return f"{len(x)} vectors of {x.shape[-1]} values"
+
+    def write(self, x, path, info: dict, demo=False) -> str:
+        import numpy as np
+
+        with _writing(path):
+            os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+            np.save(str(path), x.detach().cpu().numpy())
+        return str(path)
+
+    def demo_write(self, model, ckpt: dict, fast, path, ds, per_class=None, seed=0, progress=True):
+        yield f"wrote {self.write(fast, path, ckpt['data'], demo=True)}"
+
+
+WRITERS = {"png": PngGrid(), "wav": WavClips(), "npy": NpyArray()}
+
+
+def register_writer(name: str, writer) -> None:
+    """Add a writer under ``name`` (what a spec's ``writer`` names). A writer offers ``ext``, ``unit``,
+    ``demo_n``, ``shape(info, length, demo)``, ``inputs(info, n, prefix, length)``, ``describe(x)``,
+    ``write(x, path, info, demo)`` and ``demo_write(...)``; see :class:`PngGrid`."""
+    missing = [a for a in ("ext", "shape", "inputs", "describe", "write") if not hasattr(writer, a)]
+    if missing:
+        raise TypeError(f"register_writer({name!r}): the writer lacks {', '.join(missing)}")
+    if name in WRITERS and WRITERS[name] is not writer:
+        raise ValueError(f"writer {name!r} is registered twice")
+    WRITERS[name] = writer
 
 
 def writer_of(model_name: str):
     from fastar import registry
 
-    return WRITERS[registry.spec(model_name).writer]
+    w = registry.spec(model_name).writer
+    if w not in WRITERS:
+        raise ValueError(f"model {model_name!r} writes its samples with {w!r}, which no one registered; registered "
+                         f"writers: {', '.join(WRITERS)}")
+    return WRITERS[w]
 
 
 def class_cond(ckpt: dict, n: int, klass=None):

@@ -19,17 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastar.models.image import DiscreteImageModel
 from fastar.models.spec import ModelSpec, register
 from fastar.sampling.protocol import InferenceCache
 
 __all__ = ["FVSBN"]
 
 
-class FVSBN(nn.Module):
+class FVSBN(DiscreteImageModel):
     """``FVSBN(in_channels=1, height=28, width=28, levels=2)``: binary images of one fixed size.
 
     Parameters ``weight`` (D, D) (only its strictly lower triangle is used) and ``bias`` (D,), in
-    step order. Devices: any; dtypes: any floating.
+    step order. Devices: any; dtypes: any floating. Likelihood, sampling and the generation protocol
+    come from :class:`fastar.models.image.DiscreteImageModel`; this class adds the logits and a
+    running-sum cache.
     """
 
     def __init__(self, in_channels: int = 1, height: int = 28, width: int = 28, levels: int = 2):
@@ -40,6 +43,7 @@ class FVSBN(nn.Module):
         if levels != 2:
             raise ValueError(f"FVSBN models binary images: levels must be 2, got {levels!r}")
         self.in_channels, self.height, self.width, self.levels = in_channels, height, width, 2
+        self.fixed_shape = (height, width)
         d = in_channels * height * width
         bound = 1.0 / math.sqrt(d)
         self.weight = nn.Parameter(torch.empty(d, d).uniform_(-bound, bound))
@@ -50,75 +54,27 @@ class FVSBN(nn.Module):
     def dim(self) -> int:
         return self.in_channels * self.height * self.width
 
-    def _check(self, x):
+    def check_image(self, x):
+        name = "FVSBN"
         shape = (self.in_channels, self.height, self.width)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
-            raise ValueError(f"FVSBN: x must be a batch of binary images (N, {', '.join(map(str, shape))}), got "
+            raise ValueError(f"{name}: x must be a batch of binary images (N, {', '.join(map(str, shape))}), got "
                              f"shape {list(getattr(x, 'shape', []))}")
         if x.numel() and not bool(((x == 0) | (x == 1)).all()):
-            raise ValueError("FVSBN: x must hold binary values 0 and 1")
+            raise ValueError(f"{name}: x must hold binary values 0 and 1")
 
     def _steps(self, x):
         """(N, C, H, W) -> (N, D) in step order (colours inside each pixel)."""
         return x.permute(0, 2, 3, 1).reshape(x.shape[0], math.prod(x.shape[1:]))
 
-    def forward(self, x, cond=None):
-        """Logits (N, C, H, W) of p(x_t = 1 | x_<t) at every sub-pixel."""
+    def logits_flat(self, x, cond=None):
+        """Logits (N, C, H, W) of p(x_t = 1 | x_<t) at every sub-pixel; x is the network input in [-1, 1]."""
         if cond is not None:
             raise ValueError("FVSBN is unconditional; cond must be None")
-        self._check(x)
-        logits = F.linear(self._steps(x).to(self.weight.dtype), self.weight * self.mask, self.bias)
+        bits = (x + 1.0) * 0.5                                   # exactly 0 or 1 again
+        logits = F.linear(self._steps(bits), self.weight * self.mask, self.bias)
         n, c, h, w = x.shape
         return logits.view(n, h, w, c).permute(0, 3, 1, 2)
-
-    def nll(self, x, cond=None):
-        """Negative log-likelihood per image in nats, (N,)."""
-        logits = self(x, cond)
-        return F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none").flatten(1).sum(1)
-
-    def log_prob(self, x, cond=None):
-        return -self.nll(x, cond)
-
-    def bits_per_dim(self, x, cond=None):
-        return self.nll(x, cond) / (self.dim * math.log(2.0))
-
-    def loss(self, x, cond=None):
-        nll = self.nll(x, cond)
-        if not nll.numel():
-            raise ValueError("FVSBN.loss: the batch is empty (a mean over no images is undefined)")
-        return nll.mean()
-
-    @torch.no_grad()
-    def sample(self, n=None, shape=None, cond=None, generator=None, temperature=1.0, method="cached",
-               progress=True, **engine):
-        """Draw n binary images (n, C, H, W) int64; shape, if given, must be the model's (H, W) or (C, H, W)."""
-        from fastar import sampling
-
-        return sampling.sample(self, n=n, shape=shape, cond=cond, generator=generator, temperature=temperature,
-                               method=method, progress=progress, **engine)
-
-    # ---- the generation protocol --------------------------------------------------------------
-
-    def sequence(self, n=None, shape=None, cond=None):
-        from fastar.sampling import Bernoulli, Sequence
-
-        C, H, W = self.in_channels, self.height, self.width
-        if cond is not None:
-            raise ValueError("FVSBN is unconditional; cond must be None")
-        if n is None:
-            raise ValueError("FVSBN.sample: say how many images to draw (n)")
-        if shape is not None and tuple(shape) not in ((H, W), (C, H, W)):
-            raise ValueError(f"FVSBN.sample: this model draws images of shape {(C, H, W)}, got shape {tuple(shape)}")
-        t = torch.arange(self.dim)
-        slots = (t % C) * H * W + t // C          # step t's sub-pixel at its (C, H, W) memory offset
-
-        def forward(values, t=None):
-            logits = self(values.view(-1, C, H, W))
-            per = self._steps(logits).t().unsqueeze(2)            # (T, N, 1)
-            return per if t is None else per[t]
-
-        return Sequence(n=n, steps=self.dim, head=Bernoulli(), forward=forward, slots=slots,
-                        finish=lambda values: values.view(values.shape[0], C, H, W))
 
     def allocate_inference_cache(self, run, fused=None):
         if fused:
@@ -134,12 +90,12 @@ class _RunningSums(InferenceCache):
         self.w = (model.weight * model.mask).detach().to(run.dtype)
         self.acc = model.bias.detach().to(run.dtype).expand(run.seq.n, -1).clone()
 
-    def step(self, key):
+    def step(self, key, t):
         return self.acc.index_select(1, self.run.t).to(self.run.acc)          # (N, 1)
 
-    def update(self, key, values):
+    def update(self, key, t, values):
         col = self.w.index_select(1, self.run.t).t()                         # (1, D)
-        self.acc.addmm_(values.to(self.acc.dtype).unsqueeze(1), col)
+        self.acc.addmm_(values.to(self.acc.dtype), col)
 
 
 def _config(data: dict) -> dict:

@@ -29,57 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from fastar import _backend
+from fastar.models.image import ConvAt, apply_head, effective_1x1, head_weights, new_cache
 from fastar.nn.gated import GatedMaskedConv2d
-from fastar.ops import masked_conv_at as _mca
 from fastar.ops import pixel_step as _ps
 from fastar.sampling.protocol import InferenceCache
 
 __all__ = ["allocate", "ImageInferenceCache", "make_cache", "GatedCache", "PixelCNNCache",
            "fused_pixel_step_supported", "pack_gated_pixel_step"]
-
-
-def _new_cache(x_img, channels):
-    # Channels-last: a step gathers every channel of a few positions, which is
-    # then one contiguous run per tap instead of one cache line per channel.
-    n, _, h, w = x_img.shape
-    return x_img.new_zeros(n, h, w, channels).permute(0, 3, 1, 2)
-
-
-class _ConvAt:
-    """One layer's :func:`fastar.ops.masked_conv2d_at`, its arguments checked once at set-up.
-
-    A step calls the compiled op (or the reference) directly: at a few microseconds of
-    arithmetic per layer, re-checking every argument in Python on every step would cost
-    more than the convolution.
-    """
-
-    def __init__(self, cache, weight, bias, mask, padding, dilation=1):
-        pos = torch.zeros(1, 2, dtype=torch.int64, device=cache.device)
-        _, self.padding, self.dilation = _mca._check_args("masked_conv2d_at", cache, None, weight, bias, mask, pos,
-                                                          tuple(padding), dilation)
-        self.cache, self.weight, self.bias, self.mask = cache, weight, bias, mask
-        if _backend.use_kernel("masked_conv2d_at", cache.device, cache.dtype, _mca.KERNEL_DTYPES):
-            self.fn = torch.ops.fastar.masked_conv2d_at
-        else:
-            self.fn = _mca._ref_impl
-
-    def __call__(self, x_new, pos):
-        return self.fn(self.cache, x_new, self.weight, self.bias, self.mask, pos, self.padding, self.dilation)
-
-
-def _eff(conv, mask) -> torch.Tensor:
-    # A 1x1 masked conv on one position is a matrix-vector product with weight * mask.
-    return (conv.weight * mask.to(conv.weight.dtype)).flatten(1)
-
-
-def _head(model):
-    return (_eff(model.head1, model.head1.mask), model.head1.bias, _eff(model.head2, model.head2.mask),
-            model.head2.bias)
-
-
-def _apply_head(head, x):
-    w1, b1, w2, b2 = head
-    return F.linear(F.relu(F.linear(F.relu(x), w1, b1)), w2, b2)
 
 
 class PixelCNNCache:
@@ -93,16 +49,16 @@ class PixelCNNCache:
         n, _, h, w = x_img.shape
         self.x_img = x_img
         c = model.input_conv
-        self.inp = _ConvAt(x_img, c.weight, c.bias, c.mask, c.padding, c.dilation)
+        self.inp = ConvAt(x_img, c.weight, c.bias, c.mask, c.padding, c.dilation)
         self.blocks = []
         for blk in model.blocks:
             c2 = blk.conv2
-            cache = _new_cache(x_img, c2.in_channels)
+            cache = new_cache(x_img, c2.in_channels)
             self.blocks.append(dict(
-                w1=_eff(blk.conv1, blk.conv1.mask), b1=blk.conv1.bias,
-                conv2=_ConvAt(cache, c2.weight, c2.bias, c2.mask, c2.padding, c2.dilation),
-                w3=_eff(blk.conv3, blk.conv3.mask), b3=blk.conv3.bias))
-        self.head = _head(model)
+                w1=effective_1x1(blk.conv1, blk.conv1.mask), b1=blk.conv1.bias,
+                conv2=ConvAt(cache, c2.weight, c2.bias, c2.mask, c2.padding, c2.dilation),
+                w3=effective_1x1(blk.conv3, blk.conv3.mask), b3=blk.conv3.bias))
+        self.head = head_weights(model)
 
     def pixel(self, pos, hw, jcol):
         h = self.inp(None, pos).squeeze(-1)
@@ -110,7 +66,7 @@ class PixelCNNCache:
             a = F.relu(F.linear(F.relu(h), b["w1"], b["b1"]))
             y = b["conv2"](a.unsqueeze(-1), pos).squeeze(-1)
             h = h + F.linear(F.relu(y), b["w3"], b["b3"])
-        return _apply_head(self.head, h)
+        return apply_head(self.head, h)
 
 
 class GatedCache:
@@ -136,12 +92,12 @@ class GatedCache:
                 raise ValueError(f"the conditioning map must be {h}x{w} like the image, got "
                                  f"{list(mv.shape[2:])}")
             link_b = blk.link.bias if blk.link.bias is not None else x_img.new_zeros(c2)
-            v_in = x_img if li == 0 else _new_cache(x_img, blk.in_channels)
-            h_in = x_img if li == 0 or not pixel else _new_cache(x_img, blk.in_channels)
+            v_in = x_img if li == 0 else new_cache(x_img, blk.in_channels)
+            h_in = x_img if li == 0 or not pixel else new_cache(x_img, blk.in_channels)
             self.blocks.append(dict(
                 blk=blk,
-                v_conv=_ConvAt(v_in, blk.v_conv.weight, blk.v_conv.bias, blk.v_mask, blk.v_conv.padding),
-                h_conv=(_ConvAt(h_in, blk.h_conv.weight, blk.h_conv.bias, blk.h_mask, blk.h_conv.padding)
+                v_conv=ConvAt(v_in, blk.v_conv.weight, blk.v_conv.bias, blk.v_mask, blk.v_conv.padding),
+                h_conv=(ConvAt(h_in, blk.h_conv.weight, blk.h_conv.bias, blk.h_mask, blk.h_conv.padding)
                         if pixel else None),
                 # (W, N, 2C): a step's column is one contiguous slice. Row 0 has
                 # nothing above it: its link term is the link's bias alone.
@@ -150,10 +106,10 @@ class GatedCache:
                 cv=None if cv is None else cv.unsqueeze(-1), ch=ch,
                 mv=None if mv is None else mv.flatten(2).contiguous(),
                 mh=None if mh is None or not pixel else mh.flatten(2).contiguous(),
-                so_wt=torch.cat([_eff(blk.skip, blk.skip_mask), _eff(blk.out, blk.out_mask)], 0).t(),
+                so_wt=torch.cat([effective_1x1(blk.skip, blk.skip_mask), effective_1x1(blk.out, blk.out_mask)], 0).t(),
                 so_b=torch.cat([blk.skip.bias, blk.out.bias], 0)))
             self.blocks[-1]["link_row"].copy_(link_b.view(1, 1, c2).expand(w, n, c2))
-        self.head = _head(model)
+        self.head = head_weights(model)
 
     def row(self, rowpos, row_hw):
         v = None
@@ -185,7 +141,7 @@ class GatedCache:
             so = torch.addmm(b["so_b"], g, b["so_wt"])                                   # (N, 2C): [skip | out]
             skip = so[:, :c].clone() if skip is None else skip.add_(so[:, :c])
             h = so[:, c:].add_(h) if blk.residual else so[:, c:]   # so is this step's own tensor
-        return _apply_head(self.head, skip)
+        return apply_head(self.head, skip)
 
 
 def make_cache(model, x_img, cond=None, pixel: bool = True):
@@ -203,7 +159,7 @@ class ImageInferenceCache(InferenceCache):
     def __init__(self, model, run, fused: bool | None = None):
         super().__init__(run)
         self.model = model
-        C, H, W = run.seq.info["shape"]
+        C, H, W = run.seq.shape
         n, dev, levels = run.seq.n, run.device, model.levels
         self.C, self.H, self.W, self.levels = C, H, W, levels
         self.x_img = torch.zeros(n, C, H, W, dtype=run.dtype, device=dev)
@@ -236,17 +192,12 @@ class ImageInferenceCache(InferenceCache):
         k = 1 if self.levels == 2 else self.levels
         w = pack_gated_pixel_step(self.model, self.layers, run.cond)
         self.params = torch.zeros(run.seq.n, k, dtype=run.dtype, device=run.device)
-        args = (self.x_img, w.row_cache, run.values, run.counter, self.params,
-                run.noise.view(run.noise.shape[0], run.noise.shape[1]), w.links, w.class_bias, w.cond_map, w.map_w,
-                run.given_values, run.given_mask, w.h_w, w.h_b, w.so_w, w.so_b, w.head1_w, w.head1_b, w.head2_w,
-                w.head2_b, w.taps, w.residual, self.levels, run.temperature)
         # Checked once here; a step then calls the op directly (the checks would cost more than it).
-        _ps._check("gated_pixelcnn_step", *args)
-        if _backend.use_kernel("gated_pixelcnn_step", run.device, run.dtype, _ps.KERNEL_DTYPES):
-            self._fused_fn = torch.ops.fastar.gated_pixelcnn_step
-        else:  # fused=True under the reference backend: the op's PyTorch twin
-            self._fused_fn = _ps._ref_impl
-        self._fused_args = args
+        # fused=True under the reference backend runs the op's PyTorch twin.
+        self._fused_fn = _ps.bind_gated_pixelcnn_step(
+            self.x_img, run.values, run.counter, self.params, run.noise.view(run.noise.shape[0], run.noise.shape[1]),
+            run.given_values, run.given_mask, w, self.levels, run.temperature)
+        self._fused_args = self._fused_fn.args
 
     def plan(self, t):
         if self.has_rows and t and t % (self.C * self.W) == 0:
@@ -259,12 +210,12 @@ class ImageInferenceCache(InferenceCache):
                         self.row_hw.index_select(0, self.r).squeeze(0))
         self.r.add_(1)
 
-    def advance(self, key, k):
+    def advance(self, key, t, k):
         if key == "row":
             self._row()
-        self._fused_fn(*self._fused_args)
+        self._fused_fn()
 
-    def step(self, key):
+    def step(self, key, t):
         if key == "row":
             self._row()
         cur = self.table.index_select(0, self.run.t)                  # (1, 5)
@@ -276,8 +227,8 @@ class ImageInferenceCache(InferenceCache):
             return logits.index_select(1, c)                          # (N, 1)
         return logits.view(n, self.C, self.levels).index_select(1, c).squeeze(1)   # (N, levels)
 
-    def update(self, key, values):
-        x_new = (values.to(self.run.dtype) * self.scale - 1.0).unsqueeze(1)
+    def update(self, key, t, values):
+        x_new = values.to(self.run.dtype) * self.scale - 1.0                        # (N, 1)
         self.x_img.view(self.run.seq.n, -1).index_copy_(1, self._flat, x_new)
 
 
@@ -342,9 +293,9 @@ def pack_gated_pixel_step(model, cache: GatedCache, cond=None) -> dict:
         eff = (blk.h_conv.weight * blk.h_mask.to(blk.h_conv.weight.dtype))[:, :, 0, :nt]     # (2C, C_in, nt)
         h_w.append(eff.permute(2, 1, 0).reshape(-1))
         h_b.append(blk.h_conv.bias if blk.h_conv.bias is not None else x_img.new_zeros(c2))
-        so_w.append(torch.cat([_eff(blk.skip, blk.skip_mask), _eff(blk.out, blk.out_mask)], 0).t())
+        so_w.append(torch.cat([effective_1x1(blk.skip, blk.skip_mask), effective_1x1(blk.out, blk.out_mask)], 0).t())
         so_b.append(torch.cat([blk.skip.bias, blk.out.bias], 0))
-    w1, b1, w2, b2 = _head(model)
+    w1, b1, w2, b2 = head_weights(model)
     b1 = b1 if b1 is not None else x_img.new_zeros(w1.shape[0])
     b2 = b2 if b2 is not None else x_img.new_zeros(w2.shape[0])
     class_bias = cond_map = map_w = None

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastar.models.pixelcnn import _DiscreteImageModel, _batch_of, _check_common
+from fastar.models.image import DiscreteImageModel, check_image_config, class_config
 from fastar.models.spec import ModelSpec, register
 from fastar.nn.lstm import DiagonalBiLSTM, RowLSTM
 from fastar.nn.masked_conv import MaskedConv2d
@@ -65,7 +65,7 @@ class _ResidualLSTM(nn.Module):
         return x + y if self.residual else y
 
 
-class PixelRNN(_DiscreteImageModel):
+class PixelRNN(DiscreteImageModel):
     """PixelRNN with Diagonal BiLSTM or Row LSTM layers; see the module docstring."""
 
     def __init__(self, kind: str = "diagonal", in_channels: int = 1, levels: int = 256, layers: int = 12,
@@ -77,7 +77,7 @@ class PixelRNN(_DiscreteImageModel):
         if hidden is None:
             hidden = 128 if in_channels == 1 else 126
         cg = in_channels if in_channels in (1, 3) else 1
-        _check_common("PixelRNN", in_channels, levels, layers, 2 * hidden if isinstance(hidden, int) else hidden,
+        check_image_config("PixelRNN", in_channels, levels, layers, 2 * hidden if isinstance(hidden, int) else hidden,
                       2 * cg)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 1):
@@ -103,26 +103,7 @@ class PixelRNN(_DiscreteImageModel):
 
     def check_cond(self, cond, n, hw):
         """Class labels: an int for the whole batch or (N,) int64 in [0, num_classes), on the model's device."""
-        name = type(self).__name__
-        if self.num_classes is None:
-            if cond is not None:
-                raise ValueError(f"{name} is unconditional (num_classes=None); cond must be None")
-            return None
-        device = next(self.parameters()).device
-        if cond is None:
-            raise ValueError(f"{name} is class-conditional: cond must be class labels, (N,) int64 or an int")
-        if isinstance(cond, int) and not isinstance(cond, bool):
-            cond = torch.full((n,), cond, dtype=torch.int64, device=device)
-        if not isinstance(cond, torch.Tensor) or cond.dim() != 1 or cond.dtype != torch.int64:
-            raise ValueError(f"{name}: cond must be class labels, (N,) int64 or an int, got "
-                             f"{type(cond).__name__} {list(getattr(cond, 'shape', []))}")
-        b = _batch_of(cond)
-        if b != n:
-            raise ValueError(f"{name}.sample: cond has batch {b}, but {n} images were asked for")
-        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.num_classes):
-            raise ValueError(f"{name}: class labels must lie in [0, {self.num_classes}), got range "
-                             f"[{int(cond.min())}, {int(cond.max())}]")
-        return cond.to(device)
+        return self.check_class_cond(cond, n, self.num_classes)
 
     def embed(self, x0, cond):
         """The first convolution's output plus the class bias (when conditional)."""
@@ -155,13 +136,9 @@ def _config(kind, layers, hidden):
     return config
 
 
-def _class_config(data: dict) -> dict | None:
-    return dict(num_classes=data["num_classes"]) if data.get("num_classes") else None
-
-
 register(ModelSpec(
     name="pixelrnn", cls=PixelRNN, kind="image", datasets=("mnist", "digits", "patches"),
-    default_config=_config("diagonal", 4, 16), conditional_config=_class_config, writer="png",
+    default_config=_config("diagonal", 4, 16), conditional_config=class_config, writer="png",
     shipped=("pixelrnn_mnist",), demo_priority=1,  # the demo's model: its samples are the digits they claim
     demo=dict(data="mnist", batch_size=64, lr=3e-3, config=dict(layers=3, hidden=16)),
     tiny=(dict(config=dict(kind="diagonal", in_channels=1, levels=2, layers=2, hidden=4), shape=(2, 2)),

@@ -21,7 +21,7 @@ later step reads only those final values. Recomputing the cell for each colour o
 (R, G, B) is what the full pass would give for that sub-pixel. A whole image costs about one
 forward pass of cell work (plus the per-step Python overhead), against C x H x W passes naive.
 
-The steps index with host integers (the engine gives ``plan`` the step), so they are not
+The steps index with the host step index the engine passes them, so they are not
 captured in CUDA graphs.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastar.models.pixelcnn_cache import _ConvAt, _apply_head, _head, _new_cache
+from fastar.models.image import ConvAt, apply_head, head_weights, new_cache
 from fastar.ops.lstm_scan import diagonal_lstm_scan
 from fastar.sampling.protocol import InferenceCache
 
@@ -100,8 +100,8 @@ class _RowLayer:
     def __init__(self, layer, n, H, W, like):
         lstm = layer.lstm
         hid = self.hid = lstm.hidden
-        self.xmap = _new_cache(like.new_zeros(n, 1, H, W), 2 * hid)
-        self.conv = _ConvAt(self.xmap, lstm.is_weight, lstm.is_bias, lstm.is_mask, lstm.padding)
+        self.xmap = new_cache(like.new_zeros(n, 1, H, W), 2 * hid)
+        self.conv = ConvAt(self.xmap, lstm.is_weight, lstm.is_bias, lstm.is_mask, lstm.padding)
         self.ss = lstm.ss_weight.detach()
         self.out_wt, self.out_b = (layer.out.weight * layer.out.mask).flatten(1).t().contiguous(), layer.out.bias
         self.residual = layer.residual
@@ -132,12 +132,12 @@ class PixelRNNCache(InferenceCache):
 
     def __init__(self, model, run):
         super().__init__(run)
-        C, H, W = run.seq.info["shape"]
+        C, H, W = run.seq.shape
         n, dt = run.seq.n, run.dtype
         self.C, self.H, self.W, self.levels, self.n = C, H, W, model.levels, n
         self.x_img = torch.zeros(n, C, H, W, dtype=dt, device=run.device)
         c = model.input_conv
-        self.inp = _ConvAt(self.x_img, c.weight, c.bias, c.mask, c.padding, c.dilation)
+        self.inp = ConvAt(self.x_img, c.weight, c.bias, c.mask, c.padding, c.dilation)
         self.class_bias = None
         if model.class_bias is not None:
             self.class_bias = model.class_bias(run.cond).to(dt)
@@ -147,21 +147,19 @@ class PixelRNNCache(InferenceCache):
         self.row_input = model.row_input is not None
         if self.row_input:
             self.layers[0].img_wt = model.row_input.weight.flatten(1).t().to(dt).contiguous()     # (C, 4h)
-        self.head = _head(model)
+        self.head = head_weights(model)
         rows = torch.arange(H, device=run.device).repeat_interleave(W)
         cols = torch.arange(W, device=run.device).repeat(H)
         self.pos = torch.stack([rows, cols], 1).view(H * W, 1, 2)
         self.scale = 2.0 / (model.levels - 1)
-        self._t = 0
 
     def plan(self, t):
-        self._t = t
         if t and t % (self.C * self.W) == 0:
             return "row", 1
         return "pixel", 1
 
-    def step(self, key):
-        p, c = divmod(self._t, self.C)
+    def step(self, key, t):
+        p, c = divmod(t, self.C)
         i, j = divmod(p, self.W)
         if key == "row":
             for k, layer in enumerate(self.layers):
@@ -179,12 +177,12 @@ class PixelRNNCache(InferenceCache):
         else:
             for layer in self.layers:
                 x = layer.pixel(x, i, j, pos)
-        logits = _apply_head(self.head, x)
+        logits = apply_head(self.head, x)
         self._where = (c, i, j)
         if self.levels == 2:
             return logits[:, c:c + 1]
         return logits.view(self.n, self.C, self.levels)[:, c]
 
-    def update(self, key, values):
+    def update(self, key, t, values):
         c, i, j = self._where
-        self.x_img[:, c, i, j] = values.to(self.x_img.dtype) * self.scale - 1.0
+        self.x_img[:, c, i, j] = values[:, 0].to(self.x_img.dtype) * self.scale - 1.0

@@ -33,12 +33,15 @@ class ModelSpec:
     """One registered model family.
 
     name: the registry key (``fastar train NAME``); cls: the ``nn.Module`` class;
-    kind: the kind of data it models, ``"image"`` ((N, C, H, W) integers) or ``"audio"``
-    ((N, T) mu-law codes); datasets: the bundled data sets it trains on (the first is its
+    kind: the kind of data it models, a key of :data:`fastar.data.kinds.KINDS` (``"image"``: (N, C, H, W)
+    integers; ``"audio"``: (N, T) mu-law codes; ``"vector"``: (N, D) real values; a family may
+    register its own); datasets: the bundled data sets it trains on (the first is its
     default); default_config(data_info) -> a small CPU-friendly constructor config for a data set
     (``data_info``: :meth:`fastar.data.Dataset.info`); conditional_config(data_info) -> the config
     overrides that make it class-conditional on that data set, or None when it cannot be;
-    writer: how samples are written, ``"png"`` (an image grid) or ``"wav"``; shipped: the
+    writer: how samples are written, a key of :data:`fastar.commands.writers.WRITERS` (``"png"``: an
+    image grid, ``"wav"``, ``"npy"``; a family may register its own with
+    :func:`fastar.commands.writers.register_writer`); shipped: the
     names of checkpoints shipped in :mod:`fastar.checkpoints` (the first is the demo's);
     demo: the ``fastar train`` keyword arguments the demo uses when it must train one itself;
     tiny: a tiny config and sample shape for the contract tests (``{"config": {...}, "shape":
@@ -61,10 +64,15 @@ class ModelSpec:
     demo_priority: int = 0
 
     def __post_init__(self):
-        if self.kind not in ("image", "audio"):
-            raise ValueError(f"ModelSpec {self.name!r}: kind must be 'image' or 'audio', got {self.kind!r}")
-        if self.writer not in ("png", "wav"):
-            raise ValueError(f"ModelSpec {self.name!r}: writer must be 'png' or 'wav', got {self.writer!r}")
+        from fastar.data.kinds import KINDS
+
+        if self.kind not in KINDS:
+            raise ValueError(f"ModelSpec {self.name!r}: kind must be a registered kind of data ({', '.join(KINDS)}; "
+                             f"fastar.data.kinds.register_kind adds one), got {self.kind!r}")
+        # The writer table lives with the commands (a layer above the models): a writer name is checked
+        # when a command looks it up (fastar.commands.writers.writer_of).
+        if not isinstance(self.writer, str) or not self.writer:
+            raise ValueError(f"ModelSpec {self.name!r}: writer must name a registered writer, got {self.writer!r}")
 
 
 SPECS: dict[str, ModelSpec] = {}

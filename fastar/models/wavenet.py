@@ -17,13 +17,14 @@ from torch import nn
 
 from fastar.models.spec import ModelSpec, register
 from fastar.nn.causal_conv import CausalConv1d
+from fastar.models.base import AutoregressiveModel
 from fastar.ops.mixture import discretized_mix_logistic_nll
 from fastar.ops.wavenet import WaveNetWeights, queue_sizes, wavenet_step_packed
 
 __all__ = ["WaveNet"]
 
 
-class WaveNet(nn.Module):
+class WaveNet(AutoregressiveModel):
     """WaveNet over mu-law codes (softmax head) or raw audio (discretized logistic mixture head).
 
     ``layers`` counts all layers, split evenly over ``stacks``; dilations are 1, 2, 4, ...
@@ -353,9 +354,9 @@ class WaveNet(nn.Module):
             return cond[0], cond[1]
         return cond, None
 
-    def sequence(self, n=None, shape=None, cond=None, prime=None):
-        """The :class:`fastar.sampling.Sequence` of one run: P + T steps (the prime's P are given),
-        values in time order."""
+    def sequence(self, n=None, shape=None, cond=None, num_prime=0):
+        """The :class:`fastar.sampling.Sequence` of one run: P + T steps (the engine gives the first
+        P from the call's prime), values in time order; ``sample`` returns the T new ones."""
         from fastar.sampling import Categorical, LogisticMixture, Sequence
 
         if shape is None:
@@ -364,38 +365,16 @@ class WaveNet(nn.Module):
         if len(shp) != 1 or isinstance(shp[0], bool) or not isinstance(shp[0], int) or shp[0] < 1:
             raise ValueError(f"WaveNet.sample: shape must be (T,) or an int T >= 1, got {shape!r}")
         mixture, acc = self._mixture, self._acc
-        if prime is not None:
-            if mixture and (not isinstance(prime, torch.Tensor) or not prime.is_floating_point() or prime.dim() != 2):
-                raise ValueError(f"WaveNet.sample: prime must be (B, P) floats in [-1, 1] (mixture head), got "
-                                 f"{getattr(prime, 'dtype', type(prime).__name__)} of shape "
-                                 f"{list(getattr(prime, 'shape', []))}")
-            if not mixture and (not isinstance(prime, torch.Tensor) or prime.dtype != torch.int64 or prime.dim() != 2):
-                raise ValueError(f"WaveNet.sample: prime must be (B, P) int64 codes, got "
-                                 f"{getattr(prime, 'dtype', type(prime).__name__)} of shape "
-                                 f"{list(getattr(prime, 'shape', []))}")
-            if n is not None and n != prime.shape[0]:
-                raise ValueError(f"WaveNet.sample: prime has batch {prime.shape[0]} but n is {n}")
-            n = prime.shape[0]
-            if not mixture and prime.numel() and (int(prime.min()) < 0 or int(prime.max()) >= self.quantization):
-                raise ValueError(f"WaveNet.sample: prime codes must lie in [0, {self.quantization}), got range "
-                                 f"[{int(prime.min())}, {int(prime.max())}]")
         if n is None:
             n = 1
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"WaveNet.sample: n must be a positive int, got {n!r}")
-        P = 0 if prime is None else prime.shape[1]
+        P = int(num_prime)
         T = P + shp[0]
         gc, lc = self._split_cond(cond)
         g = self._global_vector(gc, n)
         c = self._local_features(lc, n, T)
         head = LogisticMixture(self.num_mixtures, self.num_bits) if mixture else Categorical(self.quantization)
-        given_values = given_mask = None
-        if P:
-            dev = self.out1.weight.device
-            given_values = torch.zeros(n, T, dtype=acc if mixture else torch.int64, device=dev)
-            given_values[:, :P] = prime.to(dev, given_values.dtype)
-            given_mask = torch.zeros(n, T, dtype=torch.bool, device=dev)
-            given_mask[:, :P] = True
 
         def forward(values, t=None):
             inp = torch.cat([torch.full_like(values[:, :1], 0.0 if mixture else self.start_code), values[:, :-1]], 1)
@@ -405,9 +384,8 @@ class WaveNet(nn.Module):
             h = self._embed(inp[:, lo:t + 1])
             return self._stack(h, g, None if c is None else c[:, :, lo:t + 1])[:, :, -1].to(acc)
 
-        return Sequence(n=n, steps=T, head=head, forward=forward, finish=lambda values: values[:, P:],
-                        given_values=given_values, given_mask=given_mask, cond=(g, c),
-                        info=dict(num_prime=P, step_cond=self.step_cond(g, c)))
+        return Sequence(n=n, steps=T, head=head, forward=forward, shape=(shp[0],), out_slots=torch.arange(P, T),
+                        cond=(g, c), num_prime=P, step_cond=self.step_cond(g, c))
 
     def allocate_inference_cache(self, run, fused=None):
         """The ring-buffer queues of one run (:mod:`fastar.models.wavenet_cache`)."""

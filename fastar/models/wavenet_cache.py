@@ -24,16 +24,21 @@ from fastar.sampling.protocol import InferenceCache
 __all__ = ["allocate", "WaveNetFusedCache", "WaveNetQueueCache"]
 
 
-def _prime_length(run) -> int:
-    """The prime's length P, checking the given values are whole leading columns (what the op keeps)."""
+def _prime_only(run) -> bool:
+    """Whether the given values are exactly the prime (the first P samples of every clip): what the
+    fused op keeps; any other mask (a prefix with gaps) runs on the per-op cache."""
     if run.given_mask is None:
-        return 0
-    P = int(run.seq.info.get("num_prime", 0))
+        return run.seq.num_prime == 0
     want = torch.zeros_like(run.given_mask)
-    want[:, :P] = True
-    if not torch.equal(run.given_mask, want):
-        raise ValueError("WaveNet: given values must be a prime (the first P samples of every clip)")
-    return P
+    want[:, :run.seq.num_prime] = True
+    return torch.equal(run.given_mask, want)
+
+
+def _prime_length(run) -> int:
+    if not _prime_only(run):
+        raise ValueError("WaveNet: the fused step keeps only a prime (the first P samples of every clip) as given "
+                         "values; run other masks with fused=False")
+    return run.seq.num_prime
 
 
 class WaveNetFusedCache(InferenceCache):
@@ -50,15 +55,15 @@ class WaveNetFusedCache(InferenceCache):
         # The op wants (B, T) uniforms (softmax) or (B, 2, T) (mixture); the engine holds (T, B, U).
         noise = run.noise.permute(1, 2, 0)
         self.noise = (noise if model.head_kwargs() else noise[:, 0]).contiguous()
-        cond = run.seq.info.get("step_cond")
+        cond = run.seq.step_cond
         self.cond = None if cond is None else cond.to(run.dtype).contiguous()
         self.num_prime = _prime_length(run)
         self.chunk = 64 if dev.type == "cuda" else 256
 
     def plan(self, t):
-        return "chunk", (1 if self.run.record else self.chunk)
+        return "chunk", self.chunk
 
-    def advance(self, key, k):
+    def advance(self, key, t, k):
         run = self.run
         _wn.wavenet_step_packed(run.values, self.queues, run.t, self.params, self.noise, self.cond, self.weights,
                                 self.num_prime, run.temperature, self.model.start_arg, num_steps=k,
@@ -74,7 +79,7 @@ class WaveNetQueueCache(InferenceCache):
         k = model.kernel_size
         self.states = [torch.zeros(n, model.residual_channels, (k - 1) * d, dtype=dt, device=dev)
                        for d in model.dilations]
-        cond = run.seq.info.get("step_cond")
+        cond = run.seq.step_cond
         self.cond = None if cond is None else cond.to(dt)            # (B, Tc, L, 2D)
         self.start = torch.full((n,), float(model.start_arg) if self.mixture else model.start_arg,
                                 dtype=run.values.dtype, device=dev)
@@ -85,7 +90,7 @@ class WaveNetQueueCache(InferenceCache):
         self.R, self.D = model.residual_channels, model.dilation_channels
         self.head = (model.out1.weight[:, :, 0].t(), model.out1.bias, model.out2.weight[:, :, 0].t(), model.out2.bias)
 
-    def step(self, key):
+    def step(self, key, t_host):
         run, m = self.run, self.model
         t = run.t
         prev = run.values.index_select(1, (t - 1).clamp_min(0)).squeeze(1)
@@ -112,5 +117,5 @@ def allocate(model, run, fused=None):
     """The inference cache of a WaveNet for one run: fused where ``wavenet_step``'s kernel is built."""
     can_fuse = _backend.use_kernel("wavenet_step", run.device, run.dtype, _wn.STEP_KERNEL_DTYPES)
     if fused is None:
-        fused = can_fuse
+        fused = can_fuse and _prime_only(run)
     return WaveNetFusedCache(model, run) if fused else WaveNetQueueCache(model, run)

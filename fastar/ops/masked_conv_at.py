@@ -31,7 +31,7 @@ from fastar.ops._common import check_same_device, check_tensor, host_checkable
 from fastar.ops.masked_conv import _check_args as _check_conv_args
 from fastar.ops.masked_conv import live_taps
 
-__all__ = ["masked_conv2d_at", "masked_conv2d_at_ref"]
+__all__ = ["masked_conv2d_at", "masked_conv2d_at_ref", "bind_masked_conv2d_at"]
 
 KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -118,6 +118,24 @@ def masked_conv2d_at(x_cache, x_new, weight, bias, mask, pos, padding=None, dila
     if _backend.use_kernel("masked_conv2d_at", x_cache.device, x_cache.dtype, KERNEL_DTYPES):
         return torch.ops.fastar.masked_conv2d_at(x_cache, x_new, weight, bias, mask, pos, padding, dilation)
     return _ref_impl(x_cache, x_new, weight, bias, mask, pos, padding, dilation)
+
+
+def bind_masked_conv2d_at(x_cache, weight, bias, mask, padding=None, dilation=1):
+    """:func:`masked_conv2d_at` with everything but ``x_new`` and ``pos`` fixed and checked once:
+    returns ``fn(x_new, pos) -> (N, C_out, P)``. For decode loops, where a step's few microseconds of
+    arithmetic are less than re-checking every argument in Python would cost. The backend
+    (kernel or reference) is chosen at binding time."""
+    pos0 = torch.zeros(1, 2, dtype=torch.int64, device=x_cache.device)
+    _, padding, dilation = _check_args("masked_conv2d_at", x_cache, None, weight, bias, mask, pos0, padding, dilation)
+    if _backend.use_kernel("masked_conv2d_at", x_cache.device, x_cache.dtype, KERNEL_DTYPES):
+        op = torch.ops.fastar.masked_conv2d_at
+    else:
+        op = _ref_impl
+
+    def fn(x_new, pos):
+        return op(x_cache, x_new, weight, bias, mask, pos, padding, dilation)
+
+    return fn
 
 
 # Registrations only when this build of _C has the ops (a stale build falls back to the reference).

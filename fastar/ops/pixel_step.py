@@ -48,7 +48,8 @@ from fastar import _backend
 from fastar.ops._common import check_same_device, check_temperature, check_tensor, check_uniforms, host_checkable
 from fastar.ops.mixture import categorical_sample_ref
 
-__all__ = ["gated_pixelcnn_step", "gated_pixelcnn_step_ref", "GatedPixelStepPack", "gated_pixelcnn_step_packed"]
+__all__ = ["gated_pixelcnn_step", "gated_pixelcnn_step_ref", "GatedPixelStepPack", "gated_pixelcnn_step_packed",
+           "bind_gated_pixelcnn_step"]
 
 
 class GatedPixelStepPack(NamedTuple):
@@ -257,3 +258,24 @@ def gated_pixelcnn_step_packed(image, codes, step, logits, noise, prefix, given,
                                pack.cond_map, pack.map_w, prefix, given, pack.h_w, pack.h_b, pack.so_w, pack.so_b,
                                pack.head1_w, pack.head1_b, pack.head2_w, pack.head2_b, pack.taps, pack.residual,
                                levels, temperature)
+
+
+def bind_gated_pixelcnn_step(image, codes, step, logits, noise, prefix, given, pack: GatedPixelStepPack, levels,
+                             temperature=1.0, kernel: bool | None = None):
+    """:func:`gated_pixelcnn_step_packed` with every argument fixed and checked once: returns ``fn()``
+    that advances one sub-pixel (the op reads its position from ``step``). For decode loops, where
+    re-checking two dozen arguments in Python would cost more than the step. ``kernel``: None = the
+    backend's choice, False = the reference twin (e.g. under the reference backend)."""
+    args = (image, pack.row_cache, codes, step, logits, noise, pack.links, pack.class_bias, pack.cond_map,
+            pack.map_w, prefix, given, pack.h_w, pack.h_b, pack.so_w, pack.so_b, pack.head1_w, pack.head1_b,
+            pack.head2_w, pack.head2_b, [int(v) for v in pack.taps], [int(v) for v in pack.residual], levels,
+            float(temperature))
+    _check("gated_pixelcnn_step", *args)
+    use = _backend.use_kernel("gated_pixelcnn_step", pack.h_b.device, pack.h_b.dtype, KERNEL_DTYPES)
+    op = torch.ops.fastar.gated_pixelcnn_step if (use if kernel is None else kernel and use) else _ref_impl
+
+    def fn():
+        op(*args)
+
+    fn.args = args          # the op's full argument list, for callers that run it another way (tests)
+    return fn

@@ -18,6 +18,7 @@ seed (exactly in float64; in float32 up to a rounding landing on a CDF boundary)
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -53,42 +54,121 @@ def _check_common(name, n, temperature):
         raise ValueError(f"{name}.sample: temperature must be a finite number >= 0, got {temperature!r}")
 
 
-def prepare(model, n=None, shape=None, cond=None, generator=None, temperature=1.0, prefix=None, mask=None, *,
-            record=False, **given) -> GenerationRun:
-    """Check the arguments of a ``sample`` call, ask the model for its :class:`Sequence` and draw
-    every uniform up front. ``prefix``/``mask`` (images) and ``given`` (other families' given-value
-    keywords, e.g. ``prime`` for audio) go to ``model.sequence`` when set. ``record``: keep every
-    step's distribution parameters."""
-    name = type(model).__name__
+def _accepts(fn, name) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _given(name, seq: Sequence, table, prefix, mask, prime, device):
+    """The call's prefix / mask and prime as (N, S) values and mask in the slot layout, or (None, None)."""
+    head, n, S = seq.head, seq.n, table.numel()
+    V = table.shape[1]
+    gv = gm = None
     if prefix is not None:
-        given["prefix"] = prefix
-    if mask is not None:
-        given["mask"] = mask
-    given = {k: v for k, v in given.items() if v is not None}
-    seq = model.sequence(n, shape, cond, **given)
+        out = seq.output_slots()
+        want = [n, *seq.shape]
+        if not isinstance(prefix, torch.Tensor) or list(prefix.shape) != want:
+            raise ValueError(f"{name}.sample: prefix must have the shape sample returns, {want}, got "
+                             f"{list(getattr(prefix, 'shape', [])) if isinstance(prefix, torch.Tensor) else type(prefix).__name__}")
+        if mask is None:
+            raise ValueError(f"{name}.sample: prefix needs a mask (bool, broadcastable to {want}, True where the "
+                             "prefix is given)")
+        m = torch.as_tensor(mask, device=device)
+        if m.dtype != torch.bool:
+            raise ValueError(f"{name}.sample: mask must be bool (True = given), got {m.dtype}")
+        try:
+            m = m.expand(*want)
+        except RuntimeError:
+            raise ValueError(f"{name}.sample: mask of shape {list(m.shape)} does not broadcast to {want}") from None
+        p = prefix.to(device)
+        if seq.encode is not None:
+            p = seq.encode(p)
+        p = head.check_values(torch.where(m, p, torch.zeros((), dtype=p.dtype, device=device)), f"{name}.sample: prefix")
+        gv = torch.zeros(n, S, dtype=p.dtype, device=device)
+        gm = torch.zeros(n, S, dtype=torch.bool, device=device)
+        idx = out.to(device)
+        gv.index_copy_(1, idx, p.reshape(n, -1))
+        gm.index_copy_(1, idx, m.reshape(n, -1))
+    elif mask is not None:
+        raise ValueError(f"{name}.sample: mask given without a prefix")
+    if prime is not None:
+        P = seq.num_prime
+        p = prime.to(device)
+        if seq.encode is not None:
+            p = seq.encode(p)
+        if p.dim() == 2 and V == 1:
+            p = p.unsqueeze(2)
+        if tuple(p.shape) != (n, P, V):
+            raise ValueError(f"{name}.sample: prime must be (N, P{', V' if V > 1 else ''}) = "
+                             f"{[n, P] + ([V] if V > 1 else [])}, got {list(prime.shape)}")
+        p = head.check_values(p, f"{name}.sample: prime")
+        cols = table[:P].flatten().to(device)
+        if gv is None:
+            gv = torch.zeros(n, S, dtype=p.dtype, device=device)
+            gm = torch.zeros(n, S, dtype=torch.bool, device=device)
+        gv = gv.to(torch.promote_types(gv.dtype, p.dtype))
+        gv.index_copy_(1, cols, p.reshape(n, -1).to(gv.dtype))
+        gm.index_fill_(1, cols, True)
+    if gm is not None and V > 1:
+        per_step = gm[:, table.flatten().to(device)].view(n, -1, V)
+        if bool((per_step.any(2) != per_step.all(2)).any()):
+            raise ValueError(f"{name}.sample: a step draws its {V} values jointly, so the mask must give all {V} "
+                             "values of a step or none")
+    return gv, gm
+
+
+def prepare(model, n=None, shape=None, cond=None, generator=None, temperature=1.0, prefix=None, mask=None,
+            prime=None, *, record=False) -> GenerationRun:
+    """Check the arguments of a ``sample`` call, ask the model for its :class:`Sequence`, map the
+    given values (``prefix`` + ``mask`` in the layout ``sample`` returns; ``prime`` (N, P) the first
+    P steps of a sequence model) into the slot layout, and draw every uniform up front.
+    ``record``: keep every step's distribution parameters."""
+    name = type(model).__name__
+    kw = {}
+    if prime is not None:
+        if not _accepts(model.sequence, "num_prime"):
+            raise ValueError(f"{name}.sample: this model takes no prime; give known values as prefix= and mask=")
+        if not isinstance(prime, torch.Tensor) or prime.dim() not in (2, 3):
+            raise ValueError(f"{name}.sample: prime must be a (N, P) tensor of the first P values, got "
+                             f"{list(prime.shape) if isinstance(prime, torch.Tensor) else type(prime).__name__}")
+        if n is not None and n != prime.shape[0]:
+            raise ValueError(f"{name}.sample: prime has batch {prime.shape[0]} but n is {n}")
+        n = prime.shape[0]
+        kw["num_prime"] = prime.shape[1]
+    if prefix is not None and isinstance(prefix, torch.Tensor) and prefix.dim() >= 1:
+        if n is None:
+            n = prefix.shape[0]
+        if shape is None:
+            shape = tuple(prefix.shape[1:])
+    seq = model.sequence(n, shape, cond, **kw)
     if not isinstance(seq, Sequence):
         raise TypeError(f"{name}.sequence must return a fastar.sampling.Sequence, got {type(seq).__name__}")
     _check_common(name, seq.n, temperature)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    table = seq.slot_table()
+    gv, gm = _given(name, seq, table, prefix, mask, prime, device)
     gdev = generator.device if generator is not None else device
     noise = torch.rand((seq.steps, seq.n, seq.head.uniforms), generator=generator, device=gdev,
                        dtype=acc).to(device)
-    return GenerationRun(model, seq, noise, float(temperature), device, dtype, acc, record)
+    return GenerationRun(model, seq, noise, float(temperature), device, dtype, acc, record, gv, gm)
 
 
 def _draw_step(run: GenerationRun, params: torch.Tensor) -> torch.Tensor:
-    """The engine's draw for the step at ``run.t``: head draw on its uniforms, given values, write."""
+    """The engine's draw for the step at ``run.t``: head draw on its uniforms, given values, write.
+    Returns the step's values (N, V)."""
     seq = run.seq
     t = run.t
     u = run.noise.index_select(0, t).squeeze(0)                       # (N, U)
-    v = seq.head.draw(params, u, run.temperature)
-    s = run.slots.index_select(0, t)                                  # (1,)
+    v = seq.head.draw(params, u, run.temperature).to(run.values.dtype)    # (N, V)
+    s = run.slot_table.index_select(0, t).squeeze(0)                  # (V,)
     if run.given_mask is not None:
-        v = torch.where(run.given_mask.index_select(1, s).squeeze(1), run.given_values.index_select(1, s).squeeze(1),
-                        v)
-    run.values.index_copy_(1, s, v.unsqueeze(1))
+        v = torch.where(run.given_mask.index_select(1, s), run.given_values.index_select(1, s), v)
+    run.values.index_copy_(1, s, v)
     return v
 
 
@@ -146,13 +226,13 @@ def cached_sample(model, run: GenerationRun, progress: bool = False, cuda_graphs
     recs = [] if run.record else None
     runners = {}
 
-    def work(key, k):
+    def work(key, t, k):
         if cache.draws:
-            cache.advance(key, k)           # the fused op draws from run.noise and moves run.t itself
+            cache.advance(key, t, k)        # the fused op draws from run.noise and moves run.t itself
             return cache.params
-        params = cache.step(key)
+        params = cache.step(key, t)
         v = _draw_step(run, params)
-        cache.update(key, v)
+        cache.update(key, t, v)
         run.t.add_(1)
         return params
 
@@ -162,18 +242,19 @@ def cached_sample(model, run: GenerationRun, progress: bool = False, cuda_graphs
     try:
         while t < T:
             key, k = cache.plan(t)
-            k = max(1, min(int(k), T - t)) if cache.draws else 1
-            if run.record:
-                k = 1 if not cache.draws else k
+            # Recording keeps every step's parameters, so every cache goes one step at a time then.
+            k = max(1, min(int(k), T - t)) if cache.draws and not run.record else 1
             if use_graphs:
                 fn = runners.get((key, k))
                 if fn is None:
-                    fn = runners[(key, k)] = GraphRunner(lambda key=key, k=k: work(key, k))
+                    # A captured step reads its position from run.t; the host t it was captured at is
+                    # only for caches that are not capturable.
+                    fn = runners[(key, k)] = GraphRunner(lambda key=key, k=k, t0=t: work(key, t0, k))
                 fn()
                 params = cache.params if cache.draws else None
             else:
                 token = threads.before(key, k)
-                params = work(key, k)
+                params = work(key, t, k)
                 threads.after(token)
             if recs is not None:
                 recs.append(params.clone())     # fused steps reuse their parameter buffer
@@ -182,7 +263,7 @@ def cached_sample(model, run: GenerationRun, progress: bool = False, cuda_graphs
     finally:
         threads.close()
     bar.close()
-    out = run.seq.finish(run.values)
+    out = run.seq.finish_values(run.values)
     return (out, torch.stack(recs)) if recs is not None else out
 
 
@@ -192,12 +273,11 @@ def naive_sample(model, run: GenerationRun, progress: bool = False):
     seq = run.seq
     all_given = None
     if run.given_mask is not None:
-        all_given = run.given_mask.all(0).tolist()
-    slots = run.slots.tolist()
+        all_given = run.given_mask.all(0)[run.slot_table.flatten()].view(seq.steps, -1).all(1).tolist()
     recs = [] if run.record else None
     bar = progress_bar(seq.steps, progress, f"{type(model).__name__} naive sampling")
     for t in range(seq.steps):
-        if all_given is not None and all_given[slots[t]] and recs is None:
+        if all_given is not None and all_given[t] and recs is None:
             run.t.add_(1)                   # the whole batch has this step given: no need to run the network
             bar.update()
             continue
@@ -208,14 +288,15 @@ def naive_sample(model, run: GenerationRun, progress: bool = False):
             recs.append(params)
         bar.update()
     bar.close()
-    out = seq.finish(run.values)
+    out = seq.finish_values(run.values)
     return (out, torch.stack(recs)) if recs is not None else out
 
 
 def sample(model, n=None, shape=None, cond=None, generator=None, temperature=1.0, method="cached", progress=True,
-           fused=None, cuda_graphs=None, return_params=False, **given):
-    """Draw from any registered model: see :meth:`fastar.models.PixelCNN.sample`. ``given``:
-    ``prefix``/``mask`` (images) or ``prime`` (audio). ``return_params``: also return every step's
+           fused=None, cuda_graphs=None, return_params=False, prefix=None, mask=None, prime=None):
+    """Draw from any model on the protocol (see :class:`fastar.models.AutoregressiveModel.sample`).
+    ``prefix`` + ``mask``: known values in the layout ``sample`` returns (True = given); ``prime``:
+    the first P values of a sequence model. ``return_params``: also return every step's
     distribution parameters, (T, N, P) in step order."""
     name = type(model).__name__
     if method not in ("cached", "naive"):
@@ -223,7 +304,7 @@ def sample(model, n=None, shape=None, cond=None, generator=None, temperature=1.0
     was_training = model.training
     model.eval()
     try:
-        run = prepare(model, n, shape, cond, generator, temperature, record=return_params, **given)
+        run = prepare(model, n, shape, cond, generator, temperature, prefix, mask, prime, record=return_params)
         if method == "naive":
             return naive_sample(model, run, progress=progress)
         return cached_sample(model, run, progress=progress, cuda_graphs=cuda_graphs, fused=fused)

@@ -1,16 +1,20 @@
 """The generation contract, run over every registered model family (``fastar.models.SPECS``) and
 each of its tiny configs (``ModelSpec.tiny``). A family that registers itself is held to all of it:
 
-- cached == naive from one seed, exactly in float64 (and the per-op cache == the fused one);
+- cached == naive from one seed, exactly in float64 (and the per-op cache == the fused one), also
+  with given values (a prefix and mask for every family, a prime for sequence models): the given
+  values are kept and the rest equals the naive sampler's;
 - the cached sampler's per-step parameters == the teacher-forced forward pass, to 1e-5, and their
   log-probabilities sum to ``-nll``;
 - causality: changing any value at step t or later leaves step t's parameters unchanged, and every
   step after the first depends on some earlier one;
-- normalisation: over every sequence of the tiny domain, ``exp(-nll)`` sums to one;
+- normalisation: over every sequence of the tiny domain, ``exp(-nll)`` sums to one (a real-valued
+  head: every step's conditional density integrates to one);
 - bad input to ``nll`` and ``sample`` raises ValueError naming what was expected.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import pytest
@@ -62,6 +66,60 @@ def test_cached_equals_naive_float64(device, name, i):
     assert torch.equal(pub, cached)
 
 
+def _given_mask(run, seed):
+    """A random set of whole steps given (every example its own), as a mask in the layout ``sample``
+    returns; a step's V values are given together (they are drawn jointly)."""
+    seq = run.seq
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.rand(seq.n, seq.steps, generator=g) < 0.45                  # (N, T)
+    steps[0, :] = False                                                      # one example draws everything
+    steps[-1, : max(1, seq.steps // 2)] = True                               # one is a classic prefix
+    slots = torch.zeros(seq.n, run.values.shape[1], dtype=torch.bool)
+    slots[:, run.slot_table.flatten().cpu()] = steps.repeat_interleave(run.slot_table.shape[1], 1)
+    return slots[:, seq.output_slots()].reshape(seq.n, *seq.shape)
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_given_values_kept_and_rest_equals_naive(device, name, i):
+    model, shape, cond = _case(name, i, device)
+    x0 = sampling.naive_sample(model, _run(model, shape, cond, 3))            # a full draw to take values from
+    mask = _given_mask(_run(model, shape, cond, 3), seed=i)
+    kw = dict(prefix=x0, mask=mask.to(device))
+
+    def draw(method, **extra):
+        return model.sample(3, shape, cond=cond, generator=torch.Generator().manual_seed(7), method=method,
+                            progress=False, **kw, **extra)
+
+    naive = draw("naive")
+    cached = draw("cached")
+    per_op = draw("cached", fused=False)
+    assert torch.equal(naive, cached) and torch.equal(naive, per_op)
+    m = mask.to(device)
+    assert torch.equal(cached[m], x0[m]), "a given value was not kept"
+
+
+@pytest.mark.parametrize("name,i", CASES, ids=IDS)
+def test_prime_for_sequence_models(device, name, i):
+    model, shape, cond = _case(name, i, device)
+    if "num_prime" not in inspect.signature(model.sequence).parameters:
+        with pytest.raises(ValueError, match="takes no prime"):
+            model.sample(3, shape, cond=cond, prime=torch.zeros(3, 1, dtype=torch.int64), progress=False)
+        return
+    x0 = sampling.naive_sample(model, _run(model, shape, cond, 3))
+    P = 2
+    prime = x0[:, :P] if x0.shape[1] >= P else x0
+    runs = {}
+    for method in ("naive", "cached"):
+        runs[method] = model.sample(3, shape, cond=cond, generator=torch.Generator().manual_seed(3), method=method,
+                                    prime=prime, progress=False, return_params=True)
+    (a, pa), (b, pb) = runs["naive"], runs["cached"]
+    assert torch.equal(a, b) and a.shape == x0.shape
+    torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-5)
+    other = model.sample(3, shape, cond=cond, generator=torch.Generator().manual_seed(3), prime=prime.flip(0),
+                         progress=False, return_params=True)[1]
+    assert not torch.equal(other[P], pb[P]) or torch.equal(prime, prime.flip(0)), "the prime is not used"
+
+
 @pytest.mark.parametrize("name,i", CASES, ids=IDS)
 @pytest.mark.parametrize("fused", [None, False])
 def test_step_params_equal_teacher_forced_forward(device, name, i, fused):
@@ -73,17 +131,29 @@ def test_step_params_equal_teacher_forced_forward(device, name, i, fused):
     torch.testing.assert_close(params, forced, rtol=1e-5, atol=1e-5)
     # the recorded parameters score the drawn values as the model's nll does
     head = run.seq.head
-    vals = run.values[:, run.slots]                                   # (N, T) in step order
+    vals = run.step_values                                            # (N, T, V) in step order
     lp = sum(head.log_prob(params[t], vals[:, t]) for t in range(run.seq.steps))
     torch.testing.assert_close(-lp, model.nll(x, cond), rtol=1e-6, atol=1e-6)
 
 
-def _moved(values, slot, support):
-    """`values` with every example's value at `slot` moved to another value of the support."""
+def _support(head):
+    """(K, V) every joint value of a step, or None for a head with no finite support."""
+    try:
+        return head.support()
+    except NotImplementedError:
+        return None
+
+
+def _moved(values, cols, support):
+    """`values` with every example's step at the value columns `cols` (V,) moved to another value."""
     out = values.clone()
-    cur = values[:, slot].to(support.dtype)
-    idx = (cur[:, None] == support[None, :]).to(torch.int64).argmax(1)
-    out[:, slot] = support[(idx + 1) % len(support)].to(out.dtype)
+    cur = values[:, cols]                                             # (N, V)
+    if support is None:                                               # real values: any other value will do
+        out[:, cols] = cur + 0.37
+        return out
+    sup = support.to(torch.float64)
+    idx = (cur.to(torch.float64)[:, None, :] == sup[None]).all(2).to(torch.int64).argmax(1)
+    out[:, cols] = sup[(idx + 1) % len(sup)].to(out.dtype)
     return out
 
 
@@ -105,10 +175,10 @@ def _check_causal(model, shape, cond):
     run = _run(model, shape, cond, 3)
     seq = run.seq
     sampling.naive_sample(model, run)
-    values, support, slots = run.values.clone(), seq.head.support(), run.slots.tolist()
+    values, support, table = run.values.clone(), _support(seq.head), run.slot_table
     with torch.no_grad():
         base = seq.forward(values, None)                              # (T, N, P)
-        outs = [seq.forward(_moved(values, slots[s], support), None) for s in range(seq.steps)]
+        outs = [seq.forward(_moved(values, table[s], support), None) for s in range(seq.steps)]
     for t in range(seq.steps):
         for s in range(t, seq.steps):
             torch.testing.assert_close(outs[s][t], base[t], rtol=0, atol=0,
@@ -122,12 +192,16 @@ def test_normalised_over_the_tiny_domain(name, i):
     model, shape, cond = _case(name, i, n=1)
     run = _run(model, shape, cond, 1)
     seq, T = run.seq, run.seq.steps
-    support = seq.head.support()
+    support = _support(seq.head)
+    if support is None:
+        _check_density_normalised(model, shape, cond)
+        return
     assert len(support) ** T <= 4096, "tiny config too large to enumerate"
     grid = torch.tensor(list(itertools.product(range(len(support)), repeat=T)))   # (M, T) step order
-    values = torch.zeros(len(grid), T, dtype=run.values.dtype)
-    values[:, run.slots] = support[grid].to(values.dtype)
-    x = seq.finish(values)
+    values = torch.zeros(len(grid), run.values.shape[1], dtype=run.values.dtype)
+    values[:, run.slot_table.flatten()] = support[grid].reshape(len(grid), -1).to(values.dtype)
+    seq.n = len(grid)
+    x = seq.finish_values(values)
     c = None if cond is None else cond.expand(len(grid))
     with torch.no_grad():
         nll = model.nll(x, c)
@@ -136,12 +210,30 @@ def test_normalised_over_the_tiny_domain(name, i):
     torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=1e-9)
 
 
+def _check_density_normalised(model, shape, cond):
+    """A real-valued head: every step's conditional density (the recorded parameters of sampled
+    prefixes) integrates to one by the head's quadrature; with per-step parameters == forward and
+    -nll == the sum of the steps' log-densities (test_step_params_equal_teacher_forced_forward), the
+    joint density integrates to one."""
+    run = _run(model, shape, cond, 4, record=True)
+    _, params = sampling.cached_sample(model, run)
+    head = run.seq.head
+    for t in range(run.seq.steps):
+        pts, logw = head.quadrature(params[t])                        # (N, M, V), (N, M)
+        N, M = logw.shape
+        lp = head.log_prob(params[t].repeat_interleave(M, 0), pts.reshape(N * M, -1)).view(N, M)
+        total = torch.logsumexp(lp + logw, 1)
+        torch.testing.assert_close(total, torch.zeros_like(total), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name,i", CASES, ids=IDS)
 def test_bits_per_dim_and_loss_from_nll(name, i):
     model, shape, cond = _case(name, i)
     x = model.sample(3, shape, cond=cond, generator=torch.Generator().manual_seed(0), progress=False)
     nll = model.nll(x, cond)
-    assert nll.shape == (3,) and bool((nll > 0).all())
+    assert nll.shape == (3,) and bool(torch.isfinite(nll).all())
+    if _support(_run(model, shape, cond, 3).seq.head) is not None:
+        assert bool((nll > 0).all())                                  # probabilities, not densities: nll > 0
     torch.testing.assert_close(model.bits_per_dim(x, cond), nll / (x[0].numel() * torch.log(torch.tensor(2.0)).double()))
     torch.testing.assert_close(model.loss(x, cond), nll.mean())
 
@@ -165,15 +257,17 @@ def test_bad_input(name, i):
 
 def _out_of_range(x, head):
     bad = x.clone()
-    if head.discrete:
-        bad.view(-1)[0] = len(head.support())
-    else:
+    if not x.is_floating_point():                                     # integer codes: no model has 10**6 levels
+        bad.view(-1)[0] = 10 ** 6
+    elif _support(head) is not None:
         bad.view(-1)[0] = 2.0
+    else:                                                             # real values: only non-finite is out
+        bad.view(-1)[0] = float("inf")
     return bad
 
 
 def _nan(x, head):
-    bad = x.clone().double() if head.discrete else x.clone()
+    bad = x.clone().double() if not x.is_floating_point() else x.clone()
     bad.view(-1)[0] = float("nan")
     return bad
 
@@ -182,9 +276,9 @@ def _nan(x, head):
 # every row; a family-specific case goes in the family's own tests.
 BAD_INPUT = [
     ("nll of one sequence without a batch", lambda m, x, c, h: m.nll(x[0], c), None),
-    ("nll of a value out of range", lambda m, x, c, h: m.nll(_out_of_range(x, h), c), "lie in|binary"),
-    ("nll of NaN", lambda m, x, c, h: m.nll(_nan(x, h), c), "NaN|integer|int64|binary|lie in"),
-    ("nll of non-integer codes", lambda m, x, c, h: m.nll(x.double() + 0.5, c) if h.discrete else
+    ("nll of a value out of range", lambda m, x, c, h: m.nll(_out_of_range(x, h), c), "lie in|binary|finite"),
+    ("nll of NaN", lambda m, x, c, h: m.nll(_nan(x, h), c), "NaN|integer|int64|binary|lie in|finite"),
+    ("nll of non-integer codes", lambda m, x, c, h: m.nll(x.double() + 0.5, c) if not x.is_floating_point() else
      m.nll(x.long(), c), "integer|int64|binary|floats"),
     ("loss of an empty batch", lambda m, x, c, h: m.loss(x[:0], None if c is None else c[:0]), "empty"),
     ("sample of a float shape", lambda m, x, c, h: m.sample(1, tuple(float(s) + 0.5 for s in x.shape[2:]

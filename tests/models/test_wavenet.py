@@ -250,7 +250,7 @@ def test_mixture_step_params_equal_teacher_forced_forward():
 
 def test_mixture_generate_bad_input():
     m = _tiny_mix()
-    with pytest.raises(ValueError, match=r"prime must be \(B, P\) floats"):
+    with pytest.raises(ValueError, match=r"prime must be floats in \[-1, 1\]"):
         m.generate(4, prime=torch.zeros(1, 3, dtype=torch.int64), progress=False)
 
 

@@ -272,7 +272,7 @@ def test_kernel_draws_the_ref_index_at_cdf_boundaries_float64(case):
     plan = _plan(model, n, shape, cond, prefix, mask)
     _, lk, _ = _walk(model, plan, torch.ops.fastar.gated_pixelcnn_step)
     two = model.levels == 2
-    C, H, W = plan.seq.info["shape"]
+    C, H, W = plan.seq.shape
     T = plan.seq.steps
 
     def full(lg):  # a binary row is the two categories (0, logit)
