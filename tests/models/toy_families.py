@@ -59,7 +59,11 @@ class JointRGB(AutoregressiveModel):
         """v (N, 3, H, W) bin centres -> (N, P, H, W): every pixel's mixture parameters."""
         n = v.shape[0]
         vs = v.flatten(2).transpose(1, 2)                                          # (N, D, 3)
-        p = self.bias + torch.einsum("tspc,nsc->ntp", self.weight * self.mask, vs)  # (N, D, P)
+        w = self.weight * self.mask
+        # Pixel by pixel in step order, the very sums the cache accumulates: cached == naive bit for bit.
+        p = self.bias.expand(n, -1, -1)                                            # (N, D, P)
+        for s in range(vs.shape[1]):
+            p = p + torch.einsum("tpc,nc->ntp", w[:, s], vs[:, s])
         return p.transpose(1, 2).reshape(n, self.dist.params, self.height, self.width)
 
     def nll(self, x, cond=None):
@@ -117,7 +121,7 @@ class _JointPerOp(InferenceCache):
         return self.acc[:, t].to(self.run.acc)
 
     def update(self, key, t, values):
-        self.acc += torch.einsum("tpc,nc->ntp", self.w[:, t], values.to(self.acc.dtype))
+        self.acc = self.acc + torch.einsum("tpc,nc->ntp", self.w[:, t], values.to(self.acc.dtype))
 
 
 class _JointFused(_JointPerOp):
@@ -173,7 +177,13 @@ class GaussAR(AutoregressiveModel):
 
     def params_of(self, x):
         """x (N, D) -> (N, P, D)."""
-        p = self.bias + torch.einsum("tsp,ns->ntp", self.weight * self.mask, x.to(self.bias.dtype))
+        x = x.to(self.bias.dtype)
+        w = self.weight * self.mask
+        # Value by value in step order, the very sums the cache accumulates: cached == naive bit for bit
+        # (real values show any difference in the last bits, unlike a categorical draw).
+        p = self.bias.expand(x.shape[0], -1, -1)                                   # (N, D, P)
+        for s in range(self.features):
+            p = p + x[:, s, None, None] * w[:, s][None]
         return p.transpose(1, 2)
 
     def nll(self, x, cond=None):
@@ -222,7 +232,7 @@ class _GaussSums(InferenceCache):
         return self.acc[:, t].to(self.run.acc)
 
     def update(self, key, t, values):
-        self.acc += values.to(self.acc.dtype)[:, :, None] * self.w[:, t][None]
+        self.acc = self.acc + values.to(self.acc.dtype)[:, :, None] * self.w[:, t][None]
 
 
 def _toy_gauss(levels, holdout, **_):
