@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fastar
-from fastar.bench.masked_conv import CASES, _inputs
-from fastar.ops.masked_conv import masked_conv2d, masked_conv2d_ref
+from fastar.bench import kernel_built
+from fastar.bench.masked_conv import CASES, case_inputs
+from fastar.ops import masked_conv2d, masked_conv2d_ref
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SMALL = [c for c in CASES if c[1] <= 16]
@@ -25,10 +26,9 @@ def _sync(device):
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 @pytest.mark.parametrize("case", SMALL, ids=[c[0] for c in SMALL])
 def test_forward_backward(benchmark, case, impl, device):
-    if impl == "kernel" and "masked_conv2d" not in (fastar._backend.CUDA_KERNELS if device == "cuda"
-                                                    else fastar._backend.CPU_KERNELS):
+    if impl == "kernel" and not kernel_built("masked_conv2d", device):
         pytest.skip("kernel not built for this device")
-    x, w, b, m = _inputs(case, torch.device(device), torch.float32)
+    x, w, b, m = case_inputs(case, torch.device(device), torch.float32)
     x, w, b = (t.requires_grad_(True) for t in (x, w, b))
     fn = masked_conv2d_ref if impl == "reference" else masked_conv2d
 

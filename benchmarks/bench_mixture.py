@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import fastar
-from fastar.bench.mixture import K, _loss_inputs
-from fastar.ops.mixture import (categorical_sample, categorical_sample_ref, discretized_mix_logistic_nll,
-                                discretized_mix_logistic_nll_ref, sample_discretized_mix_logistic,
-                                sample_discretized_mix_logistic_ref)
+from fastar.bench import kernel_built
+from fastar.bench.mixture import K, loss_inputs
+from fastar.ops import (categorical_sample, categorical_sample_ref, discretized_mix_logistic_nll,
+                        discretized_mix_logistic_nll_ref, sample_discretized_mix_logistic,
+                        sample_discretized_mix_logistic_ref)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -23,8 +24,7 @@ def _sync(device):
 
 
 def _skip_without_kernel(op, impl, device):
-    kernels = fastar._backend.CUDA_KERNELS if device == "cuda" else fastar._backend.CPU_KERNELS
-    if impl == "kernel" and op not in kernels:
+    if impl == "kernel" and not kernel_built(op, device):
         pytest.skip(f"{op} kernel not built for {device}")
 
 
@@ -33,7 +33,7 @@ def _skip_without_kernel(op, impl, device):
 @pytest.mark.parametrize("batch", [16])
 def test_loss_forward_backward(benchmark, batch, impl, device):
     _skip_without_kernel("discretized_mix_logistic_nll", impl, device)
-    x, p = _loss_inputs(batch, torch.device(device))
+    x, p = loss_inputs(batch, torch.device(device))
     p.requires_grad_(True)
     fn = discretized_mix_logistic_nll_ref if impl == "reference" else discretized_mix_logistic_nll
 
@@ -51,7 +51,7 @@ def test_loss_forward_backward(benchmark, batch, impl, device):
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 def test_sample(benchmark, impl, device):
     _skip_without_kernel("sample_discretized_mix_logistic", impl, device)
-    _, p = _loss_inputs(16, torch.device(device))
+    _, p = loss_inputs(16, torch.device(device))
     u = torch.rand(16, 4, 32, 32, device=device)
     fn = sample_discretized_mix_logistic_ref if impl == "reference" else sample_discretized_mix_logistic
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fastar
-from fastar.bench.wavenet import _model, _plain_maker, _queue_ref_maker
+from fastar.bench import kernel_built
+from fastar.bench.wavenet import bench_model, plain_queue_maker, queue_ref_maker
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 STEPS = 16
@@ -25,11 +26,10 @@ def _sync(device):
 @pytest.mark.parametrize("impl", ["queue_ref", "plain_queue", "fused"])
 @pytest.mark.parametrize("batch", [1, 16, 64, 256])
 def test_generate_steps(benchmark, device, impl, batch):
-    kernels = fastar._backend.CUDA_KERNELS if device == "cuda" else fastar._backend.CPU_KERNELS
-    if impl == "fused" and "wavenet_step" not in kernels:
+    if impl == "fused" and not kernel_built("wavenet_step", device):
         pytest.skip("wavenet_step kernel not built for this device")
     dev = torch.device(device)
-    m = _model(dev)
+    m = bench_model(dev)
     if impl == "fused":
         def make():
             def run():
@@ -37,7 +37,7 @@ def test_generate_steps(benchmark, device, impl, batch):
                     m.generate(STEPS, batch_size=batch, progress=False)
             return run
     else:
-        make = (_queue_ref_maker if impl == "queue_ref" else _plain_maker)(m, batch, STEPS, dev)
+        make = (queue_ref_maker if impl == "queue_ref" else plain_queue_maker)(m, batch, STEPS, dev)
 
     def setup():  # fresh queues and step counter per round, outside the timed call
         run = make()

@@ -1,5 +1,10 @@
-"""What a shipped image model's samples are worth: held-out NLL, a fixed digit classifier's agreement
-with the class a sample was drawn for, and completions of held-out digits.
+"""Measures of what a trained model is worth, as a library: held-out NLL in nats and bits/dim, the
+held-out bits of a unigram baseline, a fixed digit classifier's agreement with the class a sample was
+drawn for, class grids of samples and completions of held-out digits.
+
+Callers: ``fastar demo`` (``fastar/commands/demo.py`` and ``writers.py``), the benchmark family
+``fastar bench quality`` (``fastar/bench/quality.py``, which only runs these over the shipped
+checkpoints and tabulates them), ``scripts/make_figures.py`` and ``tests/test_quality.py``.
 
 The classifier is an ordinary MLP (784 -> 256 -> 10, ReLU) trained on the *real* training digits of
 the checkpoint's data set (the same split the generative model trained on), from a fixed seed, so
@@ -20,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["CLASSIFIER_SEED", "SAMPLE_SEED", "DigitClassifier", "classifier_for", "train_classifier",
-           "class_grid", "agreement", "completions", "held_out_nll"]
+           "class_grid", "agreement", "completions", "held_out_nll", "unigram_bits"]
 
 CLASSIFIER_SEED = 0  # the classifier's initialisation and shuffling
 SAMPLE_SEED = 0      # the generator of the class-grid samples the agreement is measured on
@@ -161,3 +166,11 @@ def held_out_nll(model, ds, conditional: bool, batch_size: int = 250) -> dict:
     nats = total / len(ds.test)
     d = math.prod(ds.shape)
     return dict(nll_nats=nats, bits_per_dim=nats / (d * math.log(2.0)), dims=d, n=len(ds.test))
+
+
+def unigram_bits(ds) -> float:
+    """Held-out bits per value of a unigram model of the values: their training-set frequencies, add-one
+    smoothed. What a model gains over it is what it learnt beyond which values are common."""
+    counts = torch.bincount(ds.train.flatten(), minlength=ds.levels).double() + 1.0
+    logp = (counts / counts.sum()).log2()
+    return float(-logp[ds.test.flatten()].mean())

@@ -8,6 +8,10 @@ A family is any module of this package that defines ``run(device, quick) -> list
 (one dict per row) and ``COLUMNS`` (optionally ``NOTES``, and ``FAMILY``, its name, which
 defaults to the module name): adding one is adding a module here, with no edit to the runner.
 ``FAMILIES`` (name -> module path) is found on first use.
+
+The public names below (and each family module's documented helpers, such as
+:func:`fastar.bench.masked_conv.case_inputs`) are what the pytest-benchmark suites in the
+top-level ``benchmarks/`` folder build on, so that a suite and its table time the same inputs.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import sys
 
 import torch
 
+__all__ = ["FAMILIES", "discover_families", "kernel_built", "machine", "markdown_table", "save", "main"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,7 +60,18 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def kernel_built(op: str, device) -> bool:
+    """Whether this install has a compiled kernel of ``op`` (e.g. ``"masked_conv2d"``) for ``device``
+    (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``): the rows that time a kernel are skipped
+    where this is False. Read from :func:`fastar.info`."""
+    from fastar import info
+
+    kind = torch.device(device).type
+    return op in info().get(f"{kind}_kernels", ())
+
+
 def machine() -> dict:
+    """The machine a result was measured on: CPU model, cores, torch threads, GPU, torch/CUDA/Python."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -89,6 +105,7 @@ def _fmt(v) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """Rows (dicts) as a markdown table over ``columns``; a missing value prints as ``-``."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
@@ -96,6 +113,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def save(family: str, device: str, rows: list[dict], columns: list[str], out_dir: str, notes: str = "") -> str:
+    """Write ``<out_dir>/<family>-<device>.json`` and ``.md`` (machine, command, git revision, date, notes,
+    table) atomically; returns the path without its extension."""
     os.makedirs(out_dir, exist_ok=True)
     meta = {"family": family, "device": device, "machine": machine(), "git": _git_rev(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -114,6 +133,8 @@ def save(family: str, device: str, rows: list[dict], columns: list[str], out_dir
 
 
 def main(families=None, out_dir="benchmarks/results", quick=False, device=None, threads=None) -> int:
+    """``python -m fastar bench``: run ``families`` (default: all) on ``device`` (default: the CPU, and
+    CUDA when a GPU is visible), print each table and save it under ``out_dir``."""
     known = discover_families()
     families = list(families or known)
     unknown = [f for f in families if f not in known]

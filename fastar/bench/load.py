@@ -7,7 +7,7 @@ small-batch path meets at spin barriers several times a layer) and PixelRNN cach
 BiLSTM, 4 layers, hidden 32, batch 16: per-op, torch's own threading, no fused step). Each case runs in three thread
 modes: ``adaptive`` (the default: torch's thread count, with the sampling engine choosing per kind
 of step between all threads and one by measuring, ``FASTAR_CPU_THREADS`` unset), ``all`` (every call on all
-threads, ``FASTAR_CPU_THREADS=all``: the behaviour before the adaptive choice) and ``one``
+threads, ``FASTAR_CPU_THREADS=all``: no adaptive choice, what the fused kernels alone would do) and ``one``
 (``torch.set_num_threads(1)``), each quiet and with a busy-loop process that this benchmark starts
 and ends itself (by its pid; it stops itself after ``BUSY_LIMIT_S`` whatever happens).
 """
@@ -33,7 +33,7 @@ NOTES = ("Seconds per run, median of REPEATS runs, the modes and the quiet/busy 
          "case. adaptive = the default (torch's threads; the sampling engine measures per kind of step whether "
          "all threads or one is faster and uses that, re-timing the other in short bursts: "
          "fastar/sampling/threads.py); all = FASTAR_CPU_THREADS=all "
-         "(every fused call on all threads, as before); one = torch.set_num_threads(1). busy = while one "
+         "(every fused call on all threads, no adaptive choice); one = torch.set_num_threads(1). busy = while one "
          "`python -c 'while True: pass'`-style process (bounded, started and killed by the benchmark) holds a "
          "core. busy_vs_one_busy = busy_s / the one-thread busy_s (<= 1: at least as fast as one thread); "
          "busy_vs_adaptive_quiet = busy_s / the adaptive quiet_s (the target: <= 1.3 where one core is still "

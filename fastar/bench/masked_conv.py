@@ -7,6 +7,8 @@ from fastar import _backend, masks
 from fastar.bench.timing import peak_memory_bytes, time_interleaved
 from fastar.ops.masked_conv import cpu_prefers_onednn, masked_conv2d, masked_conv2d_ref
 
+__all__ = ["FAMILY", "COLUMNS", "NOTES", "CASES", "QUICK", "case_inputs", "run"]
+
 FAMILY = "masked_conv"
 
 COLUMNS = ["case", "pass", "reference_ms", "compiled_ms", "kernel_ms", "auto_ms", "speedup_vs_ref",
@@ -34,7 +36,10 @@ CASES = [
 QUICK = {"b16 64->64 3x3 B 28x28", "b16 3->66 7x7 A rgb 32x32"}
 
 
-def _inputs(case, device, dtype):
+def case_inputs(case, device, dtype):
+    """The inputs of one ``CASES`` entry: x (N, C_in, S, S), weight (C_out, C_in, k, k), bias (C_out,) and the
+    causal mask (C_out, C_in, k, k) of its mask type and colour groups, from a fixed seed, on ``device`` in
+    ``dtype``. The table here and ``benchmarks/bench_masked_conv.py`` time the same tensors."""
     _, b, cin, cout, k, mt, cg, size = case
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, cin, size, size, generator=g).to(device, dtype)
@@ -67,7 +72,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
             continue
         if case[1] >= 128 and dev.type == "cpu" and quick:
             continue
-        x, w, b, m = _inputs(case, dev, dtype)
+        x, w, b, m = case_inputs(case, dev, dtype)
         active = int((m.flatten(0, 1) != 0).any(0).sum())
         big = case[1] >= 128 and dev.type == "cpu"
         repeat = 3 if quick else (5 if big else (100 if case[1] == 1 else 15))  # sub-ms calls: many rounds

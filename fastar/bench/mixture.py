@@ -14,6 +14,8 @@ from fastar.ops.mixture import (categorical_sample, categorical_sample_ref, disc
                                 discretized_mix_logistic_nll_ref, sample_discretized_mix_logistic,
                                 sample_discretized_mix_logistic_ref)
 
+__all__ = ["FAMILY", "COLUMNS", "NOTES", "K", "LOSS_BATCHES", "CAT_ROWS", "loss_inputs", "run"]
+
 FAMILY = "mixture"
 
 COLUMNS = ["case", "pass", "reference_ms", "compiled_ms", "kernel_ms", "multinomial_ms", "plain_cdf_ms",
@@ -34,7 +36,10 @@ LOSS_BATCHES = (16, 64)
 CAT_ROWS = (16 * 1024, 64 * 1024)
 
 
-def _loss_inputs(b, device):
+def loss_inputs(b, device):
+    """Targets x (b, 3, 32, 32) in [-1, 1] on the 256-level grid and mixture parameters (b, 10 * K, 32, 32),
+    float32, from a fixed seed, on ``device``: the loss and sampler rows here and ``benchmarks/bench_mixture.py``
+    time the same tensors."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randint(0, 256, (b, 3, 32, 32), generator=g).float() / 255 * 2 - 1).to(device)
     p = torch.randn(b, 10 * K, 32, 32, generator=g)
@@ -100,7 +105,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
     compiled_nll = None if quick else _try_compile(discretized_mix_logistic_nll_ref, "the loss reference")
     compiled_sample = None if quick else _try_compile(sample_discretized_mix_logistic_ref, "the sampler reference")
     for b in batches:
-        x, p = _loss_inputs(b, dev)
+        x, p = loss_inputs(b, dev)
         case = f"b{b} 32x32x3 K={K}"
         ref_ms = _time_or_none(lambda: _fwd_bwd(discretized_mix_logistic_nll_ref, x, p), dev, repeat, "reference")
         ker_ms = _time_or_none(lambda: _fwd_bwd(kernel_nll, x, p), dev, repeat, "kernel")

@@ -1,5 +1,7 @@
-"""Quality of every shipped checkpoint: held-out NLL in nats and bits, and for class-conditional image
-models the share of their samples a fixed classifier labels as the class they were drawn for.
+"""The ``fastar bench quality`` table: every shipped checkpoint's held-out NLL in nats and bits, and for
+class-conditional image models the share of their samples a fixed classifier labels as the class they were
+drawn for. The measures themselves live in :mod:`fastar.quality`; this module only runs them over the
+shipped checkpoints and lays out the rows.
 
 ``python -m fastar bench quality``. Image rows: the held-out NLL recomputed now (nats per image and
 bits/dim = nats / (D ln 2)) beside the bits/dim recorded at training time, and the class agreement of
@@ -15,6 +17,8 @@ import math
 import time
 
 import torch
+
+__all__ = ["FAMILY", "COLUMNS", "NOTES", "PER_CLASS", "image_row", "audio_row", "run"]
 
 FAMILY = "quality"
 
@@ -32,13 +36,6 @@ NOTES = ("held_out_nats: mean NLL per held-out image (per segment for audio) in 
 PER_CLASS = 20
 
 
-def unigram_bits(ds) -> float:
-    """Held-out bits per value of the training-set value frequencies (add-one smoothed)."""
-    counts = torch.bincount(ds.train.flatten(), minlength=ds.levels).double() + 1.0
-    logp = (counts / counts.sum()).log2()
-    return float(-logp[ds.test.flatten()].mean())
-
-
 def image_row(name: str, model, ckpt: dict, ds, device, per_class: int = PER_CLASS) -> dict:
     from fastar import quality, registry
 
@@ -47,7 +44,7 @@ def image_row(name: str, model, ckpt: dict, ds, device, per_class: int = PER_CLA
     row = dict(case=name, model=ckpt["model"], held_out_nats=round(nll["nll_nats"], 3),
                bits_per_dim=round(nll["bits_per_dim"], 5),
                recorded_bits_per_dim=round(ckpt["evals"][-1]["test_bpd"], 5) if ckpt.get("evals") else None,
-               uniform_bits=math.log2(ds.levels), unigram_bits=round(unigram_bits(ds), 5))
+               uniform_bits=math.log2(ds.levels), unigram_bits=round(quality.unigram_bits(ds), 5))
     if cond and ds.train_labels is not None:
         clf = quality.classifier_for(ckpt["data"])
         t = time.perf_counter()
@@ -70,7 +67,7 @@ def audio_row(name: str, model, ckpt: dict, ds) -> dict:
     return dict(case=name, model=ckpt["model"], held_out_nats=round(nll["nll_nats"], 2),
                 bits_per_dim=round(nll["bits_per_dim"], 5),
                 recorded_bits_per_dim=round(ckpt["evals"][-1]["test_bpd"], 5) if ckpt.get("evals") else None,
-                uniform_bits=math.log2(ds.levels), unigram_bits=round(unigram_bits(ds), 5))
+                uniform_bits=math.log2(ds.levels), unigram_bits=round(quality.unigram_bits(ds), 5))
 
 
 def run(device: str, quick: bool) -> list[dict]:

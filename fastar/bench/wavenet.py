@@ -1,7 +1,7 @@
 """WaveNet generation: naive vs the PyTorch queue paths (wavenet_step_ref and a plain PyTorch loop) vs the
 fused wavenet_step kernel.
 
-Config of the issue (nv-wavenet's): R=64, S=256, A=256, 20 layers (2 stacks of 10), kernel 2,
+The configuration is nv-wavenet's: R=64, S=256, A=256, 20 layers (2 stacks of 10), kernel 2,
 float32, softmax head, no conditioning. Samples per second = batch * steps / seconds. The kernel is
 divided by the faster of the two queue paths, so that the ratio holds against plain PyTorch too.
 """
@@ -15,9 +15,13 @@ import time
 import torch
 
 from fastar import _backend
+from fastar.bench import kernel_built
 from fastar.bench.timing import sync
 from fastar.models import WaveNet
 from fastar.ops.wavenet import queue_sizes, wavenet_step_packed
+
+__all__ = ["FAMILY", "COLUMNS", "NOTES", "BATCHES", "bench_model", "plain_queue_generate", "queue_ref_maker",
+           "plain_queue_maker", "run"]
 
 FAMILY = "wavenet"
 
@@ -56,7 +60,9 @@ def _threads(n):
         torch.set_num_threads(prev)
 
 
-def _model(device):
+def bench_model(device):
+    """The benchmarked WaveNet (R=64, D=64, S=256, A=256, 20 layers in 2 stacks, kernel 2, softmax head), float32,
+    in eval mode on ``device``, from seed 0."""
     torch.manual_seed(0)
     return WaveNet(layers=20, stacks=2, residual_channels=64, dilation_channels=64, skip_channels=256,
                    quantization=256, kernel_size=2).to(device).eval()
@@ -100,8 +106,9 @@ def plain_queue_generate(model, samples, generator=None, last_logits=None, weigh
     return samples
 
 
-def _queue_ref_maker(m, batch, steps, dev):
-    """Fresh state for one timed run of wavenet_step_ref over `steps` steps in one call."""
+def queue_ref_maker(m, batch, steps, dev):
+    """``make() -> run``: ``make`` allocates fresh state (untimed), ``run()`` generates ``steps`` steps of a
+    ``batch`` with :func:`fastar.ops.wavenet_step_ref` (the PyTorch queue path) in one call."""
     with torch.no_grad():
         p = m.pack()
 
@@ -116,7 +123,8 @@ def _queue_ref_maker(m, batch, steps, dev):
     return make
 
 
-def _plain_maker(m, batch, steps, dev):
+def plain_queue_maker(m, batch, steps, dev):
+    """``make() -> run`` as :func:`queue_ref_maker`, for :func:`plain_queue_generate` (weights packed once)."""
     with torch.no_grad():
         w = m.pack()
 
@@ -177,13 +185,13 @@ def _steps(device, batch, quick):
 
 def run(device: str, quick: bool = False) -> list[dict]:
     dev = torch.device(device)
-    m = _model(dev)
+    m = bench_model(dev)
     rf = m.receptive_field
     batches = [1, 16] if quick else BATCHES
     cpu = dev.type == "cpu"
     all_threads = torch.get_num_threads()
     thread_counts = sorted({1, all_threads}) if cpu else [None]
-    kernel_built = "wavenet_step" in (_backend.CUDA_KERNELS if dev.type == "cuda" else _backend.CPU_KERNELS)
+    have_kernel = kernel_built("wavenet_step", dev)
     rows = []
     for batch in batches:
         n_naive, n_ref, n_fused = _steps(dev, batch, quick)
@@ -193,9 +201,9 @@ def run(device: str, quick: bool = False) -> list[dict]:
                         1 if (batch >= 16 or quick) else 3)
         makers = {}
         for th in thread_counts:
-            makers[("queue_ref", th)] = (_queue_ref_maker(m, batch, n_ref, dev), th)
-            makers[("plain", th)] = (_plain_maker(m, batch, n_ref, dev), th)
-        if kernel_built:
+            makers[("queue_ref", th)] = (queue_ref_maker(m, batch, n_ref, dev), th)
+            makers[("plain", th)] = (plain_queue_maker(m, batch, n_ref, dev), th)
+        if have_kernel:
             makers[("fused", None)] = (_fused_maker(m, batch, n_fused), None)
             if cpu and all_threads > 1:
                 makers[("fused", 1)] = (_fused_maker(m, batch, n_fused), 1)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from fastar import _backend
 from fastar.models.image import ConvAt, apply_head, effective_1x1, head_weights, new_cache
 from fastar.nn.gated import GatedMaskedConv2d
-from fastar.ops import pixel_step as _ps
+from fastar.ops import gated_pixelcnn as _ps
 from fastar.sampling.protocol import InferenceCache
 
 __all__ = ["allocate", "ImageInferenceCache", "make_cache", "GatedCache", "PixelCNNCache",

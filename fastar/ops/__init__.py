@@ -8,8 +8,8 @@ from fastar.ops.wavenet import (WaveNetWeights, causal_conv1d_update, causal_con
                                 wavenet_step_packed, wavenet_step_ref)
 from fastar.ops.lstm_scan import (diagonal_lstm_scan, diagonal_lstm_scan_ref, row_lstm_scan, row_lstm_scan_ref, skew,
                                   skew_ref, unskew, unskew_ref)
-from fastar.ops.pixel_step import (GatedPixelStepPack, gated_pixelcnn_step, gated_pixelcnn_step_packed,
-                                   gated_pixelcnn_step_ref)
+from fastar.ops.gated_pixelcnn import (GatedPixelStepPack, gated_pixelcnn_step, gated_pixelcnn_step_packed,
+                                       gated_pixelcnn_step_ref)
 
 __all__ = ["masked_conv2d", "masked_conv2d_ref", "masked_conv2d_at", "masked_conv2d_at_ref",
            "categorical_sample", "categorical_sample_ref",

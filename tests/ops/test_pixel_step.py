@@ -9,7 +9,7 @@ import fastar
 from fastar import sampling
 from fastar.models import GatedPixelCNN
 from fastar.ops import gated_pixelcnn_step, gated_pixelcnn_step_ref
-from fastar.ops import pixel_step as ps
+from fastar.ops import gated_pixelcnn as ps
 from fastar.models.pixelcnn_cache import ImageInferenceCache as _CachedRun
 from tests.conftest import requires_kernel
 
