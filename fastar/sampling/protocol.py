@@ -83,7 +83,7 @@ class Sequence:
         if self.slots is None:
             return torch.arange(T * V).view(T, V)
         s = torch.as_tensor(self.slots).to(torch.int64).cpu()
-        s = s.view(T, 1) if s.dim() == 1 and V == 1 else s
+        s = s.unsqueeze(1) if s.dim() == 1 and V == 1 else s
         if tuple(s.shape) != (T, V):
             raise ValueError(f"Sequence.slots must be ({T}, {V}) (steps x values a step), got {list(s.shape)}")
         if not torch.equal(s.flatten().sort().values, torch.arange(T * V)):
