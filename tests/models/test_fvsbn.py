@@ -39,6 +39,18 @@ def test_trains_and_samples_through_the_common_door(tmp_path):
     assert r["evals"][-1]["test_bpd"] < r["evals"][0]["test_bpd"] < 1.0
     x = r["model"].sample(4, (8, 8), generator=torch.Generator().manual_seed(0), progress=False)
     assert x.shape == (4, 1, 8, 8) and x.dtype == torch.int64
+    # completions: the engine keeps the given top half (FVSBN writes no code for it), also from the CLI
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[..., :4, :] = True
+    done = r["model"].sample(prefix=x, mask=mask, generator=torch.Generator().manual_seed(1), progress=False)
+    assert torch.equal(done[..., :4, :], x[..., :4, :])
+    from PIL import Image
+
+    from tests.commands.test_cli import fastar
+
+    Image.fromarray((x[0, 0].numpy() * 255).astype("uint8")).save(tmp_path / "p.png")
+    fastar("sample", tmp_path / "last.pt", "-n", "2", "--prefix", tmp_path / "p.png", "--out", tmp_path / "c.png")
+    assert (tmp_path / "c.png").exists()
 
 
 def test_bad_input():
