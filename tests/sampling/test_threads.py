@@ -223,10 +223,10 @@ def test_the_fused_ops_stand_aside_inside_the_loop_only(two_threads, monkeypatch
     seen = []
     real = type(cache).advance
 
-    def advance(self, key, k):
+    def advance(self, key, t, k):
         seen.append(op(1))                 # the override in force during the step (put back at once)
         op(seen[-1])
-        return real(self, key, k)
+        return real(self, key, t, k)
     monkeypatch.setattr(type(cache), "advance", advance)
     monkeypatch.setattr(m, "allocate_inference_cache", lambda run, fused=None: cache)
     sampling.cached_sample(m, run)
