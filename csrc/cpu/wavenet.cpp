@@ -141,9 +141,11 @@ void run_steps(StepArgs<T>& g, int64_t p0, int64_t num_steps) {
   // (a task pool could run both parts one after the other on one thread).
   const bool can_two = AT_PARALLEL_OPENMP && threads >= 2 && !at::in_parallel_region();
   // Two threads whenever torch has them: the thread count is the caller's choice
-  // (fastar/threads.py picks it per kind of step). Every strategy computes the same bits: a
+  // (fastar/threads.py picks it per kind of step). Every thread count computes the same bits: a
   // column split falls on 16-column boundaries (whole AVX tiles, the same scalar tail), a row
-  // split never touches a reduction, and every output is one accumulation in input order.
+  // split never touches a reduction, every output is summed in an order fixed by the shape
+  // whichever thread and tile computes it (common/gemv_panels.h), and the two-part path's parts
+  // are fixed by the shape (one thread runs both or two run one each).
   bool small = false;
   if constexpr (std::is_same_v<T, float>) small = s.B <= kSmallBatch && cpu_has_avx512();
   const bool split = !small && s.B <= 2 && s.D >= 32 && s.R + s.S >= 64;
