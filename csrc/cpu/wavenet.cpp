@@ -247,7 +247,9 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
 // false turns it off and returns it: for part 0 then part 1, the seconds spent in each stage
 // (input, layer GEMVs, layer barrier wait, layer finish, skip publish, head wait, head1, head1
 // wait, head2, head2 wait, draw, packing the weights at the start of a call) and the number of
-// steps, summed over every call since the start.
+// steps, summed over every call since the start. A diagnostic, not a test hook: it is what
+// `python -m fastar bench floors` reports (fastar/bench/floors.py; README "Floors and a profile"),
+// and the leading underscore keeps it out of the op families' public surface.
 std::vector<double> wavenet_profile(bool enable) {
   auto& acc = wavenet_cpu::profile_acc();
   std::vector<double> out;
