@@ -283,7 +283,7 @@ class StepThreads:
     that many threads. Under ``adaptive`` a kind of step whose ops are all thread-count neutral (see
     the module docstring) runs on one thread or all by measuring; any other kind at the caller's
     count. ``steps`` counts the steps run on all threads (True), on one (False) and at the caller's
-    count because the kind is not neutral ("pinned")."""
+    count or a fixed one ("pinned")."""
 
     def __init__(self, model, run):
         self.threads = torch.get_num_threads()
@@ -314,7 +314,7 @@ class StepThreads:
             return None
         if self.fixed is not None:
             self._set(self.fixed)
-            self.steps[self.fixed == self.threads] += k
+            self.steps[False if self.fixed == 1 else "pinned"] += k
             return None
         key = (key, k, self.threads) + self.shape
         neutral = self.kinds.get(key)
