@@ -20,25 +20,33 @@ count, which is known only for code fastar owns:
 - the ATen ops in :data:`EXACT_ATEN_OPS` do no rounding that depends on a split (views, copies,
   indexing, comparisons, dtype casts).
 
-Everything else stays at the caller's thread count (``torch.get_num_threads()`` when the loop
-starts): torch's GEMMs and convolutions (MKL, OpenBLAS, oneDNN) may pick another blocking or split
+Everything else runs on one thread, always: torch's GEMMs and convolutions (MKL, OpenBLAS, oneDNN) may pick another blocking or split
 a reduction on another thread count and promise nothing (measured with torch 2.14's MKL 2024.2: a
 16x4096 @ 4096x16 product gives other bits on two threads than on one; the small products of the
 per-op caches happened to agree), and torch's vectorised elementwise maths
 (tanh, sigmoid, exp) can round an element differently when a thread split moves it between the
 vector body and the scalar tail. Which ops a kind of step runs is recorded once, on its first call
-(a dispatch mode over that one call, at the caller's thread count); the protocol promises that
-equal plan keys do identical work, so one call stands for all of them. Today that makes the fused
-Gated PixelCNN pixel step and the fused WaveNet chunk adaptive; the row steps (torch GEMMs), the
-per-op caches and PixelRNN run at the caller's count.
+(a dispatch mode over that one call, on one thread); the protocol promises that equal plan keys do
+identical work, so one call stands for all of them. Today that makes the fused Gated PixelCNN pixel
+step and the fused WaveNet chunk adaptive; the row steps (torch GEMMs), the per-op caches and
+PixelRNN run on one thread.
+
+Why one thread for the rest, and not the caller's count: a fixed rule keeps the bits, and one
+thread is the count that does not suffer when another process takes a core (measured on the 2-core
+box with a core busy, batch 16: Gated PixelCNN 1.4 s against 6-7 s with its row steps on two
+threads, PixelRNN 0.45 s against 8-20 s; quiet, it costs the Gated PixelCNN's row steps about 15%
+and PixelRNN nothing). It also makes the default's bits independent of torch's thread count: a
+sample drawn (or a code decoded) with 2 threads and with 64 is the same, on the same CPU and build.
+Where the per-op steps are worth many threads (large batches on many cores), ``FASTAR_CPU_THREADS=all``
+or :func:`pinned` runs every step on them.
 
 Pinning. ``FASTAR_CPU_THREADS`` chooses the policy: ``adaptive`` (unset or empty, the default),
-``all`` (every step at the caller's count), ``one`` (every step on one thread) or a number N (every
+``all`` (every step on torch's thread count), ``one`` (every step on one thread) or a number N (every
 step on N threads). :func:`pinned` does the same for a block of code, whatever the environment
 says: ``with fastar.threads.pinned(4): ...`` runs every decode loop inside on 4 threads (None: the
-current count) and gives torch its thread count back after. A pinned run and an adaptive one give
-the same bits (tested for every registered family); pinning is for callers that want a fixed cost
-or that must not depend on a property of kernels (the codec).
+current count) and gives torch its thread count back after. The adaptive default gives the bits of
+``pinned(1)`` (tested for every registered family, switching at every step); pinning is for callers
+that want a fixed cost, or every step on many threads.
 
 The thread count is set with ``torch.set_num_threads`` (process-wide) only when it changes, and
 given back when the loop ends, also on an error.
@@ -281,9 +289,9 @@ class StepThreads:
     Inert (torch's thread count untouched, nothing timed) off the CPU, with one torch thread, inside
     :func:`pinned` and under ``FASTAR_CPU_THREADS=all``. Under ``one`` or a number N every step runs on
     that many threads. Under ``adaptive`` a kind of step whose ops are all thread-count neutral (see
-    the module docstring) runs on one thread or all by measuring; any other kind at the caller's
-    count. ``steps`` counts the steps run on all threads (True), on one (False) and at the caller's
-    count or a fixed one ("pinned")."""
+    the module docstring) runs on one thread or all by measuring; any other kind on one thread.
+    ``steps`` counts the calls' steps run on all threads by the choice (True), on one by the choice
+    (False), and at a count fixed by the policy ("pinned": another kind, a first call, a fixed count)."""
 
     def __init__(self, model, run):
         self.threads = torch.get_num_threads()
@@ -314,17 +322,17 @@ class StepThreads:
             return None
         if self.fixed is not None:
             self._set(self.fixed)
-            self.steps[False if self.fixed == 1 else "pinned"] += k
+            self.steps["pinned"] += k
             return None
         key = (key, k, self.threads) + self.shape
         neutral = self.kinds.get(key)
-        if neutral is None:                  # a first call: at the caller's count, its ops recorded
-            self._set(self.threads)
+        if neutral is None:                  # a first call: on one thread, its ops recorded
+            self._set(1)
             self._rec = _OpRecorder()
             self._rec.__enter__()
             return key, k, None, time.perf_counter()
         if not neutral:
-            self._set(self.threads)
+            self._set(1)
             self.steps["pinned"] += k
             return None
         all_threads = self.choice.use_all(key)
@@ -342,9 +350,9 @@ class StepThreads:
             rec, self._rec = self._rec, None
             rec.__exit__(None, None, None)
             neutral = self.kinds[key] = step_is_neutral(rec.ops)
-            self.steps[True if neutral else "pinned"] += k
+            self.steps["pinned"] += k
             if neutral:
-                self.choice.warm_up(key)       # it ran on all threads, as the choice's untimed first call does
+                self.choice.warm_up(key)       # the untimed first call the choice would have made
             return
         self.choice.record(key, all_threads, seconds)
         self.steps[all_threads] += k

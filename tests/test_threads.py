@@ -2,9 +2,9 @@
 
 - every op the policy may switch gives the same bits at one thread and at N (float32 and float64),
   and the ops it does not trust (torch's GEMMs and convolutions, the kernels that call them) are
-  never switched: a step that runs one stays at the caller's count;
-- sampling every registered family under the adaptive policy (and switching at every step) gives
-  the bits of a pinned count;
+  never switched: a step that runs one runs on one thread;
+- sampling every registered family under the adaptive policy (and switching at every step), at any
+  torch thread count, gives the bits of pinned(1);
 - the measured choice's rule, driven by given timings; the environment, pinned(), and the thread
   count given back (also after an error).
 """
@@ -178,7 +178,7 @@ def test_switched_ops_give_the_same_bits_at_one_thread_and_at_n(op, dtype):
 
 # ---------------------------------------------------------------------------------------------------
 # What the policy does not trust: torch's GEMMs and convolutions (and fastar's kernels that call them)
-# promise no bits across thread counts, so any step that runs one stays at the caller's count. The
+# promise no bits across thread counts, so any step that runs one runs on one thread. The
 # bits at one thread and at N are recorded (record_property) but not asserted: on this machine they
 # may agree; that is a property of the BLAS, not a promise.
 
@@ -241,7 +241,7 @@ def test_no_thread_override_or_test_only_ops_ship():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Whole sampling runs: adaptive (and switching at every step) == pinned, for every registered family.
+# Whole sampling runs: adaptive (and switching at every step) == pinned(1), for every registered family.
 
 def _family_models():
     for name, spec in SPECS.items():
@@ -278,7 +278,7 @@ def n_threads():
     torch.set_num_threads(prev)
 
 
-def test_adaptive_sampling_gives_the_bits_of_a_pinned_count(monkeypatch, n_threads):
+def test_adaptive_sampling_gives_the_bits_of_pinned_one(monkeypatch, n_threads):
     monkeypatch.delenv("FASTAR_CPU_THREADS", raising=False)
     switched = {}
     calls = [0]
@@ -289,7 +289,7 @@ def test_adaptive_sampling_gives_the_bits_of_a_pinned_count(monkeypatch, n_threa
     for name, m, shape, cond, n in _family_models():
         for fused in (None, False):
             for record in (True, False):
-                with pinned(N):
+                with pinned(1):
                     want = _sample(m, shape, cond, n, fused, record)
                 got = _sample(m, shape, cond, n, fused, record)          # adaptive: measured
                 assert _same_bits(want, got), (name, fused, record, "adaptive")
@@ -478,21 +478,21 @@ def test_neutral_steps_follow_the_cost_and_the_thread_count_comes_back(two_threa
             clock[0] += 0.0008 if torch.get_num_threads() > 1 else 0.00008   # all threads 10x slower
     st.close()
     assert torch.get_num_threads() == 2
-    assert seen[:S0] == [2] * (B + 1) + [1] * B     # the first call (its ops recorded) is the untimed one
+    assert seen[:S0] == [1] + [2] * B + [1] * B     # the first call (its ops recorded, on one thread) is untimed
     runs = "".join("1" if n == 2 else "0" for n in seen[S0:]).replace("0", " ").split()
     assert runs and set(runs) == {"1" * B}          # all threads again only in re-timing bursts
-    assert st.steps[False] == 200 - (B + 1) - B * len(runs) and st.steps["pinned"] == 0
+    assert st.steps[False] == 200 - 1 - B - B * len(runs) and st.steps["pinned"] == 1
     assert choice_for(model) is st.choice           # kept with the model for its next loop
     st2 = StepThreads(model, _Run())
     with st2.step("pixel"):
-        assert torch.get_num_threads() == 2         # a new loop records its kinds again, at the caller's count
+        assert torch.get_num_threads() == 1         # a new loop records its kinds again (on one thread)
     with st2.step("pixel"):
         assert torch.get_num_threads() == 1         # then starts from what the first loop measured
     st2.close()
     assert torch.get_num_threads() == 2
 
 
-def test_steps_that_run_a_gemm_stay_at_the_callers_count(two_threads, monkeypatch):
+def test_steps_that_run_a_gemm_run_on_one_thread(two_threads, monkeypatch):
     monkeypatch.delenv("FASTAR_CPU_THREADS", raising=False)
     clock = _fake_clock(monkeypatch)
     st = StepThreads(torch.nn.Linear(1, 1), _Run())
@@ -505,8 +505,8 @@ def test_steps_that_run_a_gemm_stay_at_the_callers_count(two_threads, monkeypatc
                 (a @ a.t()) if kind == "gemm" else a.clone()
                 clock[0] += 0.0008 if torch.get_num_threads() > 1 else 0.00008
     st.close()
-    assert set(seen["gemm"]) == {2} and st.steps["pinned"] == 100
-    assert 1 in seen["copy"]
+    assert set(seen["gemm"]) == {1} and st.steps["pinned"] == 100 + 1    # + the copy's first call
+    assert 2 in seen["copy"] and 1 in seen["copy"]
     assert st.kinds == {("gemm", 1, 2, 4, torch.float32): False, ("copy", 1, 2, 4, torch.float32): True}
 
 
@@ -543,7 +543,7 @@ def test_an_error_in_a_step_gives_the_threads_back(two_threads, monkeypatch, env
     cache = m.allocate_inference_cache(run, fused=None)
 
     def boom(*a, **k):
-        assert torch.get_num_threads() == (1 if env == "one" else 2)
+        assert torch.get_num_threads() == 1
         raise RuntimeError("boom")
     monkeypatch.setattr(type(cache), "advance", boom)
     monkeypatch.setattr(type(cache), "step", boom)
