@@ -90,40 +90,6 @@ __attribute__((target("avx2,fma"))) inline void tile4x2_avx2(const float* W, int
   _mm256_storeu_ps(y + 3 * ldy + 8, a31);
 }
 
-// One row, 16 columns: four independent accumulator pairs over i (i unrolled by 4) hide the
-// FMA latency that a single pair would expose at batch 1.
-__attribute__((target("avx2,fma"))) inline void tile1x2_avx2(const float* W, int64_t ldw, int64_t K, const float* x,
-                                                              float* y) {
-  __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
-  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-  __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 4 <= K; i += 4) {
-    const float* w = W + i * ldw;
-    __m256 xb = _mm256_broadcast_ss(x + i);
-    a0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w), a0);
-    a1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 8), a1);
-    xb = _mm256_broadcast_ss(x + i + 1);
-    b0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + ldw), b0);
-    b1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + ldw + 8), b1);
-    xb = _mm256_broadcast_ss(x + i + 2);
-    c0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 2 * ldw), c0);
-    c1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 2 * ldw + 8), c1);
-    xb = _mm256_broadcast_ss(x + i + 3);
-    d0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 3 * ldw), d0);
-    d1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 3 * ldw + 8), d1);
-  }
-  for (; i < K; ++i) {
-    const float* w = W + i * ldw;
-    const __m256 xb = _mm256_broadcast_ss(x + i);
-    a0 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w), a0);
-    a1 = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w + 8), a1);
-  }
-  _mm256_storeu_ps(y, _mm256_add_ps(_mm256_add_ps(a0, b0), _mm256_add_ps(c0, d0)));
-  _mm256_storeu_ps(y + 8, _mm256_add_ps(_mm256_add_ps(a1, b1), _mm256_add_ps(c1, d1)));
-}
-
 template <int OV>
 __attribute__((target("avx2,fma"))) inline void rows_avx2(const float* W, int64_t ldw, int64_t K, const float* x,
                                                            int64_t ldx, float* y, int64_t ldy, int64_t nb) {
@@ -134,11 +100,14 @@ __attribute__((target("avx2,fma"))) inline void rows_avx2(const float* W, int64_
     else
       tile_avx2<4, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
   }
-  for (; b < nb; ++b) {
-    if constexpr (OV == 2)
-      tile1x2_avx2(W, ldw, K, x + b * ldx, y + b * ldy);
-    else
-      tile_avx2<1, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy);
+  // The last 1-3 rows as one tile, one accumulator per output as above: an output's bits must not
+  // depend on which rows share its tile, since the rows a thread gets depend on the thread count
+  // (a 1-row tile with several partial sums over i, faster at batch 1, gave other bits).
+  switch (nb - b) {
+    case 3: tile_avx2<3, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy); break;
+    case 2: tile_avx2<2, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy); break;
+    case 1: tile_avx2<1, OV>(W, ldw, K, x + b * ldx, ldx, y + b * ldy, ldy); break;
+    default: break;
   }
 }
 

@@ -13,10 +13,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <vector>
 
-#include "common/adaptive_threads.h"
 #include "common/categorical.h"
 #include "pixel_step.h"
 
@@ -212,20 +210,11 @@ void gated_pixelcnn_step_cpu(at::Tensor& image, at::Tensor& row_cache, at::Tenso
                      head1_b.data_ptr<scalar_t>(),
                      head2_w.data_ptr<scalar_t>(),
                      head2_b.data_ptr<scalar_t>()};
-    // A row costs ~C^2 * L * 6 flops: below a few rows per thread the fork/join costs more. Rows are
-    // independent, so one thread or many compute the same bits; which is faster is measured per
-    // shape (common/adaptive_threads.h): a step joins all its threads, and one that lost its core to
-    // another process stalls the rest.
-    static AdaptiveThreads choice;
-    const bool can_split = s.N > 4 && at::get_num_threads() > 1 && !at::in_parallel_region();
-    const uint64_t key = work_key({s.N, s.C, s.L, s.K, s.Ttot, s.levels, int64_t(sizeof(scalar_t))});
-    const bool all = can_split && choice.use_all(key);
-    std::optional<AdaptiveThreads::Timer> timer;
-    if (can_split) timer.emplace(choice, key, all);
-    if (all)
-      at::parallel_for(0, s.N, 4, [&](int64_t b0, int64_t b1) { step_rows<scalar_t>(s, P, t, temperature, b0, b1); });
-    else
-      step_rows<scalar_t>(s, P, t, temperature, 0, s.N);
+    // Rows are independent and each row's arithmetic is the same on any thread (a tile of rows
+    // shares weight reads, not sums), so any thread count computes the same bits. A row costs
+    // ~C^2 * L * 6 flops: below a few rows per thread the fork/join costs more (grain 4). The
+    // thread count is torch's, i.e. the caller's (fastar/threads.py picks it per kind of step).
+    at::parallel_for(0, s.N, 4, [&](int64_t b0, int64_t b1) { step_rows<scalar_t>(s, P, t, temperature, b0, b1); });
   });
   sp[0] = t + 1;
 }

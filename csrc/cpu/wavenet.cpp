@@ -27,10 +27,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <vector>
 
-#include "common/adaptive_threads.h"
 #include "common/vec_math.h"
 #include "cpu/wavenet_internal.h"
 
@@ -142,18 +140,16 @@ void run_steps(StepArgs<T>& g, int64_t p0, int64_t num_steps) {
   // Only with OpenMP: its team threads run concurrently, which the spin barriers rely on
   // (a task pool could run both parts one after the other on one thread).
   const bool can_two = AT_PARALLEL_OPENMP && threads >= 2 && !at::in_parallel_region();
-  // The two-thread small-batch paths meet at spin barriers several times a layer: when another
-  // process holds a core they are slower than one thread, so the choice is measured per shape
-  // (common/adaptive_threads.h). Both choices compute the same bits.
-  static AdaptiveThreads choice;
+  // Two threads whenever torch has them: the thread count is the caller's choice
+  // (fastar/threads.py picks it per kind of step). Every thread count computes the same bits: a
+  // column split falls on 16-column boundaries (whole AVX tiles, the same scalar tail), a row
+  // split never touches a reduction, every output is summed in an order fixed by the shape
+  // whichever thread and tile computes it (common/gemv_panels.h), and the two-part path's parts
+  // are fixed by the shape (one thread runs both or two run one each).
   bool small = false;
   if constexpr (std::is_same_v<T, float>) small = s.B <= kSmallBatch && cpu_has_avx512();
   const bool split = !small && s.B <= 2 && s.D >= 32 && s.R + s.S >= 64;
-  const bool choose = can_two && (small || split);
-  const uint64_t key = work_key({s.B, s.R, s.D, s.S, s.A, s.L, int64_t(sizeof(T))});
-  const bool two_threads = choose && choice.use_all(key);
-  std::optional<AdaptiveThreads::Timer> timer;
-  if (choose) timer.emplace(choice, key, two_threads, double(num_steps));
+  const bool two_threads = can_two && (small || split);
   if constexpr (std::is_same_v<T, float>) {
     if (small) {
       run_small(g, p0, num_steps, two_threads);
@@ -251,7 +247,9 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
 // false turns it off and returns it: for part 0 then part 1, the seconds spent in each stage
 // (input, layer GEMVs, layer barrier wait, layer finish, skip publish, head wait, head1, head1
 // wait, head2, head2 wait, draw, packing the weights at the start of a call) and the number of
-// steps, summed over every call since the start.
+// steps, summed over every call since the start. A diagnostic, not a test hook: it is what
+// `python -m fastar bench floors` reports (fastar/bench/floors.py; README "Floors and a profile"),
+// and the leading underscore keeps it out of the op families' public surface.
 std::vector<double> wavenet_profile(bool enable) {
   auto& acc = wavenet_cpu::profile_acc();
   std::vector<double> out;

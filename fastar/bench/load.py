@@ -5,11 +5,12 @@ binary 28x28, batch 16: the fused pixel step, one parallel_for per sub-pixel) an
 generation (R=64, D=64, S=256, A=256, 20 layers, kernel 2, batch 1 and 16: the fused step, whose
 small-batch path meets at spin barriers several times a layer) and PixelRNN cached sampling (Diagonal
 BiLSTM, 4 layers, hidden 32, batch 16: per-op, torch's own threading, no fused step). Each case runs in three thread
-modes: ``adaptive`` (the default: torch's thread count, with the sampling engine choosing per kind
-of step between all threads and one by measuring, ``FASTAR_CPU_THREADS`` unset), ``all`` (every call on all
-threads, ``FASTAR_CPU_THREADS=all``: no adaptive choice, what the fused kernels alone would do) and ``one``
-(``torch.set_num_threads(1)``), each quiet and with a busy-loop process that this benchmark starts
-and ends itself (by its pid; it stops itself after ``BUSY_LIMIT_S`` whatever happens).
+modes: ``adaptive`` (the default: torch's thread count, with :mod:`fastar.threads` choosing per kind of
+step between all threads and one by measuring where the step is thread-count neutral, i.e. the fused
+steps, and running the rest on one thread; ``FASTAR_CPU_THREADS`` unset), ``all`` (every step on all
+threads, ``FASTAR_CPU_THREADS=all``) and ``one`` (``torch.set_num_threads(1)``), each quiet and with a
+busy-loop process that this benchmark starts and ends itself (by its pid; it stops itself after
+``BUSY_LIMIT_S`` whatever happens).
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ COLUMNS = ["case", "mode", "threads", "quiet_s", "busy_s", "busy_vs_quiet", "bus
 
 NOTES = ("Seconds per run, median of REPEATS runs, the modes and the quiet/busy conditions interleaved per "
          "case. adaptive = the default (torch's threads; the sampling engine measures per kind of step whether "
-         "all threads or one is faster and uses that, re-timing the other in short bursts: "
-         "fastar/sampling/threads.py); all = FASTAR_CPU_THREADS=all "
-         "(every fused call on all threads, no adaptive choice); one = torch.set_num_threads(1). busy = while one "
+         "all threads or one is faster and uses that, re-timing the other in short bursts, for the kinds of "
+         "step whose results are the same bits on any thread count (the fused ones); the rest run on one "
+         "thread: fastar/threads.py); all = FASTAR_CPU_THREADS=all (every step on all threads); "
+         "one = torch.set_num_threads(1). busy = while one "
          "`python -c 'while True: pass'`-style process (bounded, started and killed by the benchmark) holds a "
          "core. busy_vs_one_busy = busy_s / the one-thread busy_s (<= 1: at least as fast as one thread); "
          "busy_vs_adaptive_quiet = busy_s / the adaptive quiet_s (the target: <= 1.3 where one core is still "

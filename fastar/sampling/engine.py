@@ -24,7 +24,7 @@ import math
 import torch
 
 from fastar.sampling.protocol import ForwardCache, GenerationRun, Sequence
-from fastar.sampling.threads import StepThreads
+from fastar.threads import StepThreads
 
 __all__ = ["sample", "prepare", "cached_sample", "naive_sample", "GraphRunner", "progress_bar"]
 
