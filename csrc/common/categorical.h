@@ -50,6 +50,24 @@ FASTAR_HOST_DEVICE double mul_rn(double a, double b) {
 #endif
 }
 
+// The float twin: a float product rounded once, never fused into a following addition.
+FASTAR_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  float p = a * b;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(p));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(p));
+#else
+  volatile float v = p;
+  p = v;
+#endif
+  return p;
+#endif
+}
+
 FASTAR_HOST_DEVICE double pow2_rn(int64_t n) {  // 2^n for n in [-1022, 1023], built from its bits
   const long long bits = static_cast<long long>(n + 1023) << 52;
 #if defined(__CUDA_ARCH__)
