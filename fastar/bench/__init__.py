@@ -5,9 +5,12 @@ table per family and saves ``<family>-<device>.json`` and ``.md`` under the outp
 folder, with the machine and the exact command.
 
 A family is any module of this package that defines ``run(device, quick) -> list[dict]``
-(one dict per row) and ``COLUMNS`` (optionally ``NOTES``, and ``FAMILY``, its name, which
-defaults to the module name): adding one is adding a module here, with no edit to the runner.
-``FAMILIES`` (name -> module path) is found on first use.
+(one dict per row) and ``COLUMNS`` (optionally ``NOTES``, ``FAMILY``, its name, which
+defaults to the module name, and ``DEVICES``, the device types it measures, default cpu and
+cuda): adding one is adding a module here, with no edit to the runner.
+``FAMILIES`` (name -> module path) is found on first use. A family asked for on a device type
+it does not measure (the CPU-only floors and load on cuda) is skipped with a line saying so,
+and no empty table is saved.
 """
 from __future__ import annotations
 
@@ -53,6 +56,24 @@ def __getattr__(name):
     if name == "FAMILIES":
         return discover_families()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def family_devices(mod) -> tuple[str, ...]:
+    """The device types a family module measures (its ``DEVICES``; default cpu and cuda)."""
+    return tuple(getattr(mod, "DEVICES", ("cpu", "cuda")))
+
+
+def families_for(device_type: str) -> tuple[list[str], list[str]]:
+    """(families that measure `device_type`, families that do not), in discovery order."""
+    run, skip = [], []
+    for name, path in discover_families().items():
+        try:
+            mod = importlib.import_module(path)
+        except Exception:
+            run.append(name)  # broken import: running it shows the real error
+            continue
+        (run if device_type in family_devices(mod) else skip).append(name)
+    return run, skip
 
 
 def machine() -> dict:
@@ -130,6 +151,10 @@ def main(families=None, out_dir="benchmarks/results", quick=False, device=None, 
     for fam in families:
         mod = importlib.import_module(known[fam])
         for dev in devices:
+            if torch.device(dev).type not in family_devices(mod):
+                print(f"\n## {fam} on {dev}: skipped (the family measures {', '.join(family_devices(mod))} only)",
+                      flush=True)
+                continue
             print(f"\n## {fam} on {dev} ({machine()['gpu'] if dev.startswith('cuda') else machine()['cpu']}, "
                   f"{torch.get_num_threads()} threads)", flush=True)
             rows = mod.run(dev, quick)
