@@ -22,13 +22,9 @@
 
 #include <vector>
 
-namespace fastar {
+#include "common/tensor_ptr.h"
 
-// The data pointer of an optional tensor argument, or nullptr when it is absent.
-template <typename T>
-const T* opt_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
-}
+namespace fastar {
 
 struct GatedStepShape {
   int64_t N, Ci, H, W, L, C, C2, T0, T, K, levels, Cc, Ttot;
