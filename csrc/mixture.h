@@ -23,6 +23,7 @@
 #define FASTAR_HD FASTAR_HOST_DEVICE
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 namespace mix {
 
 // ---- scalar helpers: C names so the same call resolves on host and device ----
@@ -369,4 +370,5 @@ inline void check_categorical(const char* op, const at::Tensor& logits, const c1
 }
 
 }  // namespace mix
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

@@ -23,8 +23,10 @@
 #include <vector>
 
 #include "common/tensor_ptr.h"
+#include "common/macros.h"
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 
 struct GatedStepShape {
   int64_t N, Ci, H, W, L, C, C2, T0, T, K, levels, Cc, Ttot;
@@ -144,4 +146,5 @@ inline GatedStepShape check_gated_pixelcnn_step(
   return s;
 }
 
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

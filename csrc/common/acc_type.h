@@ -8,8 +8,10 @@
 #include <ATen/OpMathType.h>
 
 #include <type_traits>
+#include "common/macros.h"
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 
 template <typename T>
 struct AccType {
@@ -30,4 +32,5 @@ static_assert(std::is_same_v<acc_t<float>, at::opmath_type<float>> &&
                   std::is_same_v<acc_t<at::BFloat16>, at::opmath_type<at::BFloat16>>,
               "acc_t must stay ATen's opmath_type for every dtype the kernels take");
 
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

@@ -31,6 +31,7 @@
 #include "common/macros.h"
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 namespace cat {
 
 FASTAR_HOST_DEVICE double mul_rn(double a, double b) {
@@ -293,4 +294,5 @@ __device__ __forceinline__ int64_t warp_argmax_first(F at, int K) {
 #endif
 
 }  // namespace cat
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include "common/macros.h"
+
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 
 // The data pointer of an optional tensor argument (a schema's `Tensor?`), or nullptr when it is
 // absent or undefined, so a kernel tests one pointer instead of carrying a flag beside it.
@@ -18,4 +21,5 @@ const T* opt_ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar
