@@ -15,8 +15,10 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include "common/macros.h"
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 
 struct ScanShape {
   int64_t B, G4, hid, H, W, K;
@@ -84,4 +86,5 @@ inline void check_skew_input(const char* op, const at::Tensor& x, bool skewed) {
                 " wide (W + H - 1 with W >= 1), got shape ", x.sizes());
 }
 
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

@@ -6,8 +6,10 @@
 #include <c10/util/Optional.h>
 
 #include <vector>
+#include "common/macros.h"
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 
 struct MaskedConvShape {
   int64_t N, C_in, H, W;
@@ -76,4 +78,5 @@ inline std::vector<int64_t> active_taps_host(const at::Tensor& mask) {
   return taps;
 }
 
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

@@ -6,8 +6,10 @@
 #include <c10/util/Optional.h>
 
 #include "masked_conv.h"
+#include "common/macros.h"
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 
 struct MaskedConvAtShape {
   MaskedConvShape conv;
@@ -40,4 +42,5 @@ inline MaskedConvAtShape check_masked_conv2d_at(const char* op, const at::Tensor
   return s;
 }
 
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

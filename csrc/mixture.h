@@ -23,6 +23,7 @@
 #define FASTAR_HD FASTAR_HOST_DEVICE
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 namespace mix {
 
 // ---- scalar helpers: C names so the same call resolves on host and device ----
@@ -252,17 +253,22 @@ using cat::argmax_first;
 
 // Bin centre nearest v: (2 i - bins) / bins, i = floor((v + 1) * bins / 2 + 0.5). The centre is one
 // correctly rounded division of exact integers, so a fused multiply-add (which compilers may
-// contract `i * step - 1` into) cannot make kernel and reference disagree in the last bit.
+// contract `i * step - 1` into) cannot make kernel and reference disagree in the last bit. The
+// product (v + 1) * bins / 2 is rounded on its own (cat::mul_rn) before the + 0.5, as the
+// reference's separate tensor ops round it: nvcc contracts a * b + c into an FMA by default.
 template <typename T>
 FASTAR_HD T quantize(T v, T half_bins, T bins) {
-  return (mfloor((v + T(1)) * half_bins + T(0.5)) * T(2) - bins) / bins;
+  return (mfloor(cat::mul_rn(v + T(1), half_bins) + T(0.5)) * T(2) - bins) / bins;
 }
 template <typename T>
 FASTAR_HD T clamp1(T v) { return v < T(-1) ? T(-1) : (v > T(1) ? T(1) : v); }
 
 // One draw of one position: component by the one categorical pick (common/categorical.h) on u[0], then colour by
 // colour a logistic sample by inverse CDF on u[1 + c], clamped and quantised
-// before it feeds the next colour's mean.
+// before it feeds the next colour's mean. Every product goes through cat::mul_rn: the reference
+// (sample_discretized_mix_logistic_ref) rounds each product and each sum separately, and nvcc would
+// otherwise fuse `mean + scale * d` and `y + coeff * x` into FMAs (one rounding fewer), so a float64
+// draw at a bin edge could land one bin over on CUDA.
 template <typename T, typename scalar_t, int C>
 FASTAR_HD void pixel_sample(const PixelParams<scalar_t>& pp, const T* u, int64_t us, int64_t K, T temp, T half_bins,
                             T bins, T* out, int64_t os) {
@@ -274,14 +280,14 @@ FASTAR_UNROLL
   for (int c = 0; c < C; ++c) {
     const T mean = pp.template at<T>(K + c * S * K + j);
     const T ls = clamp_below(pp.template at<T>(K + c * S * K + K + j), T(-7));
-    const T scale = mexp(ls) * temp;
+    const T scale = cat::mul_rn(mexp(ls), temp);
     T v = u[(1 + c) * us];
     v = v < T(1e-5) ? T(1e-5) : (v > T(1.0 - 1e-5) ? T(1.0 - 1e-5) : v);
-    T y = mean + scale * (mlog(v) - mlog1p(-v));
-    if (C == 3 && c == 1) y = y + mtanh(pp.template at<T>(K + 2 * K + j)) * xs[0];
+    T y = mean + cat::mul_rn(scale, mlog(v) - mlog1p(-v));
+    if (C == 3 && c == 1) y = y + cat::mul_rn(mtanh(pp.template at<T>(K + 2 * K + j)), xs[0]);
     if (C == 3 && c == 2)
-      y = y + mtanh(pp.template at<T>(K + 3 * K + 2 * K + j)) * xs[0] +
-          mtanh(pp.template at<T>(K + 6 * K + 2 * K + j)) * xs[1 % C];
+      y = y + cat::mul_rn(mtanh(pp.template at<T>(K + 3 * K + 2 * K + j)), xs[0]) +
+          cat::mul_rn(mtanh(pp.template at<T>(K + 6 * K + 2 * K + j)), xs[1 % C]);
     xs[c] = quantize(clamp1(y), half_bins, bins);
     out[c * os] = xs[c];
   }
@@ -364,4 +370,5 @@ inline void check_categorical(const char* op, const at::Tensor& logits, const c1
 }
 
 }  // namespace mix
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

@@ -22,13 +22,11 @@
 
 #include <vector>
 
-namespace fastar {
+#include "common/tensor_ptr.h"
+#include "common/macros.h"
 
-// The data pointer of an optional tensor argument, or nullptr when it is absent.
-template <typename T>
-const T* opt_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
-}
+namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 
 struct GatedStepShape {
   int64_t N, Ci, H, W, L, C, C2, T0, T, K, levels, Cc, Ttot;
@@ -148,4 +146,5 @@ inline GatedStepShape check_gated_pixelcnn_step(
   return s;
 }
 
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

@@ -6,8 +6,10 @@
 #include <c10/util/Optional.h>
 
 #include <vector>
+#include "common/macros.h"
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 
 struct ConvUpdateShape {
   int64_t B, C_in, C_out, k, N, dilation;
@@ -162,4 +164,5 @@ inline StepShape check_wavenet_step(const char* op, const at::Tensor& samples, c
   return s;
 }
 
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

@@ -286,8 +286,13 @@ export -f sanitizer
 # ---------------------------------------------------------------------------------------------
 bench() {
   mkdir -p "$WORK/bench"
-  local fams=${FASTAR_GPU_CHECK_BENCH_FAMILIES:-$("$PY" -c "from fastar.bench import FAMILIES; print(' '.join(FAMILIES))")}
+  # Only the families that measure cuda (floors and load are CPU-only: said in the status, not run).
+  local fams=${FASTAR_GPU_CHECK_BENCH_FAMILIES:-$("$PY" -c "from fastar.bench import families_for; print(' '.join(families_for('cuda')[0]))")}
   [ -n "$fams" ] || { echo "no benchmark families found"; return 1; }
+  if [ -z "${FASTAR_GPU_CHECK_BENCH_FAMILIES:-}" ]; then
+    local skip; skip=$("$PY" -c "from fastar.bench import families_for; print(' '.join(families_for('cuda')[1]))")
+    for fam in $skip; do echo "$fam skipped (CPU only)" >> "$WORK/bench/status"; done
+  fi
   local stage_end=$(( $(date +%s) + $(cat "$WORK/limit") - 3 )) n i=0 bad=0 fam
   n=$(echo $fams | wc -w)
   for fam in $fams; do

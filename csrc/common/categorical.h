@@ -31,6 +31,7 @@
 #include "common/macros.h"
 
 namespace fastar {
+inline namespace FASTAR_TU_NAMESPACE {  // see common/macros.h
 namespace cat {
 
 FASTAR_HOST_DEVICE double mul_rn(double a, double b) {
@@ -44,6 +45,24 @@ FASTAR_HOST_DEVICE double mul_rn(double a, double b) {
   __asm__("" : "+w"(p));
 #else
   volatile double v = p;
+  p = v;
+#endif
+  return p;
+#endif
+}
+
+// The float twin: a float product rounded once, never fused into a following addition.
+FASTAR_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  float p = a * b;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(p));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(p));
+#else
+  volatile float v = p;
   p = v;
 #endif
   return p;
@@ -275,4 +294,5 @@ __device__ __forceinline__ int64_t warp_argmax_first(F at, int K) {
 #endif
 
 }  // namespace cat
+}  // inline namespace FASTAR_TU_NAMESPACE
 }  // namespace fastar

@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "common/acc_type.h"
+
 
 // Tensor-core fragments for both float16 and bfloat16 need sm_80+; older
 // device passes (and the host pass, which only parses device code) take a
@@ -53,7 +55,7 @@ struct Num;
 
 template <>
 struct Num<float> {
-  using acc_t = float;
+  using acc_t = ::fastar::acc_t<float>;  // common/acc_type.h
   static __device__ __forceinline__ float to_acc(float v) { return v; }
   static __device__ __forceinline__ float from_acc(float v) { return v; }
   static __device__ __forceinline__ float zero() { return 0.f; }
@@ -61,7 +63,7 @@ struct Num<float> {
 
 template <>
 struct Num<double> {
-  using acc_t = double;
+  using acc_t = ::fastar::acc_t<double>;  // common/acc_type.h
   static __device__ __forceinline__ double to_acc(double v) { return v; }
   static __device__ __forceinline__ double from_acc(double v) { return v; }
   static __device__ __forceinline__ double zero() { return 0.0; }
@@ -69,7 +71,7 @@ struct Num<double> {
 
 template <>
 struct Num<__half> {
-  using acc_t = float;
+  using acc_t = ::fastar::acc_t<__half>;  // common/acc_type.h
   static __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
   static __device__ __forceinline__ __half zero() { return __ushort_as_half(static_cast<unsigned short>(0)); }
@@ -77,7 +79,7 @@ struct Num<__half> {
 
 template <>
 struct Num<__nv_bfloat16> {
-  using acc_t = float;
+  using acc_t = ::fastar::acc_t<__nv_bfloat16>;  // common/acc_type.h
   static __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
   static __device__ __forceinline__ __nv_bfloat16 zero() {

@@ -49,6 +49,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cuda_grid.cuh"
+#include "common/tensor_ptr.h"
 #include "lstm_scan.h"
 
 namespace fastar {
@@ -158,23 +160,6 @@ constexpr int kKC = 32;               // reduction chunk
 static_assert(kTM * kKC % kThreads == 0 && 4 * kTH * kKC % kThreads == 0 && kTH * kKC % kThreads == 0,
               "tile loads must split evenly over the threads");
 
-// All CTAs are co-resident (cooperative launch, grid <= occupancy x SMs), so spinning cannot
-// deadlock. The counter only grows (64 bits, zeroed before the launch); barrier n completes when
-// it reaches n * gridDim.x. __syncthreads orders the CTA's writes before thread 0's fence and
-// arrival; the fence after the spin orders the CTA's later reads after every other CTA's
-// arrival (the pattern of cooperative_groups' grid sync, as in csrc/cuda/wavenet.cu).
-__device__ __forceinline__ void scan_grid_barrier(unsigned long long* ctr, unsigned long long target) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(ctr, 1ull);
-    while (*reinterpret_cast<volatile unsigned long long*>(ctr) < target) {
-    }
-    __threadfence();
-  }
-  __syncthreads();
-}
-
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
 
 template <typename T>
@@ -250,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) lstm_scan_forward_kernel(FwdParams<T
   const int64_t utiles = (hid + kTH - 1) / kTH;
   unsigned long long nbar = 0;
   for (int64_t s = s_begin; s < s_end; ++s) {
-    if (s > s_begin) scan_grid_barrier(p.barrier, ++nbar * gridDim.x);
+    if (s > s_begin) grid_barrier(p.barrier, ++nbar * gridDim.x);
     const StepCells sc = step_cells<kRow>(s, H, W);
     const int64_t rows = p.B * sc.n;
     const int64_t tiles = (rows + kTM - 1) / kTM * utiles;
@@ -372,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) lstm_scan_backward_kernel(BwdParams<
   const int64_t utiles = (hid + kTH - 1) / kTH;
   unsigned long long nbar = 0;
   for (int64_t r = s_begin; r < s_end; ++r) {
-    if (r > s_begin) scan_grid_barrier(p.barrier, ++nbar * gridDim.x);
+    if (r > s_begin) grid_barrier(p.barrier, ++nbar * gridDim.x);
     const int64_t s = p.nsteps - 1 - r;
     const StepCells sc = step_cells<kRow>(s, H, W);
     const int64_t rows = p.B * sc.n;
@@ -548,11 +533,6 @@ void check_scan_dtype(const char* op, const at::Tensor& is_map) {
 void check_index_range(const char* op, const ScanShape& s) {
   constexpr int64_t lim = std::numeric_limits<int>::max();
   TORCH_CHECK(s.B < lim && s.H < lim && s.W < lim, op, ": B, H and W must each be below 2^31");
-}
-
-template <typename T>
-const T* opt_ptr(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_forward(const char* op, bool row, const ScanShape& s,

@@ -11,12 +11,12 @@
 // float32. A position outside the map cannot be checked without a sync: its
 // scatter is skipped and its taps read as zero padding.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/acc_type.h"
 #include "masked_conv_at.h"
 
 namespace fastar {
@@ -43,14 +43,14 @@ __global__ void masked_conv2d_at_kernel(const scalar_t* __restrict__ x, const sc
                                         int64_t P, int64_t H, int64_t W, int64_t kH, int64_t kW, int64_t pad_h,
                                         int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t sn, int64_t sc,
                                         int64_t sh, int64_t sw) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using A = acc_t<scalar_t>;  // common/acc_type.h: the one accumulator rule
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (idx >= N * C_out * P) return;
   // Consecutive threads share (n, p) and differ in the output channel, so the
   // input loads are broadcasts within a warp.
   const int64_t o = idx % C_out, p = (idx / C_out) % P, n = idx / (C_out * P);
   const int64_t i = pos[2 * p], j = pos[2 * p + 1];
-  acc_t acc = bias != nullptr ? static_cast<acc_t>(bias[o]) : acc_t(0);
+  A acc = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
   const scalar_t* xb = x + n * sn;
   const scalar_t* wo = w_eff + o * C_in * kH * kW;
   for (int64_t kh = 0; kh < kH; ++kh) {
@@ -63,7 +63,7 @@ __global__ void masked_conv2d_at_kernel(const scalar_t* __restrict__ x, const sc
       if (iw < 0 || iw >= W || !live[kh * kW + kw]) continue;
       const scalar_t* xs = xb + ih * sh + iw * sw;
       const scalar_t* ws = wo + kh * kW + kw;
-      for (int64_t c = 0; c < C_in; ++c) acc += static_cast<acc_t>(ws[c * kH * kW]) * static_cast<acc_t>(xs[c * sc]);
+      for (int64_t c = 0; c < C_in; ++c) acc += static_cast<A>(ws[c * kH * kW]) * static_cast<A>(xs[c * sc]);
     }
   }
   out[(n * C_out + o) * P + p] = static_cast<scalar_t>(acc);

@@ -4,12 +4,11 @@
 // One thread per position. For the loss and the sampler, neighbouring threads
 // handle neighbouring positions n of one image, so every read of a params
 // channel (B, P, N) and every gradient write is coalesced. Half and bfloat16
-// params are read as stored and all arithmetic runs in float32 (opmath); the
+// params are read as stored and all arithmetic runs in float32 (acc_t, common/acc_type.h); the
 // loss, x, noise and samples are float32 for them (float64 for double params).
 // No host-device synchronisation: every launch is asynchronous on the current
 // stream and checked with C10_CUDA_KERNEL_LAUNCH_CHECK.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -137,7 +136,7 @@ at::Tensor dml_nll_cuda(const at::Tensor& x, const at::Tensor& params, int64_t K
   const auto pc = params.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "dml_nll_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+    using T = acc_t<scalar_t>;
     dml_nll_kernel<scalar_t, T><<<num_blocks(B * N), kThreads, 0, stream>>>(
         xc.data_ptr<T>(), pc.data_ptr<scalar_t>(), out.data_ptr<T>(), B, P, N, K, C, dml_const<T>(num_bits));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -168,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> dml_nll_backward_cuda(const at::Tensor& grad,
   const auto nc = nll.contiguous();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "dml_nll_backward_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+    using T = acc_t<scalar_t>;
     dml_nll_backward_kernel<scalar_t, T><<<num_blocks(B * N), kThreads, 0, stream>>>(
         gc.data_ptr<T>(), xc.data_ptr<T>(), pc.data_ptr<scalar_t>(), nc.data_ptr<T>(),
         need_x ? gx.data_ptr<T>() : nullptr, need_p ? gp.data_ptr<scalar_t>() : nullptr, B, P, N, K, C,
@@ -190,7 +189,7 @@ at::Tensor dml_sample_cuda(const at::Tensor& params, const at::Tensor& noise, in
   const double bins = std::ldexp(1.0, static_cast<int>(num_bits)) - 1.0;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.scalar_type(), "dml_sample_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+    using T = acc_t<scalar_t>;
     dml_sample_kernel<scalar_t, T><<<num_blocks(B * N), kThreads, 0, stream>>>(
         pc.data_ptr<scalar_t>(), uc.data_ptr<T>(), out.data_ptr<T>(), B, P, N, K, C, static_cast<T>(temperature),
         static_cast<T>(bins / 2.0), static_cast<T>(bins));
@@ -211,7 +210,7 @@ at::Tensor categorical_sample_cuda(const at::Tensor& logits, const c10::optional
   const auto uc = has_noise ? noise->contiguous() : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "categorical_sample_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+    using T = acc_t<scalar_t>;
     categorical_sample_kernel<scalar_t, T><<<num_blocks(O * I), kThreads, 0, stream>>>(
         lc.data_ptr<scalar_t>(), has_noise ? uc.data_ptr<T>() : nullptr, out.data_ptr<int64_t>(), O, K, I,
         static_cast<T>(temperature), top_k);

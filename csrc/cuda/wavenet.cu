@@ -30,6 +30,8 @@
 #include <string>
 #include <type_traits>
 
+#include "common/acc_type.h"
+#include "common/cuda_grid.cuh"
 #include "mixture.h"
 #include "wavenet.h"
 
@@ -363,23 +365,7 @@ struct PersistParams {
   PersistLayout pl;
 };
 
-// All CTAs are co-resident (cooperative launch, grid <= occupancy x SMs), so spinning cannot
-// deadlock. The counter only grows (64 bits: no wrap); barrier n completes when it reaches
-// n * G. __syncthreads orders the CTA's writes before thread 0's fence and arrival (fences are
-// cumulative in the PTX memory model); the fence after the spin orders the later reads after
-// every other CTA's arrival, the pattern of cooperative_groups' grid sync.
-__device__ __forceinline__ void grid_barrier(unsigned long long* ctr, unsigned long long target) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(ctr, 1ull);
-    while (*reinterpret_cast<volatile unsigned long long*>(ctr) < target) {
-    }
-    __threadfence();
-  }
-  __syncthreads();
-}
-
+// grid_barrier: common/cuda_grid.cuh.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -749,7 +735,7 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
   TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
   const c10::cuda::CUDAGuard guard(conv_w.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  const auto acc_type = conv_w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = acc_type_of(conv_w.scalar_type());
   TORCH_CHECK(noise.scalar_type() == acc_type && noise.is_contiguous(), op, ": the CUDA kernel needs noise as a "
               "contiguous ", acc_type, " tensor (what the weights accumulate in), got ", noise.scalar_type());
   if (s.B > 0) {
@@ -760,6 +746,7 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
                o1b = out1_b.contiguous(), o2w = out2_w.contiguous(), o2b = out2_b.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv_w.scalar_type(), "wavenet_step_cuda", [&] {
       using W = scalar_t;
+      // A generic lambda, so that `if constexpr` below discards the persistent path for float64.
       auto run = [&](auto acc_tag) {
         using A = decltype(acc_tag);
         StepParams<W, A> P;
@@ -813,10 +800,7 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
         }
         launch_steps<W, A>(P, num_steps, stream);
       };
-      if (acc_type == at::kDouble)
-        run(double(0));
-      else
-        run(float(0));
+      run(acc_t<W>());  // common/acc_type.h: the dtype noise, queues, logits and samples come in
     });
   }
   advance_position_kernel<<<1, 1, 0, stream>>>(position.data_ptr<int64_t>(), num_steps);

@@ -5,9 +5,12 @@ table per family and saves ``<family>-<device>.json`` and ``.md`` under the outp
 folder, with the machine and the exact command.
 
 A family is any module of this package that defines ``run(device, quick) -> list[dict]``
-(one dict per row) and ``COLUMNS`` (optionally ``NOTES``, and ``FAMILY``, its name, which
-defaults to the module name): adding one is adding a module here, with no edit to the runner.
-``FAMILIES`` (name -> module path) is found on first use.
+(one dict per row) and ``COLUMNS`` (optionally ``NOTES``, ``FAMILY``, its name, which
+defaults to the module name, and ``DEVICES``, the device types it measures, default cpu and
+cuda): adding one is adding a module here, with no edit to the runner.
+``FAMILIES`` (name -> module path) is found on first use. A family asked for on a device type
+it does not measure (the CPU-only floors and load on cuda) is skipped with a line saying so,
+and no empty table is saved.
 
 The public names below (and each family module's documented helpers, such as
 :func:`fastar.bench.masked_conv.case_inputs`) are what the pytest-benchmark suites in the
@@ -27,7 +30,8 @@ import sys
 
 import torch
 
-__all__ = ["FAMILIES", "discover_families", "kernel_built", "machine", "markdown_table", "save", "main"]
+__all__ = ["FAMILIES", "discover_families", "kernel_built", "family_devices", "families_for", "machine",
+           "markdown_table", "save", "main"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,6 +72,24 @@ def kernel_built(op: str, device) -> bool:
 
     kind = torch.device(device).type
     return op in info().get(f"{kind}_kernels", ())
+
+
+def family_devices(mod) -> tuple[str, ...]:
+    """The device types a family module measures (its ``DEVICES``; default cpu and cuda)."""
+    return tuple(getattr(mod, "DEVICES", ("cpu", "cuda")))
+
+
+def families_for(device_type: str) -> tuple[list[str], list[str]]:
+    """(families that measure `device_type`, families that do not), in discovery order."""
+    run, skip = [], []
+    for name, path in discover_families().items():
+        try:
+            mod = importlib.import_module(path)
+        except Exception:
+            run.append(name)  # broken import: running it shows the real error
+            continue
+        (run if device_type in family_devices(mod) else skip).append(name)
+    return run, skip
 
 
 def machine() -> dict:
@@ -151,6 +173,10 @@ def main(families=None, out_dir="benchmarks/results", quick=False, device=None, 
     for fam in families:
         mod = importlib.import_module(known[fam])
         for dev in devices:
+            if torch.device(dev).type not in family_devices(mod):
+                print(f"\n## {fam} on {dev}: skipped (the family measures {', '.join(family_devices(mod))} only)",
+                      flush=True)
+                continue
             print(f"\n## {fam} on {dev} ({machine()['gpu'] if dev.startswith('cuda') else machine()['cpu']}, "
                   f"{torch.get_num_threads()} threads)", flush=True)
             rows = mod.run(dev, quick)

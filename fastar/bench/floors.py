@@ -232,6 +232,9 @@ def categorical_rows(rates, threads, quick):
                  f"{read / 2 ** 20:.0f} MB logits, {logits.numel() / 1e6:.1f} M exps")]
 
 
+# CPU only: the runner skips this family on cuda (no empty table; fastar/bench/__init__.py).
+DEVICES = ("cpu",)
+
 def run(device: str, quick: bool = False) -> list[dict]:
     if torch.device(device).type != "cpu":
         return []

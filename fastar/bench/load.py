@@ -128,6 +128,9 @@ def _measure(fn, repeats):
     return statistics.median(out)
 
 
+# CPU only: the runner skips this family on cuda (no empty table; fastar/bench/__init__.py).
+DEVICES = ("cpu",)
+
 def run(device: str, quick: bool = False) -> list[dict]:
     if torch.device(device).type != "cpu":
         return []

@@ -137,6 +137,18 @@ def _check_categorical(op, logits, dim, noise, temperature, top_k):
     return dim, out_shape
 
 
+def _div(x, d):
+    """``x / d`` for a Python number ``d``, one correctly rounded division on every device, as the
+    kernels divide. Not ``x / d`` itself: on CUDA, torch divides a tensor by a CPU scalar as
+    ``x * (1 / d)`` (ATen's div_true_kernel_cuda turns a CPU-scalar divisor into a reciprocal
+    multiply), which differs from the division in the last bit: for the float32 bin centres
+    ``(2 i - 255) / 255`` half of the time, for float64 one in sixteen. That made the CUDA
+    sampler disagree with this reference (same bin, other bits) although the kernel was right.
+    A 0-dim tensor on x's device is a true divisor on CPU and CUDA alike (``torch.full`` is a fill
+    kernel, no host-to-device copy, so this stays capturable in a CUDA graph)."""
+    return x / torch.full((), d, dtype=x.dtype, device=x.device)
+
+
 def _uniforms(logits, out_shape, generator):
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return torch.rand(out_shape, generator=generator, device=logits.device, dtype=dtype)
@@ -184,7 +196,7 @@ def categorical_sample_ref(logits, dim=1, generator=None, noise=None, temperatur
     # The kernels' one rule (csrc/common/categorical.h), op for op, so that float64 on CPU draws
     # the same index bit for bit: e = exp(z - max z), c = cumsum(e) (sequential on CPU), the
     # index is #{c_j <= u * c_last} capped at the last category with e > 0.
-    z = work / temperature
+    z = _div(work, temperature)   # a true division, as the kernels' l_j / t (see _div)
     e = _exp_rn(z - z.amax(-1, keepdim=True))
     c = torch.cumsum(e, dim=-1)
     # #{c_j <= u c_last} written as K - #{c_j > u c_last}: the same count for any real u (c does not
@@ -397,8 +409,9 @@ def _sample_noise(params, noise_shape, generator):
 
 
 def _quantize(x, bins):
-    # (2 i - bins) / bins: one rounding of exact integers, so every backend lands on the same bits.
-    return (torch.floor((x + 1.0) * (bins / 2.0) + 0.5) * 2.0 - bins) / bins
+    # (2 i - bins) / bins: one rounding of exact integers, so every backend lands on the same bits
+    # (a true division on CUDA too: see _div).
+    return _div(torch.floor((x + 1.0) * (bins / 2.0) + 0.5) * 2.0 - bins, bins)
 
 
 def _dml_sample_ref(p3, u3, k, c, temperature, num_bits):

@@ -277,12 +277,6 @@ def _step_impl(samples, queues, position, logits, noise, cond, in_w, in_b, conv_
                           num_mixtures, num_bits)
 
 
-def _one_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-              out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_mixtures, num_bits):
-    _step_impl(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-               out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, 1, num_mixtures, num_bits)
-
-
 class _StepPlan:
     """The step-invariant half of the reference step, built once per call.
 

