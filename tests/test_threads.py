@@ -67,13 +67,13 @@ def _gated_fused_walk(dtype, n_threads, levels, n=13):
     model = GatedPixelCNN(3, levels, layers=3, channels=18, num_classes=3).to(dtype).eval()
     run = sampling.prepare(model, n, (4, 5), torch.arange(n) % 3, torch.Generator().manual_seed(2), record=True)
     cache = ImageInferenceCache(model, run, fused=True)
-    assert cache._fused_fn is torch.ops.fastar.gated_pixelcnn_step
+    assert cache._fused_fn.op is torch.ops.fastar.gated_pixelcnn_step
     recs = []
     with torch.no_grad():
         for t in range(run.seq.steps):
             if cache.plan(t)[0] == "row":
                 _at(1, cache._row)
-            _at(n_threads, lambda: cache._fused_fn(*cache._fused_args))
+            _at(n_threads, lambda: cache._fused_fn.op(*cache._fused_args))
             recs.append(cache.params.clone())
     return run.values.clone(), torch.stack(recs), cache.x_img.clone(), cache._fused_args[1].clone()
 
@@ -315,9 +315,9 @@ def test_a_pinned_run_keeps_its_count_for_every_step(monkeypatch):
     seen = []
     real = ImageInferenceCache.advance
 
-    def advance(self, key, k):
+    def advance(self, key, t, k):
         seen.append(torch.get_num_threads())
-        return real(self, key, k)
+        return real(self, key, t, k)
     monkeypatch.setattr(ImageInferenceCache, "advance", advance)
     prev = torch.get_num_threads()
     for n in sorted({1, N}):

@@ -277,5 +277,6 @@ def bind_gated_pixelcnn_step(image, codes, step, logits, noise, prefix, given, p
     def fn():
         op(*args)
 
-    fn.args = args          # the op's full argument list, for callers that run it another way (tests)
+    fn.args = args          # the op's full argument list and the op itself, for callers that run it
+    fn.op = op              # another way (tests, the thread-neutrality check)
     return fn
