@@ -39,12 +39,12 @@ TORCH_LIBRARY(fastar, m) {
   // num_steps times; the step index is read from (and incremented in) the device tensor
   // `position`, so it graph-captures. num_mixtures 0: softmax head, int64 codes; K > 0:
   // discretized logistic mixture head (out2 gives 3K params), float samples, noise (B, 2, T).
+  // pack: the weights [in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b,
+  // out2_w, out2_b]; config: [num_prime, start, num_steps, num_mixtures, num_bits, dilation per
+  // layer...] (csrc/wavenet.h's WaveNetPack / WaveNetConfig, parse_wavenet_step).
   m.def(
       "wavenet_step(Tensor(a!) samples, Tensor(b!) queues, Tensor(c!) position, Tensor(d!) logits, "
-      "Tensor noise, Tensor? cond, Tensor in_w, Tensor in_b, Tensor conv_w, Tensor conv_b, "
-      "Tensor res_skip_w, Tensor res_skip_b, Tensor out1_w, Tensor out1_b, Tensor out2_w, Tensor out2_b, "
-      "int[] dilations, int num_prime, float temperature, int start, int num_steps, "
-      "int num_mixtures=0, int num_bits=8) -> ()");
+      "Tensor noise, Tensor? cond, Tensor[] pack, int[] config, float temperature) -> ()");
 
   // ---- mixture / categorical family (fastar/ops/mixture.py; layouts in csrc/mixture.h) ----
   // Per-position NLL (B, N) of x (B, C, N) under the discretized logistic
