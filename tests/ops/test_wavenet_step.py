@@ -283,6 +283,28 @@ def test_wavenet_step_kernel_rejects_bad_input():
         torch.ops.fastar.wavenet_step.default(*bad)
 
 
+def test_wavenet_step_cuda_entry_checks_on_cpu_tensors():
+    """The CUDA entry point's host side (nvcc-compiled csrc/cuda/wavenet.cu, the same parse_wavenet_step)
+    reached without a GPU: redispatched straight to the CUDA kernel with CPU tensors, bad input must raise
+    its sentence before anything touches a device."""
+    from fastar import _backend
+    if "wavenet_step" not in _backend.CUDA_KERNELS:
+        pytest.skip("this build of fastar._C has no CUDA kernels")
+    ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    st, c, w, dil = _step_case("cpu", torch.float32, B=3, T=6)
+    args = list(wavenet_op_args(st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c,
+                                WaveNetWeights(**w, dilations=dil), 0, 1.0, 5, 1))
+    for i, v, match in ((1, torch.zeros(3, 7, 8), "queues must have shape"),
+                        (6, args[6][:-1], "pack must hold the 10 weights"),
+                        (7, args[7][:-1], "dilations must list 4"),
+                        (7, args[7][:2] + [0] + args[7][3:], "num_steps must be at least 1"),
+                        (8, -1.0, "temperature must be non-negative")):
+        bad = list(args)
+        bad[i] = v
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fastar.wavenet_step.default.redispatch(ks, *bad)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 5])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_wavenet_step_kernel_thread_modes(batch, threads):
