@@ -39,12 +39,12 @@ TORCH_LIBRARY(fastar, m) {
   // num_steps times; the step index is read from (and incremented in) the device tensor
   // `position`, so it graph-captures. num_mixtures 0: softmax head, int64 codes; K > 0:
   // discretized logistic mixture head (out2 gives 3K params), float samples, noise (B, 2, T).
+  // pack: the weights [in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b,
+  // out2_w, out2_b]; config: [num_prime, start, num_steps, num_mixtures, num_bits, dilation per
+  // layer...] (csrc/wavenet.h's WaveNetPack / WaveNetConfig, parse_wavenet_step).
   m.def(
       "wavenet_step(Tensor(a!) samples, Tensor(b!) queues, Tensor(c!) position, Tensor(d!) logits, "
-      "Tensor noise, Tensor? cond, Tensor in_w, Tensor in_b, Tensor conv_w, Tensor conv_b, "
-      "Tensor res_skip_w, Tensor res_skip_b, Tensor out1_w, Tensor out1_b, Tensor out2_w, Tensor out2_b, "
-      "int[] dilations, int num_prime, float temperature, int start, int num_steps, "
-      "int num_mixtures=0, int num_bits=8) -> ()");
+      "Tensor noise, Tensor? cond, Tensor[] pack, int[] config, float temperature) -> ()");
 
   // ---- mixture / categorical family (fastar/ops/mixture.py; layouts in csrc/mixture.h) ----
   // Per-position NLL (B, N) of x (B, C, N) under the discretized logistic
@@ -71,15 +71,16 @@ TORCH_LIBRARY(fastar, m) {
       "masked_conv2d_at(Tensor(a!) x_cache, Tensor? x_new, Tensor weight, Tensor? bias, Tensor mask, "
       "Tensor pos, int[2] padding, int[2] dilation) -> Tensor");
 
-  // ---- Gated PixelCNN pixel step (cached sampling; fastar/ops/pixel_step.py, layouts in csrc/pixel_step.h) ----
+  // ---- Gated PixelCNN pixel step (cached sampling; fastar/ops/gated_pixelcnn.py, layouts in csrc/pixel_step.h) ----
   // One whole pixel step for the batch: every block's horizontal stack at the current
   // position (reading/writing row_cache), the head, the draw of sub-pixel t = step[0], the
   // writes into codes, image and logits, and step[0] += 1 (so a graph replay advances).
+  // pack: the weights [h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, class_bias?,
+  // cond_map?, map_w?]; config: [levels, taps of block 0, taps of the later blocks, residual flag
+  // per block...] (csrc/pixel_step.h's GatedPack / GatedConfig, parse_gated_pixelcnn_step).
   m.def(
       "gated_pixelcnn_step(Tensor(a!) image, Tensor(b!) row_cache, Tensor(c!) codes, Tensor(d!) step, "
-      "Tensor(e!) logits, Tensor noise, Tensor links, Tensor? class_bias, Tensor? cond_map, Tensor? map_w, "
-      "Tensor? prefix, Tensor? given, Tensor h_w, Tensor h_b, Tensor so_w, Tensor so_b, Tensor head1_w, "
-      "Tensor head1_b, Tensor head2_w, Tensor head2_b, int[2] taps, int[] residual, int levels, "
+      "Tensor(e!) logits, Tensor noise, Tensor links, Tensor? prefix, Tensor? given, Tensor?[] pack, int[] config, "
       "float temperature) -> ()");
 
   // ---- PixelRNN scans (fastar/ops/lstm_scan.py; layouts in csrc/lstm_scan.h) ----

@@ -1,7 +1,7 @@
 // gated_pixelcnn_step: one whole pixel step of a Gated PixelCNN's horizontal stack,
 // head and categorical draw (cached sampling). Argument checks and the packed
 // layouts, shared by the CPU and the CUDA kernels so both reject bad input with the
-// same sentences. The Python side (fastar/ops/pixel_step.py) documents every tensor.
+// same sentences. The Python side (fastar/ops/gated_pixelcnn.py) documents every tensor.
 //
 // Packed layouts (dt = the weights' dtype, float32 or float64; L blocks, C channels,
 // C2 = 2C, Ci image channels, every matrix stored input-major (K, O) so that
@@ -18,6 +18,7 @@
 // K is 1 for a binary model (levels 2: one Bernoulli logit per sub-pixel), else levels.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/List.h>
 #include <c10/util/Optional.h>
 
 #include <vector>
@@ -45,16 +46,69 @@ inline void check_packed(const char* op, const char* name, const at::Tensor& t, 
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (pack it with fastar.ops.pixel_step)");
 }
 
-inline GatedStepShape check_gated_pixelcnn_step(
-    const char* op, const at::Tensor& image, const at::Tensor& row_cache, const at::Tensor& codes,
-    const at::Tensor& step, const at::Tensor& logits, const at::Tensor& noise, const at::Tensor& links,
-    const c10::optional<at::Tensor>& class_bias, const c10::optional<at::Tensor>& cond_map,
-    const c10::optional<at::Tensor>& map_w, const c10::optional<at::Tensor>& prefix,
-    const c10::optional<at::Tensor>& given, const at::Tensor& h_w, const at::Tensor& h_b, const at::Tensor& so_w,
-    const at::Tensor& so_b, const at::Tensor& head1_w, const at::Tensor& head1_b, const at::Tensor& head2_w,
-    const at::Tensor& head2_b, at::IntArrayRef taps, at::IntArrayRef residual, int64_t levels,
-    double temperature) {
+// gated_pixelcnn_step's `Tensor?[] pack`: the weights in this order, the last three optional
+// (fastar/ops/gated_pixelcnn.py's GatedPixelStepPack.to_pack).
+struct GatedPack {
+  enum : int64_t { h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, class_bias, cond_map, map_w, size };
+};
+// gated_pixelcnn_step's `int[] config`: levels, the two tap counts, then one residual flag per
+// block (length 3 + L; GatedPixelStepPack.config).
+struct GatedConfig {
+  enum : int64_t { levels, taps0, taps1, residual };
+};
+
+// Everything a gated_pixelcnn_step kernel needs besides the run state it was handed by name.
+struct GatedStepArgs {
+  at::Tensor h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b;
+  c10::optional<at::Tensor> class_bias, cond_map, map_w;  // absent: nullopt
+  double temperature;
   GatedStepShape s;
+};
+
+// Unpacks and checks gated_pixelcnn_step's arguments: the one place the CPU and the CUDA entry
+// points (csrc/cpu/pixel_step.cpp, csrc/cuda/pixel_step.cu) read pack and config, so both reject
+// bad input with the same sentences; each then adds only what its device cannot do.
+inline GatedStepArgs parse_gated_pixelcnn_step(const char* op, const at::Tensor& image, const at::Tensor& row_cache,
+                                               const at::Tensor& codes, const at::Tensor& step,
+                                               const at::Tensor& logits, const at::Tensor& noise,
+                                               const at::Tensor& links, const c10::optional<at::Tensor>& prefix,
+                                               const c10::optional<at::Tensor>& given,
+                                               const c10::List<c10::optional<at::Tensor>>& pack,
+                                               at::IntArrayRef config, double temperature) {
+  static const char* const names[] = {"h_w",     "h_b",     "so_w",       "so_b",     "head1_w", "head1_b",
+                                      "head2_w", "head2_b", "class_bias", "cond_map", "map_w"};
+  TORCH_CHECK(static_cast<int64_t>(pack.size()) == GatedPack::size, op, ": pack must hold ", GatedPack::size,
+              " entries (h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, class_bias, cond_map, map_w), got ",
+              pack.size());
+  GatedStepArgs a;
+  std::vector<c10::optional<at::Tensor>> got(GatedPack::size);
+  for (int64_t i = 0; i < GatedPack::size; ++i) {
+    c10::optional<at::Tensor> t = pack.get(i);
+    if (t.has_value() && !t->defined()) t = c10::nullopt;
+    TORCH_CHECK(i >= GatedPack::class_bias || t.has_value(), op, ": pack[", i, "] (", names[i],
+                ") must be a tensor, got None");
+    got[i] = std::move(t);
+  }
+  a.h_w = *got[GatedPack::h_w];
+  a.h_b = *got[GatedPack::h_b];
+  a.so_w = *got[GatedPack::so_w];
+  a.so_b = *got[GatedPack::so_b];
+  a.head1_w = *got[GatedPack::head1_w];
+  a.head1_b = *got[GatedPack::head1_b];
+  a.head2_w = *got[GatedPack::head2_w];
+  a.head2_b = *got[GatedPack::head2_b];
+  a.class_bias = got[GatedPack::class_bias];
+  a.cond_map = got[GatedPack::cond_map];
+  a.map_w = got[GatedPack::map_w];
+  a.temperature = temperature;
+  TORCH_CHECK(static_cast<int64_t>(config.size()) >= GatedConfig::residual, op,
+              ": config must hold [levels, taps of block 0, taps of the later blocks, residual flags...], got ",
+              config);
+  const int64_t levels = config[GatedConfig::levels];
+  const at::IntArrayRef taps = config.slice(GatedConfig::taps0, 2);
+  const at::IntArrayRef residual = config.slice(GatedConfig::residual);
+  const auto &h_w = a.h_w, &h_b = a.h_b;
+  GatedStepShape& s = a.s;
   TORCH_CHECK(h_b.dim() == 2 && h_b.size(1) % 2 == 0 && h_b.size(0) >= 1 && h_b.size(1) >= 2, op,
               ": h_b must be 2-D (L, 2C) with at least one block and an even positive width, got shape ",
               h_b.sizes());
@@ -75,7 +129,7 @@ inline GatedStepShape check_gated_pixelcnn_step(
   s.levels = levels;
   s.K = levels == 2 ? 1 : levels;
   s.Ttot = s.Ci * s.H * s.W;
-  TORCH_CHECK(taps.size() == 2 && taps[0] >= 1 && taps[1] >= 1, op,
+  TORCH_CHECK(taps[0] >= 1 && taps[1] >= 1, op,
               ": taps must be two positive ints (live taps of block 0, of the later blocks), got ", taps);
   s.T0 = taps[0];
   s.T = taps[1];
@@ -95,12 +149,12 @@ inline GatedStepShape check_gated_pixelcnn_step(
               s.T, " taps x ", s.C, " x ", s.C2, "), got shape ", h_w.sizes());
   check_packed(op, "h_w", h_w, {off}, h_b);
   check_packed(op, "h_b", h_b, {s.L, s.C2}, h_b);
-  check_packed(op, "so_w", so_w, {s.L, s.C, s.C2}, h_b);
-  check_packed(op, "so_b", so_b, {s.L, s.C2}, h_b);
-  check_packed(op, "head1_w", head1_w, {s.C, s.C}, h_b);
-  check_packed(op, "head1_b", head1_b, {s.C}, h_b);
-  check_packed(op, "head2_w", head2_w, {s.C, s.Ci * s.K}, h_b);
-  check_packed(op, "head2_b", head2_b, {s.Ci * s.K}, h_b);
+  check_packed(op, "so_w", a.so_w, {s.L, s.C, s.C2}, h_b);
+  check_packed(op, "so_b", a.so_b, {s.L, s.C2}, h_b);
+  check_packed(op, "head1_w", a.head1_w, {s.C, s.C}, h_b);
+  check_packed(op, "head1_b", a.head1_b, {s.C}, h_b);
+  check_packed(op, "head2_w", a.head2_w, {s.C, s.Ci * s.K}, h_b);
+  check_packed(op, "head2_b", a.head2_b, {s.Ci * s.K}, h_b);
   check_packed(op, "image", image, {s.N, s.Ci, s.H, s.W}, h_b);
   check_packed(op, "row_cache", row_cache, {s.L - 1, s.N, s.W, s.C}, h_b);
   check_packed(op, "links", links, {s.L, s.W, s.N, s.C2}, h_b);
@@ -114,19 +168,20 @@ inline GatedStepShape check_gated_pixelcnn_step(
                   step.device() == h_b.device(),
               op, ": step must be a contiguous (2,) int64 tensor [t, 0] on ", h_b.device(), ", got ",
               step.scalar_type(), " of shape ", step.sizes(), " on ", step.device());
-  s.has_class = class_bias.has_value() && class_bias->defined();
-  if (s.has_class) check_packed(op, "class_bias", *class_bias, {s.L, s.N, s.C2}, h_b);
-  const bool has_cm = cond_map.has_value() && cond_map->defined();
-  const bool has_mw = map_w.has_value() && map_w->defined();
+  s.has_class = a.class_bias.has_value();
+  if (s.has_class) check_packed(op, "class_bias", *a.class_bias, {s.L, s.N, s.C2}, h_b);
+  const bool has_cm = a.cond_map.has_value();
+  const bool has_mw = a.map_w.has_value();
   TORCH_CHECK(has_cm == has_mw, op, ": cond_map and map_w come together (the map and its per-block 1x1 weights), got ",
               has_cm ? "cond_map without map_w" : "map_w without cond_map");
   s.has_map = has_cm;
   s.Cc = 0;
   if (s.has_map) {
-    TORCH_CHECK(cond_map->dim() == 3, op, ": cond_map must be 3-D (N, H*W, Cc), got shape ", cond_map->sizes());
-    s.Cc = cond_map->size(2);
-    check_packed(op, "cond_map", *cond_map, {s.N, s.H * s.W, s.Cc}, h_b);
-    check_packed(op, "map_w", *map_w, {s.L, s.Cc, s.C2}, h_b);
+    const auto& cond_map = *a.cond_map;
+    TORCH_CHECK(cond_map.dim() == 3, op, ": cond_map must be 3-D (N, H*W, Cc), got shape ", cond_map.sizes());
+    s.Cc = cond_map.size(2);
+    check_packed(op, "cond_map", cond_map, {s.N, s.H * s.W, s.Cc}, h_b);
+    check_packed(op, "map_w", *a.map_w, {s.L, s.Cc, s.C2}, h_b);
   }
   const bool has_p = prefix.has_value() && prefix->defined();
   const bool has_g = given.has_value() && given->defined();
@@ -143,7 +198,7 @@ inline GatedStepShape check_gated_pixelcnn_step(
                 op, ": given must be a contiguous (", s.N, ", ", s.Ttot, ") bool tensor on ", h_b.device(),
                 ", got ", given->scalar_type(), " of shape ", given->sizes(), " on ", given->device());
   }
-  return s;
+  return a;
 }
 
 }  // inline namespace FASTAR_TU_NAMESPACE

@@ -56,19 +56,66 @@ struct StepShape {
   std::vector<int64_t> offsets;  // queue row offset of each layer
 };
 
-inline StepShape check_wavenet_step(const char* op, const at::Tensor& samples, const at::Tensor& queues,
-                                    const at::Tensor& position, const at::Tensor& logits, const at::Tensor& noise,
-                                    const c10::optional<at::Tensor>& cond, const at::Tensor& in_w,
-                                    const at::Tensor& in_b, const at::Tensor& conv_w, const at::Tensor& conv_b,
-                                    const at::Tensor& res_skip_w, const at::Tensor& res_skip_b,
-                                    const at::Tensor& out1_w, const at::Tensor& out1_b, const at::Tensor& out2_w,
-                                    const at::Tensor& out2_b, at::IntArrayRef dilations, int64_t start,
-                                    int64_t num_mixtures, int64_t num_bits) {
+// wavenet_step's `Tensor[] pack`: the weights in this order (fastar/ops/wavenet.py's
+// WaveNetWeights.to_pack; the module docstring gives every layout).
+struct WaveNetPack {
+  enum : int64_t { in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, size };
+};
+// wavenet_step's `int[] config`: these five, then one dilation per layer (length 5 + L;
+// fastar/ops/wavenet.py's WaveNetWeights.config).
+struct WaveNetConfig {
+  enum : int64_t { num_prime, start, num_steps, num_mixtures, num_bits, dilations };
+};
+
+// Everything a wavenet_step kernel needs besides the run state it was handed by name: the
+// weights by name, the config's integers, the shape.
+struct WaveNetStepArgs {
+  at::Tensor in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b;
+  std::vector<int64_t> dilations;
+  int64_t num_prime, start, num_steps, num_mixtures, num_bits;
+  double temperature;
+  StepShape s;
+};
+
+// Unpacks and checks wavenet_step's arguments: the one place the CPU and the CUDA entry points
+// (csrc/cpu/wavenet.cpp, csrc/cuda/wavenet.cu) read pack and config, so both reject bad input
+// with the same sentences; each then adds only what its device cannot do.
+inline WaveNetStepArgs parse_wavenet_step(const char* op, const at::Tensor& samples, const at::Tensor& queues,
+                                          const at::Tensor& position, const at::Tensor& logits,
+                                          const at::Tensor& noise, const c10::optional<at::Tensor>& cond,
+                                          at::TensorList pack, at::IntArrayRef config, double temperature) {
+  TORCH_CHECK(static_cast<int64_t>(pack.size()) == WaveNetPack::size, op, ": pack must hold the ", WaveNetPack::size,
+              " weights (in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b), got ",
+              pack.size());
+  TORCH_CHECK(static_cast<int64_t>(config.size()) >= WaveNetConfig::dilations, op,
+              ": config must hold [num_prime, start, num_steps, num_mixtures, num_bits, dilations...], got ",
+              config);
+  WaveNetStepArgs a;
+  a.in_w = pack[WaveNetPack::in_w];
+  a.in_b = pack[WaveNetPack::in_b];
+  a.conv_w = pack[WaveNetPack::conv_w];
+  a.conv_b = pack[WaveNetPack::conv_b];
+  a.res_skip_w = pack[WaveNetPack::res_skip_w];
+  a.res_skip_b = pack[WaveNetPack::res_skip_b];
+  a.out1_w = pack[WaveNetPack::out1_w];
+  a.out1_b = pack[WaveNetPack::out1_b];
+  a.out2_w = pack[WaveNetPack::out2_w];
+  a.out2_b = pack[WaveNetPack::out2_b];
+  a.num_prime = config[WaveNetConfig::num_prime];
+  a.start = config[WaveNetConfig::start];
+  a.num_steps = config[WaveNetConfig::num_steps];
+  a.num_mixtures = config[WaveNetConfig::num_mixtures];
+  a.num_bits = config[WaveNetConfig::num_bits];
+  a.dilations.assign(config.begin() + WaveNetConfig::dilations, config.end());
+  a.temperature = temperature;
+  const at::IntArrayRef dilations(a.dilations);
+  const auto &conv_w = a.conv_w, &res_skip_w = a.res_skip_w, &out2_w = a.out2_w;
+  const int64_t num_mixtures = a.num_mixtures, num_bits = a.num_bits, start = a.start;
+  StepShape& s = a.s;
   // num_mixtures == 0: softmax head over A codes (samples int64, in_w (A, R), noise (B, T));
   // num_mixtures == K > 0: mixture head, A = 3K params (samples float in the acc dtype holding
   // the previous value, in_w (1, R), noise (B, 2, T): component and logistic uniforms).
   TORCH_CHECK(conv_w.dim() == 4, op, ": conv_w must be 4-D (L, k, R, 2D), got shape ", conv_w.sizes());
-  StepShape s;
   s.L = conv_w.size(0);
   s.k = conv_w.size(1);
   s.R = conv_w.size(2);
@@ -98,13 +145,13 @@ inline StepShape check_wavenet_step(const char* op, const at::Tensor& samples, c
                 num_mixtures, " needs 3K = ", 3 * num_mixtures, " (K logits, K means, K log-scales)");
     TORCH_CHECK(num_bits >= 1 && num_bits <= 16, op, ": num_bits must be in [1, 16], got ", num_bits);
   }
-  want(in_w, "in_w", {mixture ? 1 : s.A, s.R});
-  want(in_b, "in_b", {s.R});
-  want(conv_b, "conv_b", {s.L, 2 * s.D});
-  want(res_skip_b, "res_skip_b", {s.L, s.R + s.S});
-  want(out1_w, "out1_w", {s.S, s.S});
-  want(out1_b, "out1_b", {s.S});
-  want(out2_b, "out2_b", {s.A});
+  want(a.in_w, "in_w", {mixture ? 1 : s.A, s.R});
+  want(a.in_b, "in_b", {s.R});
+  want(a.conv_b, "conv_b", {s.L, 2 * s.D});
+  want(a.res_skip_b, "res_skip_b", {s.L, s.R + s.S});
+  want(a.out1_w, "out1_w", {s.S, s.S});
+  want(a.out1_b, "out1_b", {s.S});
+  want(a.out2_b, "out2_b", {s.A});
   const auto acc = conv_w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto sample_type = mixture ? acc : at::kLong;
   TORCH_CHECK(samples.dim() == 2 && samples.scalar_type() == sample_type, op, ": samples must be a 2-D (B, T) ",
@@ -161,7 +208,9 @@ inline StepShape check_wavenet_step(const char* op, const at::Tensor& samples, c
   }
   TORCH_CHECK(samples.is_contiguous() && queues.is_contiguous() && logits.is_contiguous(), op,
               ": samples, queues and logits must be contiguous (they are updated in place)");
-  return s;
+  TORCH_CHECK(a.num_steps >= 1, op, ": num_steps must be at least 1, got ", a.num_steps);
+  TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
+  return a;
 }
 
 }  // inline namespace FASTAR_TU_NAMESPACE

@@ -175,16 +175,14 @@ void step_rows(const GatedStepShape& s, const Ptrs<T>& P, int64_t t, double temp
 
 void gated_pixelcnn_step_cpu(at::Tensor& image, at::Tensor& row_cache, at::Tensor& codes, at::Tensor& step,
                              at::Tensor& logits, const at::Tensor& noise, const at::Tensor& links,
-                             const c10::optional<at::Tensor>& class_bias, const c10::optional<at::Tensor>& cond_map,
-                             const c10::optional<at::Tensor>& map_w, const c10::optional<at::Tensor>& prefix,
-                             const c10::optional<at::Tensor>& given, const at::Tensor& h_w, const at::Tensor& h_b,
-                             const at::Tensor& so_w, const at::Tensor& so_b, const at::Tensor& head1_w,
-                             const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-                             at::IntArrayRef taps, at::IntArrayRef residual, int64_t levels, double temperature) {
+                             const c10::optional<at::Tensor>& prefix, const c10::optional<at::Tensor>& given,
+                             const c10::List<c10::optional<at::Tensor>>& pack, at::IntArrayRef config,
+                             double temperature) {
   const char* op = "gated_pixelcnn_step";
-  const auto s = check_gated_pixelcnn_step(op, image, row_cache, codes, step, logits, noise, links, class_bias,
-                                           cond_map, map_w, prefix, given, h_w, h_b, so_w, so_b, head1_w, head1_b,
-                                           head2_w, head2_b, taps, residual, levels, temperature);
+  const auto a = parse_gated_pixelcnn_step(op, image, row_cache, codes, step, logits, noise, links, prefix, given,
+                                           pack, config, temperature);
+  const GatedStepShape& s = a.s;
+  const at::Tensor& h_b = a.h_b;
   TORCH_CHECK(h_b.device().is_cpu(), op, ": the CPU kernel got tensors on ", h_b.device());
   int64_t* sp = step.data_ptr<int64_t>();
   const int64_t t = sp[0];
@@ -197,19 +195,19 @@ void gated_pixelcnn_step_cpu(at::Tensor& image, at::Tensor& row_cache, at::Tenso
                      logits.data_ptr<scalar_t>(),
                      noise.data_ptr<scalar_t>(),
                      links.data_ptr<scalar_t>(),
-                     opt_ptr<scalar_t>(class_bias),
-                     opt_ptr<scalar_t>(cond_map),
-                     opt_ptr<scalar_t>(map_w),
+                     opt_ptr<scalar_t>(a.class_bias),
+                     opt_ptr<scalar_t>(a.cond_map),
+                     opt_ptr<scalar_t>(a.map_w),
                      opt_ptr<int64_t>(prefix),
                      opt_ptr<bool>(given),
-                     h_w.data_ptr<scalar_t>(),
+                     a.h_w.data_ptr<scalar_t>(),
                      h_b.data_ptr<scalar_t>(),
-                     so_w.data_ptr<scalar_t>(),
-                     so_b.data_ptr<scalar_t>(),
-                     head1_w.data_ptr<scalar_t>(),
-                     head1_b.data_ptr<scalar_t>(),
-                     head2_w.data_ptr<scalar_t>(),
-                     head2_b.data_ptr<scalar_t>()};
+                     a.so_w.data_ptr<scalar_t>(),
+                     a.so_b.data_ptr<scalar_t>(),
+                     a.head1_w.data_ptr<scalar_t>(),
+                     a.head1_b.data_ptr<scalar_t>(),
+                     a.head2_w.data_ptr<scalar_t>(),
+                     a.head2_b.data_ptr<scalar_t>()};
     // Rows are independent and each row's arithmetic is the same on any thread (a tile of rows
     // shares weight reads, not sums), so any thread count computes the same bits. A row costs
     // ~C^2 * L * 6 flops: below a few rows per thread the fork/join costs more (grain 4). The

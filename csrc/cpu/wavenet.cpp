@@ -177,45 +177,39 @@ void check_codes(const at::Tensor& samples, const StepShape& s, int64_t p0, int6
 }
 
 void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& position, at::Tensor& logits,
-                      const at::Tensor& noise, const c10::optional<at::Tensor>& cond, const at::Tensor& in_w,
-                      const at::Tensor& in_b, const at::Tensor& conv_w, const at::Tensor& conv_b,
-                      const at::Tensor& res_skip_w, const at::Tensor& res_skip_b, const at::Tensor& out1_w,
-                      const at::Tensor& out1_b, const at::Tensor& out2_w, const at::Tensor& out2_b,
-                      at::IntArrayRef dilations, int64_t num_prime, double temperature, int64_t start,
-                      int64_t num_steps, int64_t num_mixtures, int64_t num_bits) {
+                      const at::Tensor& noise, const c10::optional<at::Tensor>& cond, at::TensorList pack,
+                      at::IntArrayRef config, double temperature) {
   const char* op = "wavenet_step";
-  const auto s = check_wavenet_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b,
-                                    res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, start,
-                                    num_mixtures, num_bits);
-  TORCH_CHECK(conv_w.scalar_type() == at::kFloat || conv_w.scalar_type() == at::kDouble, op,
-              ": the CPU kernel supports float32 and float64 weights, got ", conv_w.scalar_type());
-  TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
+  const auto a = parse_wavenet_step(op, samples, queues, position, logits, noise, cond, pack, config, temperature);
+  const StepShape& s = a.s;
+  TORCH_CHECK(a.conv_w.scalar_type() == at::kFloat || a.conv_w.scalar_type() == at::kDouble, op,
+              ": the CPU kernel supports float32 and float64 weights, got ", a.conv_w.scalar_type());
   const int64_t p = position.data_ptr<int64_t>()[0];
-  TORCH_CHECK(num_steps >= 1, op, ": num_steps must be at least 1, got ", num_steps);
+  const int64_t num_steps = a.num_steps;
   TORCH_CHECK(p >= 0 && p + num_steps <= s.T, op, ": steps ", p, " to ", p + num_steps - 1, " do not fit the ", s.T,
               " steps that samples and noise have room for");
   if (s.B == 0) {
     position.data_ptr<int64_t>()[0] = p + num_steps;
     return;
   }
-  const bool mixture = num_mixtures > 0;
-  if (!mixture) check_codes(samples, s, p, num_steps, num_prime);
+  const bool mixture = a.num_mixtures > 0;
+  if (!mixture) check_codes(samples, s, p, num_steps, a.num_prime);
   // the mixture head reads its uniforms in the acc dtype (checked), the softmax head in float or double
   const auto nz = (mixture || noise.scalar_type() == at::kDouble ? noise : noise.to(at::kFloat)).contiguous();
   const auto cc = (cond.has_value() && cond->defined()) ? cond->contiguous() : at::Tensor();
-  const auto iw = in_w.contiguous(), ib = in_b.contiguous(), cw = conv_w.contiguous(), cb = conv_b.contiguous(),
-             rw = res_skip_w.contiguous(), rb = res_skip_b.contiguous(), o1w = out1_w.contiguous(),
-             o1b = out1_b.contiguous(), o2w = out2_w.contiguous(), o2b = out2_b.contiguous();
-  std::vector<int64_t> dil(dilations.begin(), dilations.end());
-  AT_DISPATCH_FLOATING_TYPES(conv_w.scalar_type(), "wavenet_step_cpu", [&] {
+  const auto iw = a.in_w.contiguous(), ib = a.in_b.contiguous(), cw = a.conv_w.contiguous(),
+             cb = a.conv_b.contiguous(), rw = a.res_skip_w.contiguous(), rb = a.res_skip_b.contiguous(),
+             o1w = a.out1_w.contiguous(), o1b = a.out1_b.contiguous(), o2w = a.out2_w.contiguous(),
+             o2b = a.out2_b.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(a.conv_w.scalar_type(), "wavenet_step_cpu", [&] {
     StepArgs<scalar_t> g;
     g.s = &s;
     g.p = p;
-    g.num_prime = num_prime;
-    g.start = start;
-    g.temperature = temperature;
-    g.K = num_mixtures;
-    g.num_bits = num_bits;
+    g.num_prime = a.num_prime;
+    g.start = a.start;
+    g.temperature = a.temperature;
+    g.K = a.num_mixtures;
+    g.num_bits = a.num_bits;
     g.samples = mixture ? nullptr : samples.data_ptr<int64_t>();
     g.xs = mixture ? samples.data_ptr<scalar_t>() : nullptr;
     g.queues = queues.data_ptr<scalar_t>();
@@ -233,7 +227,7 @@ void wavenet_step_cpu(at::Tensor& samples, at::Tensor& queues, at::Tensor& posit
     g.o1_b = o1b.data_ptr<scalar_t>();
     g.o2_w = o2w.data_ptr<scalar_t>();
     g.o2_b = o2b.data_ptr<scalar_t>();
-    g.dil = dil.data();
+    g.dil = a.dilations.data();
     g.prim = pick_prims<scalar_t>();
     run_steps<scalar_t>(g, p, num_steps);
   });

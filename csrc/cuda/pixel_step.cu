@@ -265,16 +265,14 @@ void launch(const Args<T>& A, int64_t smem_per_row_elems, int64_t part_elems, cu
 
 void gated_pixelcnn_step_cuda(at::Tensor& image, at::Tensor& row_cache, at::Tensor& codes, at::Tensor& step,
                               at::Tensor& logits, const at::Tensor& noise, const at::Tensor& links,
-                              const c10::optional<at::Tensor>& class_bias, const c10::optional<at::Tensor>& cond_map,
-                              const c10::optional<at::Tensor>& map_w, const c10::optional<at::Tensor>& prefix,
-                              const c10::optional<at::Tensor>& given, const at::Tensor& h_w, const at::Tensor& h_b,
-                              const at::Tensor& so_w, const at::Tensor& so_b, const at::Tensor& head1_w,
-                              const at::Tensor& head1_b, const at::Tensor& head2_w, const at::Tensor& head2_b,
-                              at::IntArrayRef taps, at::IntArrayRef residual, int64_t levels, double temperature) {
+                              const c10::optional<at::Tensor>& prefix, const c10::optional<at::Tensor>& given,
+                              const c10::List<c10::optional<at::Tensor>>& pack, at::IntArrayRef config,
+                              double temperature) {
   const char* op = "gated_pixelcnn_step";
-  const auto s = check_gated_pixelcnn_step(op, image, row_cache, codes, step, logits, noise, links, class_bias,
-                                           cond_map, map_w, prefix, given, h_w, h_b, so_w, so_b, head1_w, head1_b,
-                                           head2_w, head2_b, taps, residual, levels, temperature);
+  const auto a = parse_gated_pixelcnn_step(op, image, row_cache, codes, step, logits, noise, links, prefix, given,
+                                           pack, config, temperature);
+  const GatedStepShape& s = a.s;
+  const at::Tensor& h_b = a.h_b;
   TORCH_CHECK(h_b.is_cuda(), op, ": the CUDA kernel got tensors on ", h_b.device());
   TORCH_CHECK(s.L <= 32, op, ": the CUDA kernel supports at most 32 blocks, got ", s.L);
   const c10::cuda::CUDAGuard guard(h_b.device());
@@ -292,19 +290,19 @@ void gated_pixelcnn_step_cuda(at::Tensor& image, at::Tensor& row_cache, at::Tens
     A.logits = logits.data_ptr<scalar_t>();
     A.noise = noise.data_ptr<scalar_t>();
     A.links = links.data_ptr<scalar_t>();
-    A.class_bias = opt_ptr<scalar_t>(class_bias);
-    A.cond_map = opt_ptr<scalar_t>(cond_map);
-    A.map_w = opt_ptr<scalar_t>(map_w);
+    A.class_bias = opt_ptr<scalar_t>(a.class_bias);
+    A.cond_map = opt_ptr<scalar_t>(a.cond_map);
+    A.map_w = opt_ptr<scalar_t>(a.map_w);
     A.prefix = opt_ptr<int64_t>(prefix);
     A.given = opt_ptr<bool>(given);
-    A.h_w = h_w.data_ptr<scalar_t>();
+    A.h_w = a.h_w.data_ptr<scalar_t>();
     A.h_b = h_b.data_ptr<scalar_t>();
-    A.so_w = so_w.data_ptr<scalar_t>();
-    A.so_b = so_b.data_ptr<scalar_t>();
-    A.head1_w = head1_w.data_ptr<scalar_t>();
-    A.head1_b = head1_b.data_ptr<scalar_t>();
-    A.head2_w = head2_w.data_ptr<scalar_t>();
-    A.head2_b = head2_b.data_ptr<scalar_t>();
+    A.so_w = a.so_w.data_ptr<scalar_t>();
+    A.so_b = a.so_b.data_ptr<scalar_t>();
+    A.head1_w = a.head1_w.data_ptr<scalar_t>();
+    A.head1_b = a.head1_b.data_ptr<scalar_t>();
+    A.head2_w = a.head2_w.data_ptr<scalar_t>();
+    A.head2_b = a.head2_b.data_ptr<scalar_t>();
     A.N = s.N, A.Ci = s.Ci, A.H = s.H, A.W = s.W, A.L = s.L, A.C = s.C, A.K = s.K;
     A.T0 = s.T0, A.T1 = s.T, A.Cc = s.Cc, A.levels = s.levels;
     A.kmax = kmax, A.omax = omax;

@@ -721,18 +721,13 @@ void launch_steps(const StepParams<W, A>& P, int64_t num_steps, cudaStream_t str
 }
 
 void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& position, at::Tensor& logits,
-                       const at::Tensor& noise, const c10::optional<at::Tensor>& cond, const at::Tensor& in_w,
-                       const at::Tensor& in_b, const at::Tensor& conv_w, const at::Tensor& conv_b,
-                       const at::Tensor& res_skip_w, const at::Tensor& res_skip_b, const at::Tensor& out1_w,
-                       const at::Tensor& out1_b, const at::Tensor& out2_w, const at::Tensor& out2_b,
-                       at::IntArrayRef dilations, int64_t num_prime, double temperature, int64_t start,
-                       int64_t num_steps, int64_t num_mixtures, int64_t num_bits) {
+                       const at::Tensor& noise, const c10::optional<at::Tensor>& cond, at::TensorList pack,
+                       at::IntArrayRef config, double temperature) {
   const char* op = "wavenet_step";
-  const auto s = check_wavenet_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b,
-                                    res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, start,
-                                    num_mixtures, num_bits);
-  TORCH_CHECK(num_steps >= 1, op, ": num_steps must be at least 1, got ", num_steps);
-  TORCH_CHECK(temperature >= 0, op, ": temperature must be non-negative, got ", temperature);
+  const auto a = parse_wavenet_step(op, samples, queues, position, logits, noise, cond, pack, config, temperature);
+  const StepShape& s = a.s;
+  const at::Tensor& conv_w = a.conv_w;
+  const int64_t num_steps = a.num_steps, num_mixtures = a.num_mixtures;
   const c10::cuda::CUDAGuard guard(conv_w.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto acc_type = acc_type_of(conv_w.scalar_type());
@@ -741,9 +736,10 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
   if (s.B > 0) {
     TORCH_CHECK(s.L <= kMaxLayers, op, ": the CUDA kernel supports at most ", kMaxLayers, " layers, got ", s.L);
     const auto cc = (cond.has_value() && cond->defined()) ? cond->contiguous() : at::Tensor();
-    const auto iw = in_w.contiguous(), ib = in_b.contiguous(), cw = conv_w.contiguous(), cb = conv_b.contiguous(),
-               rw = res_skip_w.contiguous(), rb = res_skip_b.contiguous(), o1w = out1_w.contiguous(),
-               o1b = out1_b.contiguous(), o2w = out2_w.contiguous(), o2b = out2_b.contiguous();
+    const auto iw = a.in_w.contiguous(), ib = a.in_b.contiguous(), cw = conv_w.contiguous(),
+               cb = a.conv_b.contiguous(), rw = a.res_skip_w.contiguous(), rb = a.res_skip_b.contiguous(),
+               o1w = a.out1_w.contiguous(), o1b = a.out1_b.contiguous(), o2w = a.out2_w.contiguous(),
+               o2b = a.out2_b.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, conv_w.scalar_type(), "wavenet_step_cuda", [&] {
       using W = scalar_t;
       // A generic lambda, so that `if constexpr` below discards the persistent path for float64.
@@ -768,7 +764,7 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
         P.o2_w = o2w.data_ptr<W>();
         P.o2_b = o2b.data_ptr<W>();
         for (int64_t l = 0; l < s.L; ++l) {
-          P.dil[l] = dilations[l];
+          P.dil[l] = a.dilations[l];
           P.offsets[l] = s.offsets[l];
         }
         P.B = s.B;
@@ -781,11 +777,11 @@ void wavenet_step_cuda(at::Tensor& samples, at::Tensor& queues, at::Tensor& posi
         P.A_ = s.A;
         P.Tc = s.Tc;
         P.Ntot = s.Ntot;
-        P.num_prime = num_prime;
-        P.start = start;
-        P.temperature = temperature;
+        P.num_prime = a.num_prime;
+        P.start = a.start;
+        P.temperature = a.temperature;
         P.K = num_mixtures;
-        const double bins = std::ldexp(1.0, static_cast<int>(num_bits)) - 1.0;
+        const double bins = std::ldexp(1.0, static_cast<int>(a.num_bits)) - 1.0;
         P.half_bins = static_cast<A>(bins / 2.0);
         P.bins = static_cast<A>(bins);
         if constexpr (std::is_same_v<A, float> && !std::is_same_v<W, double>) {

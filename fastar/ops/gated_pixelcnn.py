@@ -31,6 +31,12 @@ each later block (taps[1], C, C2); h_b, so_b (L, C2); so_w (L, C, C2); head1_w (
 head2_w (C, C_img * K); head2_b (C_img * K,); taps [block 0's live taps, the later blocks']; residual
 L ints (0/1). :func:`fastar.models.pixelcnn_cache.pack_gated_pixel_step` builds all of them from a model.
 
+The compiled op ``torch.ops.fastar.gated_pixelcnn_step(image, row_cache, codes, step, logits, noise, links,
+prefix, given, pack, config, temperature)`` takes the weights as one ``Tensor?[] pack`` (:data:`PACK_FIELDS`
+order, class_bias / cond_map / map_w None when absent: :meth:`GatedPixelStepPack.to_pack`) and every integer
+as one ``int[] config`` ([levels, taps[0], taps[1], residual flag of each block...]:
+:meth:`GatedPixelStepPack.config`); :func:`gated_op_args` builds its argument tuple.
+
 Mutates image, row_cache, codes, step and logits; returns None. One C++ call on CPU (OpenMP over
 batch rows), ONE kernel launch on CUDA (a CTA per few batch rows, every block in shared memory),
 capturable in a CUDA graph: t is read on the device and advanced by the op itself. Not
@@ -50,6 +56,33 @@ from fastar.ops.mixture import categorical_sample_ref
 
 __all__ = ["gated_pixelcnn_step", "gated_pixelcnn_step_ref", "GatedPixelStepPack", "gated_pixelcnn_step_packed",
            "bind_gated_pixelcnn_step"]
+
+
+class _Unpacked(NamedTuple):
+    """The op's pack (these fields up to map_w, in this order) and config by name (no checks: _check does
+    those)."""
+
+    h_w: torch.Tensor
+    h_b: torch.Tensor
+    so_w: torch.Tensor
+    so_b: torch.Tensor
+    head1_w: torch.Tensor
+    head1_b: torch.Tensor
+    head2_w: torch.Tensor
+    head2_b: torch.Tensor
+    class_bias: torch.Tensor | None
+    cond_map: torch.Tensor | None
+    map_w: torch.Tensor | None
+    levels: int
+    taps: list
+    residual: list
+
+
+# The op's `Tensor?[] pack` (GatedPixelStepPack's weights, in this order; the last three may be None) and
+# `int[] config` (these three, then one residual flag per block): csrc/pixel_step.h's GatedPack / GatedConfig
+# read the same layouts.
+PACK_FIELDS = _Unpacked._fields[:11]
+CONFIG_FIELDS = ("levels", "taps[0]", "taps[1]")
 
 
 class GatedPixelStepPack(NamedTuple):
@@ -73,6 +106,24 @@ class GatedPixelStepPack(NamedTuple):
     taps: list
     residual: list
 
+    def to_pack(self) -> list:
+        """The op's ``pack``: the weights in PACK_FIELDS order."""
+        return [getattr(self, f) for f in PACK_FIELDS]
+
+    def config(self, levels, op="gated_pixelcnn_step") -> list:
+        """The op's ``config``: [levels, taps[0], taps[1], *residual]. levels goes in as given, so that
+        _check can refuse a non-int with its own sentence; taps must be a pair for the layout to hold."""
+        taps = list(self.taps)
+        if len(taps) != 2:
+            raise ValueError(f"{op}: taps must be two positive ints (live taps of block 0, of the later blocks), "
+                             f"got {taps}")
+        return [levels, int(taps[0]), int(taps[1])] + [int(v) for v in self.residual]
+
+
+def _unpack(pack, config) -> _Unpacked:
+    return _Unpacked(*pack, config[0], list(config[1:3]), list(config[3:]))
+
+
 KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float64),
@@ -90,8 +141,17 @@ def _shape(op, name, t, want, dt):
                          "pack_gated_pixel_step)")
 
 
-def _check(op, image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given,
-           h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps, residual, levels, temperature):
+def _check(op, image, row_cache, codes, step, logits, noise, links, prefix, given, pack, config, temperature):
+    """The Python side's one check of gated_pixelcnn_step's arguments, in the op's (pack, config) form: run by
+    the public function and bind_gated_pixelcnn_step before the kernel or the twin (csrc/pixel_step.h's
+    parse_gated_pixelcnn_step is the kernel's own)."""
+    if not isinstance(pack, (list, tuple)) or len(pack) != len(PACK_FIELDS):
+        raise TypeError(f"{op}: pack must list the {len(PACK_FIELDS)} entries ({', '.join(PACK_FIELDS)}), got "
+                        f"{len(pack) if isinstance(pack, (list, tuple)) else type(pack).__name__}")
+    if not isinstance(config, (list, tuple)) or len(config) < len(CONFIG_FIELDS):
+        raise TypeError(f"{op}: config must be [{', '.join(CONFIG_FIELDS)}, residual flags...], got {config!r}")
+    (h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, class_bias, cond_map, map_w, levels, taps,
+     residual) = _unpack(pack, config)
     check_tensor(op, "h_b", h_b, dim=2, layout="(L, 2C)")
     L, C2 = h_b.shape
     if L < 1 or C2 < 2 or C2 % 2:
@@ -110,7 +170,7 @@ def _check(op, image, row_cache, codes, step, logits, noise, links, class_bias, 
     check_temperature(op, temperature)
     K = 1 if levels == 2 else levels
     Tt = Ci * H * W
-    if len(taps) != 2 or min(taps) < 1:
+    if min(taps) < 1:
         raise ValueError(f"{op}: taps must be two positive ints (live taps of block 0, of the later blocks), "
                          f"got {list(taps)}")
     if len(residual) != L:
@@ -159,8 +219,11 @@ def _check(op, image, row_cache, codes, step, logits, noise, links, class_bias, 
             check_uniforms(op, f"noise[{t}]", noise[t])
 
 
-def _ref_impl(image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given,
-              h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps, residual, levels, temperature):
+def _ref_impl(image, row_cache, codes, step, logits, noise, links, prefix, given, pack, config, temperature):
+    """The twin of ``torch.ops.fastar.gated_pixelcnn_step``, in the op's own (pack, config) form (checked by
+    _check)."""
+    (h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, class_bias, cond_map, map_w, levels, taps,
+     residual) = _unpack(pack, config)
     N, Ci, H, W = image.shape
     L, C2 = h_b.shape
     C = C2 // 2
@@ -215,11 +278,10 @@ def gated_pixelcnn_step_ref(image, row_cache, codes, step, logits, noise, links,
                             temperature=1.0):
     """Reference of :func:`gated_pixelcnn_step` in plain PyTorch (any device, float32/float64): a few torch ops
     per block. Mutates image, row_cache, codes, step and logits like the op."""
-    args = (image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given, h_w,
-            h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, [int(v) for v in taps], [int(v) for v in residual],
-            levels, float(temperature))
-    _check("gated_pixelcnn_step_ref", *args)
-    _ref_impl(*args)
+    pack = GatedPixelStepPack(row_cache, links, class_bias, cond_map, map_w, h_w, h_b, so_w, so_b, head1_w, head1_b,
+                              head2_w, head2_b, taps, residual)
+    gated_pixelcnn_step_packed(image, codes, step, logits, noise, prefix, given, pack, levels, temperature,
+                               reference=True)
 
 
 def gated_pixelcnn_step(image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix,
@@ -231,45 +293,51 @@ def gated_pixelcnn_step(image, row_cache, codes, step, logits, noise, links, cla
     (one call on CPU, one launch on CUDA) or :func:`gated_pixelcnn_step_ref` according to
     :func:`fastar.set_backend`.
     """
-    args = (image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given, h_w,
-            h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, [int(v) for v in taps], [int(v) for v in residual],
-            levels, float(temperature))
-    _check("gated_pixelcnn_step", *args)
-    if _backend.use_kernel("gated_pixelcnn_step", h_b.device, h_b.dtype, KERNEL_DTYPES):
-        torch.ops.fastar.gated_pixelcnn_step(*args)
-        return
-    _ref_impl(*args)
+    pack = GatedPixelStepPack(row_cache, links, class_bias, cond_map, map_w, h_w, h_b, so_w, so_b, head1_w, head1_b,
+                              head2_w, head2_b, taps, residual)
+    gated_pixelcnn_step_packed(image, codes, step, logits, noise, prefix, given, pack, levels, temperature)
 
 
 # Registrations only when this build of _C has the op (a stale build falls back to the reference).
 if _backend.has_ops("gated_pixelcnn_step"):
 
     @torch.library.register_fake("fastar::gated_pixelcnn_step")
-    def _gated_pixelcnn_step_fake(image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w,
-                                  prefix, given, h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, taps,
-                                  residual, levels, temperature):
+    def _gated_pixelcnn_step_fake(image, row_cache, codes, step, logits, noise, links, prefix, given, pack, config,
+                                  temperature):
         return None
 
 
+def gated_op_args(image, codes, step, logits, noise, prefix, given, pack: GatedPixelStepPack, levels,
+                  temperature=1.0, op="gated_pixelcnn_step") -> tuple:
+    """``torch.ops.fastar.gated_pixelcnn_step``'s full argument tuple (image, row_cache, codes, step, logits,
+    noise, links, prefix, given, pack, config, temperature) from the run state and a
+    :class:`GatedPixelStepPack`."""
+    return (image, pack.row_cache, codes, step, logits, noise, pack.links, prefix, given, pack.to_pack(),
+            pack.config(levels, op), float(temperature))
+
+
 def gated_pixelcnn_step_packed(image, codes, step, logits, noise, prefix, given, pack: GatedPixelStepPack, levels,
-                               temperature=1.0):
-    """:func:`gated_pixelcnn_step` with the weights as one :class:`GatedPixelStepPack`."""
-    return gated_pixelcnn_step(image, pack.row_cache, codes, step, logits, noise, pack.links, pack.class_bias,
-                               pack.cond_map, pack.map_w, prefix, given, pack.h_w, pack.h_b, pack.so_w, pack.so_b,
-                               pack.head1_w, pack.head1_b, pack.head2_w, pack.head2_b, pack.taps, pack.residual,
-                               levels, temperature)
+                               temperature=1.0, reference=False):
+    """:func:`gated_pixelcnn_step` (or, with ``reference=True``, :func:`gated_pixelcnn_step_ref`) with the weights
+    as one :class:`GatedPixelStepPack`."""
+    op = "gated_pixelcnn_step_ref" if reference else "gated_pixelcnn_step"
+    args = gated_op_args(image, codes, step, logits, noise, prefix, given, pack, levels, temperature, op)
+    _check(op, *args)
+    if not reference and _backend.use_kernel("gated_pixelcnn_step", pack.h_b.device, pack.h_b.dtype,
+                                             KERNEL_DTYPES):
+        torch.ops.fastar.gated_pixelcnn_step(*args)
+        return
+    _ref_impl(*args)
 
 
 def bind_gated_pixelcnn_step(image, codes, step, logits, noise, prefix, given, pack: GatedPixelStepPack, levels,
                              temperature=1.0, kernel: bool | None = None):
     """:func:`gated_pixelcnn_step_packed` with every argument fixed and checked once: returns ``fn()``
     that advances one sub-pixel (the op reads its position from ``step``). For decode loops, where
-    re-checking two dozen arguments in Python would cost more than the step. ``kernel``: None = the
-    backend's choice, False = the reference twin (e.g. under the reference backend)."""
-    args = (image, pack.row_cache, codes, step, logits, noise, pack.links, pack.class_bias, pack.cond_map,
-            pack.map_w, prefix, given, pack.h_w, pack.h_b, pack.so_w, pack.so_b, pack.head1_w, pack.head1_b,
-            pack.head2_w, pack.head2_b, [int(v) for v in pack.taps], [int(v) for v in pack.residual], levels,
-            float(temperature))
+    re-checking every argument in Python would cost more than the step. ``kernel``: None = the
+    backend's choice, False = the reference twin (e.g. under the reference backend). ``fn.args`` is
+    the op's full argument tuple (:func:`gated_op_args`), for callers that run it another way (tests)."""
+    args = gated_op_args(image, codes, step, logits, noise, prefix, given, pack, levels, temperature)
     _check("gated_pixelcnn_step", *args)
     use = _backend.use_kernel("gated_pixelcnn_step", pack.h_b.device, pack.h_b.dtype, KERNEL_DTYPES)
     op = torch.ops.fastar.gated_pixelcnn_step if (use if kernel is None else kernel and use) else _ref_impl

@@ -47,6 +47,12 @@ with Tc = 1 (constant, e.g. global conditioning) or Tc = T (per step); in_w (A, 
 in_b (R,); conv_w (L, k, R, 2D); conv_b (L, 2D); res_skip_w (L, D, R + S);
 res_skip_b (L, R + S); out1_w (S, S); out1_b (S,); out2_w (S, A); out2_b (A,).
 
+The compiled op ``torch.ops.fastar.wavenet_step(samples, queues, position, logits, noise, cond, pack,
+config, temperature)`` takes the weights as one ``Tensor[] pack`` (:data:`PACK_FIELDS` order:
+:meth:`WaveNetWeights.to_pack`) and every integer as one ``int[] config`` ([num_prime, start,
+num_steps, num_mixtures, num_bits, dilation of each layer...]: :meth:`WaveNetWeights.config`);
+:func:`wavenet_op_args` builds its argument tuple from the named form above.
+
 Devices and dtypes: CPU kernels float32 and float64 (float32 with AVX2/FMA when the CPU
 has it); CUDA kernels float32 and float64 (and, for ``wavenet_step``, float16/bfloat16
 weights with float32 accumulation). Neither op is differentiable: they are decoding
@@ -172,9 +178,16 @@ def causal_conv1d_update(x, state, weight, bias, dilation, position):
 # wavenet_step
 
 
-def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
-                res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_steps,
-                num_mixtures=0, num_bits=8):
+def _check_step(op, samples, queues, position, logits, noise, cond, pack, config, temperature):
+    """The Python side's one check of wavenet_step's arguments, in the op's (pack, config) form: run by the
+    public function before the kernel or the twin (csrc/wavenet.h's parse_wavenet_step is the kernel's own)."""
+    if not isinstance(pack, (list, tuple)) or len(pack) != len(PACK_FIELDS):
+        raise TypeError(f"{op}: pack must list the {len(PACK_FIELDS)} weights ({', '.join(PACK_FIELDS)}), got "
+                        f"{len(pack) if isinstance(pack, (list, tuple)) else type(pack).__name__}")
+    if not isinstance(config, (list, tuple)) or len(config) < len(CONFIG_FIELDS):
+        raise TypeError(f"{op}: config must be [{', '.join(CONFIG_FIELDS)}, dilations...], got {config!r}")
+    weights, (num_prime, start, num_steps, num_mixtures, num_bits) = _unpack(pack, config)
+    in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations = weights
     check_tensor(op, "conv_w", conv_w, dim=4, layout="(L, k, R, 2D)")
     L, k, R, D2 = conv_w.shape
     if D2 % 2:
@@ -262,9 +275,10 @@ def _check_step(op, samples, queues, position, logits, noise, cond, in_w, in_b, 
         check_uniforms(op, f"noise[..., {p}:{p + num_steps}]", used)
 
 
-def _step_impl(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-               out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start, num_steps=1,
-               num_mixtures=0, num_bits=8):
+def _step_impl(samples, queues, position, logits, noise, cond, pack, config, temperature):
+    """The twin of ``torch.ops.fastar.wavenet_step``, in the op's own (pack, config) form (checked by _check_step)."""
+    weights, (num_prime, start, num_steps, num_mixtures, num_bits) = _unpack(pack, config)
+    in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations = weights
     # A decoding step is not differentiable (it writes its results in place); weights straight from a model's
     # parameters would otherwise make every op of every step record an autograd graph.
     with torch.no_grad():
@@ -383,11 +397,10 @@ def wavenet_step_ref(samples, queues, position, logits, noise, cond, in_w, in_b,
                      res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime=0, temperature=1.0,
                      start=128, num_steps=1, num_mixtures=0, num_bits=8):
     """Reference of :func:`wavenet_step`: the "PyTorch queue" path, a few torch ops per layer (any device/dtype)."""
-    args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-            out1_w, out1_b, out2_w, out2_b, [int(d) for d in dilations], int(num_prime), float(temperature),
-            int(start), int(num_steps), num_mixtures, num_bits)
-    _check_step("wavenet_step_ref", *args)
-    _step_impl(*args)
+    weights = WaveNetWeights(in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b,
+                             dilations)
+    wavenet_step_packed(samples, queues, position, logits, noise, cond, weights, num_prime, temperature, start,
+                        num_steps, num_mixtures, num_bits, reference=True)
 
 
 def wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
@@ -405,14 +418,10 @@ def wavenet_step(samples, queues, position, logits, noise, cond, in_w, in_b, con
     (``FASTAR_WAVENET_CUDA_PATH=auto|persistent|blocks`` forces a path); capturable in a CUDA
     graph (the step index is read on the device). PyTorch equivalent: :func:`wavenet_step_ref`.
     """
-    args = (samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b,
-            out1_w, out1_b, out2_w, out2_b, [int(d) for d in dilations], int(num_prime), float(temperature),
-            int(start), int(num_steps), num_mixtures, num_bits)
-    _check_step("wavenet_step", *args)
-    if _backend.use_kernel("wavenet_step", conv_w.device, conv_w.dtype, STEP_KERNEL_DTYPES):
-        torch.ops.fastar.wavenet_step(*args)
-        return
-    _step_impl(*args)
+    weights = WaveNetWeights(in_w, in_b, conv_w, conv_b, res_skip_w, res_skip_b, out1_w, out1_b, out2_w, out2_b,
+                             dilations)
+    wavenet_step_packed(samples, queues, position, logits, noise, cond, weights, num_prime, temperature, start,
+                        num_steps, num_mixtures, num_bits)
 
 
 # Registrations only when this build of _C has the ops (a stale build falls back to the reference).
@@ -423,15 +432,16 @@ if _backend.has_ops("causal_conv1d_update", "wavenet_step"):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("fastar::wavenet_step")
-    def _wavenet_step_fake(samples, queues, position, logits, noise, cond, in_w, in_b, conv_w, conv_b, res_skip_w,
-                           res_skip_b, out1_w, out1_b, out2_w, out2_b, dilations, num_prime, temperature, start,
-                           num_steps, num_mixtures=0, num_bits=8):
+    def _wavenet_step_fake(samples, queues, position, logits, noise, cond, pack, config, temperature):
         return None
 
 
 class WaveNetWeights(NamedTuple):
     """A WaveNet's weights in :func:`wavenet_step`'s layouts ((in, out) matrices, see the module
-    docstring), packed once per run by :meth:`fastar.models.WaveNet.pack`."""
+    docstring), packed once per run by :meth:`fastar.models.WaveNet.pack`. Its tensors, in this order
+    (PACK_FIELDS), are the op's ``Tensor[] pack``; :meth:`config` gives its ``int[] config``
+    (CONFIG_FIELDS, then one dilation per layer): csrc/wavenet.h's WaveNetPack / WaveNetConfig read the
+    same layouts."""
 
     in_w: torch.Tensor
     in_b: torch.Tensor
@@ -445,11 +455,45 @@ class WaveNetWeights(NamedTuple):
     out2_b: torch.Tensor
     dilations: list
 
+    def to_pack(self) -> list:
+        """The op's ``pack``: the tensors in PACK_FIELDS order."""
+        return [getattr(self, f) for f in PACK_FIELDS]
+
+    def config(self, num_prime=0, start=128, num_steps=1, num_mixtures=0, num_bits=8) -> list:
+        """The op's ``config``: CONFIG_FIELDS, then the dilations. num_mixtures and num_bits go in as
+        given, so that _check_step can refuse a non-int with its own sentence."""
+        return [int(num_prime), int(start), int(num_steps), num_mixtures, num_bits] + [int(d) for d in self.dilations]
+
+
+PACK_FIELDS = WaveNetWeights._fields[:-1]
+CONFIG_FIELDS = ("num_prime", "start", "num_steps", "num_mixtures", "num_bits")
+
+
+def _unpack(pack, config):
+    """The op's pack and config by name (no checks: _check_step does those): the weights (with the
+    dilations) and the CONFIG_FIELDS."""
+    return WaveNetWeights(*pack, list(config[len(CONFIG_FIELDS):])), tuple(config[:len(CONFIG_FIELDS)])
+
+
+def wavenet_op_args(samples, queues, position, logits, noise, cond, weights: WaveNetWeights, num_prime=0,
+                    temperature=1.0, start=128, num_steps=1, num_mixtures=0, num_bits=8) -> tuple:
+    """``torch.ops.fastar.wavenet_step``'s full argument tuple (samples, queues, position, logits, noise, cond,
+    pack, config, temperature), built from the named form."""
+    return (samples, queues, position, logits, noise, cond, weights.to_pack(),
+            weights.config(num_prime, start, num_steps, num_mixtures, num_bits), float(temperature))
+
 
 def wavenet_step_packed(samples, queues, position, logits, noise, cond, weights: WaveNetWeights, num_prime=0,
                         temperature=1.0, start=128, num_steps=1, num_mixtures=0, num_bits=8, reference=False):
     """:func:`wavenet_step` (or, with ``reference=True``, :func:`wavenet_step_ref`) with the weights as one
-    :class:`WaveNetWeights`."""
-    fn = wavenet_step_ref if reference else wavenet_step
-    return fn(samples, queues, position, logits, noise, cond, *weights, num_prime=num_prime, temperature=temperature,
-              start=start, num_steps=num_steps, num_mixtures=num_mixtures, num_bits=num_bits)
+    :class:`WaveNetWeights`: builds the op's (pack, config) once, checks them (_check_step) and runs the kernel
+    or the twin."""
+    op = "wavenet_step_ref" if reference else "wavenet_step"
+    args = wavenet_op_args(samples, queues, position, logits, noise, cond, weights, num_prime, temperature, start,
+                           num_steps, num_mixtures, num_bits)
+    _check_step(op, *args)
+    if not reference and _backend.use_kernel("wavenet_step", weights.conv_w.device, weights.conv_w.dtype,
+                                             STEP_KERNEL_DTYPES):
+        torch.ops.fastar.wavenet_step(*args)
+        return
+    _step_impl(*args)

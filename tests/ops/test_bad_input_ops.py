@@ -84,7 +84,7 @@ def _set(t, idx, v):
     return t
 
 
-# gated_pixelcnn_step's 24 arguments, from a tiny conditional model with a prefix (test_pixel_step's
+# gated_pixelcnn_step's 24 named arguments, from a tiny conditional model with a prefix (test_pixel_step's
 # fixture): index -> the argument to replace.
 _GPS = dict(noise=5, step=3, logits=4, taps=20, levels=22, temperature=23)
 

@@ -141,7 +141,8 @@ def test_engine_uses_the_fused_op_by_default(device):
     assert not _CachedRun(model, plan, fused=False).draws
 
 
-def _args(device, dtype=torch.float64):
+def _op_args(device, dtype=torch.float64):
+    """The op's full argument tuple (its (pack, config) form) for a tiny conditional model with a prefix."""
     model = _model(device, dtype, in_channels=3, levels=4, layers=2, channels=6, num_classes=3, cond_channels=2)
     n, shape = 2, (3, 3)
     g = torch.Generator().manual_seed(4)
@@ -152,9 +153,37 @@ def _args(device, dtype=torch.float64):
     return list(_CachedRun(model, _plan(model, n, shape, cond, prefix, mask), fused=True)._fused_args)
 
 
+def _named(op_args):
+    """The public function's 24 named arguments from the op's (pack, config) form: the documented layouts of
+    csrc/fastar.cpp's schema, read back independently of fastar.ops.gated_pixelcnn's helpers."""
+    image, row_cache, codes, step, logits, noise, links, prefix, given, pack, config, temperature = op_args
+    h_w, h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, class_bias, cond_map, map_w = pack
+    levels, t0, t1, *residual = config
+    return [image, row_cache, codes, step, logits, noise, links, class_bias, cond_map, map_w, prefix, given, h_w,
+            h_b, so_w, so_b, head1_w, head1_b, head2_w, head2_b, [t0, t1], residual, levels, temperature]
+
+
+def _args(device, dtype=torch.float64):
+    """The public function's named arguments (see _op_args)."""
+    return _named(_op_args(device, dtype))
+
+
+def test_named_and_packed_forms_agree(device):
+    """The public door (named arguments, packed once in Python) and the op's own (pack, config) form draw
+    the same step."""
+    requires_kernel("gated_pixelcnn_step", device)
+    a = _op_args(device)
+    b = _args(device)
+    torch.ops.fastar.gated_pixelcnn_step(*a)
+    gated_pixelcnn_step(*b)
+    for k in (0, 1, 2, 3, 4):                                     # image, row cache, codes, step, logits
+        assert torch.equal(a[k], b[k])
+    assert int(a[3][0]) == 1
+
+
 def test_opcheck(device):
     requires_kernel("gated_pixelcnn_step", device)
-    torch.library.opcheck(torch.ops.fastar.gated_pixelcnn_step, tuple(_args(device)))
+    torch.library.opcheck(torch.ops.fastar.gated_pixelcnn_step, tuple(_op_args(device)))
 
 
 def test_torch_compile_fullgraph(device):
@@ -215,23 +244,35 @@ def test_bad_input(device):
 
 def _kernel_bad_input_cases(device, op=None):
     """The compiled kernel's own checks (a caller that bypasses the Python side). `op`: how to call it."""
-    args = _args(device)
+    args = _op_args(device)
     op = op or torch.ops.fastar.gated_pixelcnn_step
     bad = list(args)
     bad[1] = args[1][:, :1].clone()
     with pytest.raises(RuntimeError, match="row_cache must have shape"):
         op(*bad)
     bad = list(args)
-    bad[12] = args[12][:-1].clone()
+    bad[9] = [args[9][0][:-1].clone()] + list(args[9][1:])          # pack[0]: h_w one value short
     with pytest.raises(RuntimeError, match="h_w must be 1-D holding"):
         op(*bad)
     bad = list(args)
-    bad[11] = args[11].long()
+    bad[8] = args[8].long()
     with pytest.raises(RuntimeError, match="given must be a contiguous"):
         op(*bad)
     bad = list(args)
-    bad[21] = [0]
+    bad[10] = list(args[10][:3]) + [0]                              # config: one residual flag for 2 blocks
     with pytest.raises(RuntimeError, match="residual must list 2 flags"):
+        op(*bad)
+    bad = list(args)
+    bad[9] = [None] + list(args[9][1:])
+    with pytest.raises(RuntimeError, match=r"pack\[0\] \(h_w\) must be a tensor"):
+        op(*bad)
+    bad = list(args)
+    bad[9] = list(args[9][:-1])
+    with pytest.raises(RuntimeError, match="pack must hold 11 entries"):
+        op(*bad)
+    bad = list(args)
+    bad[10] = [4, 1]
+    with pytest.raises(RuntimeError, match="config must hold"):
         op(*bad)
     return args
 

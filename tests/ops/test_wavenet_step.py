@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fastar
-from fastar.ops.wavenet import (causal_conv1d_update, causal_conv1d_update_ref, queue_sizes, wavenet_step,
-                                wavenet_step_ref)
+from fastar.ops.wavenet import (WaveNetWeights, causal_conv1d_update, causal_conv1d_update_ref, queue_sizes,
+                                wavenet_op_args, wavenet_step, wavenet_step_ref)
 from tests.conftest import requires_kernel, tol
 
 
@@ -149,6 +149,14 @@ def _call(fn, st, c, w, dil, num_prime=0, temperature=1.0, start=5, num_steps=1)
               w["out2_b"], dil, num_prime, temperature, start, num_steps)
 
 
+def _op(samples, queues, position, logits, noise, cond, *rest, **kw):
+    """torch.ops.fastar.wavenet_step itself (no Python checks), called with wavenet_step's named arguments:
+    the 10 weights and the dilations, then num_prime, temperature, start, num_steps (num_mixtures, num_bits)."""
+    weights = WaveNetWeights(*rest[:11])
+    args = wavenet_op_args(samples, queues, position, logits, noise, cond, weights, *rest[11:], **kw)
+    return torch.ops.fastar.wavenet_step.default(*args)
+
+
 def _clone(st):
     return {k: v.clone() for k, v in st.items()}
 
@@ -191,9 +199,8 @@ def test_wavenet_step_multi_step_and_temperature(device, batch):
 def test_wavenet_step_opcheck(device):
     requires_kernel("wavenet_step", device)
     st, c, w, dil = _step_case(device, torch.float32, T=6, cond="local")
-    args = (st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c, w["in_w"], w["in_b"],
-            w["conv_w"], w["conv_b"], w["res_skip_w"], w["res_skip_b"], w["out1_w"], w["out1_b"], w["out2_w"],
-            w["out2_b"], dil, 0, 1.0, 5, 2)
+    args = wavenet_op_args(st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c,
+                           WaveNetWeights(**w, dilations=dil), 0, 1.0, 5, 2)
     torch.library.opcheck(torch.ops.fastar.wavenet_step.default, args)
 
 
@@ -248,7 +255,7 @@ def test_wavenet_step_bad_input():
 def test_wavenet_step_kernel_rejects_bad_input():
     requires_kernel("wavenet_step", "cpu")
     st, c, w, dil = _step_case("cpu", torch.float32, B=3, T=6)
-    op = torch.ops.fastar.wavenet_step.default
+    op = _op
     bad = _clone(st)
     bad["position"] = torch.tensor([5])
     with pytest.raises(RuntimeError, match="do not fit the 6 steps"):
@@ -259,6 +266,43 @@ def test_wavenet_step_kernel_rejects_bad_input():
         _call(op, bad, c, w, dil)
     with pytest.raises(RuntimeError, match="cond must have shape"):
         _call(op, _clone(st), torch.zeros(3, 4, 4, 12), w, dil)
+    # the packed form itself: csrc/wavenet.h's parse_wavenet_step reads pack and config by their documented layouts
+    args = list(wavenet_op_args(st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c,
+                                WaveNetWeights(**w, dilations=dil), 0, 1.0, 5, 1))
+    bad = list(args)
+    bad[6] = args[6][:-1]
+    with pytest.raises(RuntimeError, match="pack must hold the 10 weights"):
+        torch.ops.fastar.wavenet_step.default(*bad)
+    bad = list(args)
+    bad[7] = args[7][:4]
+    with pytest.raises(RuntimeError, match="config must hold"):
+        torch.ops.fastar.wavenet_step.default(*bad)
+    bad = list(args)
+    bad[7] = args[7][:-1]                                       # one dilation short: 3 for 4 layers
+    with pytest.raises(RuntimeError, match="dilations must list 4"):
+        torch.ops.fastar.wavenet_step.default(*bad)
+
+
+def test_wavenet_step_cuda_entry_checks_on_cpu_tensors():
+    """The CUDA entry point's host side (nvcc-compiled csrc/cuda/wavenet.cu, the same parse_wavenet_step)
+    reached without a GPU: redispatched straight to the CUDA kernel with CPU tensors, bad input must raise
+    its sentence before anything touches a device."""
+    from fastar import _backend
+    if "wavenet_step" not in _backend.CUDA_KERNELS:
+        pytest.skip("this build of fastar._C has no CUDA kernels")
+    ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    st, c, w, dil = _step_case("cpu", torch.float32, B=3, T=6)
+    args = list(wavenet_op_args(st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c,
+                                WaveNetWeights(**w, dilations=dil), 0, 1.0, 5, 1))
+    for i, v, match in ((1, torch.zeros(3, 7, 8), "queues must have shape"),
+                        (6, args[6][:-1], "pack must hold the 10 weights"),
+                        (7, args[7][:-1], "dilations must list 4"),
+                        (7, args[7][:2] + [0] + args[7][3:], "num_steps must be at least 1"),
+                        (8, -1.0, "temperature must be non-negative")):
+        bad = list(args)
+        bad[i] = v
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fastar.wavenet_step.default.redispatch(ks, *bad)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
@@ -288,7 +332,7 @@ def test_wavenet_step_kernel_rejects_bad_prime_code():
     st, c, w, dil = _step_case("cpu", torch.float32, B=2, T=6)
     st["samples"][1, 2] = 40  # A = 32
     with pytest.raises(RuntimeError, match=r"samples\[1, 2\] = 40 is not a code in \[0, 32\)"):
-        _call(torch.ops.fastar.wavenet_step.default, st, c, w, dil, num_prime=4, num_steps=5)
+        _call(_op, st, c, w, dil, num_prime=4, num_steps=5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,9 +402,8 @@ def test_wavenet_step_mixture_multi_step_temperature_bits(device, batch):
 def test_wavenet_step_mixture_opcheck(device):
     requires_kernel("wavenet_step", device)
     st, c, w, dil = _mix_case(device, torch.float32, T=6, cond="local")
-    args = (st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c, w["in_w"], w["in_b"],
-            w["conv_w"], w["conv_b"], w["res_skip_w"], w["res_skip_b"], w["out1_w"], w["out1_b"], w["out2_w"],
-            w["out2_b"], dil, 0, 1.0, 0, 2, 4, 8)
+    args = wavenet_op_args(st["samples"], st["queues"], st["position"], st["logits"], st["noise"], c,
+                           WaveNetWeights(**w, dilations=dil), 0, 1.0, 0, 2, 4, 8)
     torch.library.opcheck(torch.ops.fastar.wavenet_step.default, args)
 
 
@@ -413,7 +456,7 @@ def test_wavenet_step_mixture_bad_input():
 def test_wavenet_step_mixture_kernel_rejects_bad_input():
     requires_kernel("wavenet_step", "cpu")
     st, c, w, dil = _mix_case("cpu", torch.float32, B=3, T=6)
-    op = torch.ops.fastar.wavenet_step.default
+    op = _op
     with pytest.raises(RuntimeError, match=r"num_mixtures=5 needs 3K = 15"):
         _mcall(op, _clone(st), c, w, dil, K=5)
     with pytest.raises(RuntimeError, match=r"num_bits must be in \[1, 16\]"):
@@ -603,16 +646,16 @@ def test_wavenet_step_forced_persistent_path_refuses_what_it_cannot_run(device, 
     monkeypatch.setenv("FASTAR_WAVENET_CUDA_PATH", "persistent")
     if device.type == "cuda":
         with pytest.raises(RuntimeError, match="persistent kernel does not take float64"):
-            _call(torch.ops.fastar.wavenet_step.default, _clone(st), c, w, dil)
+            _call(_op, _clone(st), c, w, dil)
         st9, c9, w9, dil9 = _step_case(device, torch.float32, B=9, T=4)
         with pytest.raises(RuntimeError, match="batch 9 > 8"):
-            _call(torch.ops.fastar.wavenet_step.default, st9, c9, w9, dil9)
+            _call(_op, st9, c9, w9, dil9)
         monkeypatch.setenv("FASTAR_WAVENET_CUDA_PATH", "sideways")
         with pytest.raises(RuntimeError, match="must be auto, persistent or blocks"):
-            _call(torch.ops.fastar.wavenet_step.default, _clone(st), c, w, dil)
+            _call(_op, _clone(st), c, w, dil)
     else:  # the CPU kernel ignores the variable
         st_r = _clone(st)
-        _call(torch.ops.fastar.wavenet_step.default, st, c, w, dil)
+        _call(_op, st, c, w, dil)
         _call(wavenet_step_ref, st_r, c, w, dil)
         assert torch.equal(st["samples"], st_r["samples"])
 

@@ -24,7 +24,7 @@ def test_shared_header_code_is_not_merged_across_compilers():
     if nm is None or not libs:
         pytest.skip("needs binutils' nm and the in-place fastar._C")
     syms = subprocess.run([nm, "-C", libs[0]], capture_output=True, text=True, timeout=120).stdout
-    for fn in ("check_gated_pixelcnn_step(", "check_lstm_scan(", "check_dml_sample("):
+    for fn in ("parse_gated_pixelcnn_step(", "check_lstm_scan(", "check_dml_sample("):
         assert f"fastar::tu_host::" in syms and any(f"fastar::tu_host::{p}{fn}" in syms for p in ("", "mix::")), fn
         assert any(f"fastar::tu_cuda::{p}{fn}" in syms for p in ("", "mix::")), fn
         assert not any(f" fastar::{p}{fn}" in syms for p in ("", "mix::")), f"{fn} outside the per-compiler namespace"
