@@ -93,12 +93,20 @@ def test_nll_float32_and_low_precision_against_float64(device, shape):
         pd = p.to(dtype).detach().requires_grad_()
         pr = pd.detach().clone().requires_grad_()
         exact_p = pd.detach().double().requires_grad_()
-        got = _kernel(M.discretized_mix_logistic_nll, x.to(dtype), pd, k, reduction="none")
-        same = M.discretized_mix_logistic_nll_ref(x.to(dtype), pr, k, reduction="none")
-        want = M.discretized_mix_logistic_nll_ref(x, exact_p, k, reduction="none")
+        xd = x.to(dtype)
+        got = _kernel(M.discretized_mix_logistic_nll, xd, pd, k, reduction="none")
+        same = M.discretized_mix_logistic_nll_ref(xd, pr, k, reduction="none")
+        # float64 on the same rounded inputs: a float16/bfloat16 x is off the bin centres (bfloat16's
+        # spacing near 1 is a whole bin), which changes the true NLL, not the kernel's error.
+        want = M.discretized_mix_logistic_nll_ref(xd.double(), exact_p, k, reduction="none")
         assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        t = tol(torch.float32) if dtype != torch.float64 else tol(torch.float64, 1e3)
-        torch.testing.assert_close(got.double(), want, **t)
+        if dtype in (torch.float32, torch.float64):
+            t = tol(torch.float32) if dtype == torch.float32 else tol(torch.float64, 1e3)
+            torch.testing.assert_close(got.double(), want, **t)
+        else:   # low precision (DESIGN 4): at most twice the reference's own error in that dtype
+            err_k = (got.double() - want).abs().max().item()
+            err_r = (same.detach().double() - want).abs().max().item()
+            assert err_k <= 2 * err_r + 1e-4 * want.abs().max().item(), (dtype, err_k, err_r)
         for out in (got, same, want):
             out.sum().backward()
         assert pd.grad.dtype == dtype
