@@ -86,9 +86,14 @@ def main(argv=None):
     if a.out:
         import platform
 
+        def commit(root):
+            r = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+            return r.stdout.strip() or None
+
         meta = dict(command=" ".join([sys.executable, *sys.argv]), date=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), threads=a.threads,
-                    rounds=a.rounds, old=roots["old"], new=roots["new"])
+                    rounds=a.rounds, old=roots["old"], new=roots["new"], old_commit=commit(roots["old"]),
+                    new_commit=commit(roots["new"]))
         with open(a.out + ".json", "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         with open(a.out + ".md", "w") as f:
