@@ -105,4 +105,9 @@ TORCH_LIBRARY(fastar, m) {
   m.def(
       "row_lstm_scan_backward(Tensor grad_h, Tensor grad_c, Tensor is_map, Tensor w_ss, Tensor h, "
       "Tensor c, Tensor saved, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- diagnostics ----
+  // The CPU WaveNet step's stage profile (csrc/cpu/wavenet.cpp): no tensor argument, so its one
+  // kernel registers as CompositeImplicitAutograd, the kernel an op with an empty dispatch key set runs.
+  m.def("_wavenet_profile(bool enable) -> float[]");
 }

@@ -259,9 +259,7 @@ std::vector<double> wavenet_profile(bool enable) {
   return out;
 }
 
-TORCH_LIBRARY_FRAGMENT(fastar, m) {
-  m.def("_wavenet_profile(bool enable) -> float[]", &wavenet_profile);
-}
+TORCH_LIBRARY_IMPL(fastar, CompositeImplicitAutograd, m) { m.impl("_wavenet_profile", &wavenet_profile); }
 
 TORCH_LIBRARY_IMPL(fastar, CPU, m) {
   m.impl("causal_conv1d_update", &wavenet_cpu::causal_conv1d_update_cpu);
