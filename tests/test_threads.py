@@ -26,19 +26,10 @@ from fastar.ops import (categorical_sample, causal_conv1d_update, diagonal_lstm_
 from fastar.threads import StepThreads, ThreadChoice, choice_for, pinned, policy, step_is_neutral
 from tests.conftest import requires_kernel
 from tests.ops.test_wavenet_step import _call, _clone, _mcall, _mix_case, _step_case
+from tests.ops.test_wavenet_step import _with_threads as _at   # fn() on n torch threads, the count given back
 
 N = max(2, os.cpu_count() or 1)
 DTYPES = [torch.float32, torch.float64]
-
-
-def _at(n, fn):
-    """fn() on n torch threads, torch's count given back after."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(prev)
 
 
 def _same_bits(a, b):

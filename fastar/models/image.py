@@ -89,7 +89,6 @@ class DiscreteImageModel(AutoregressiveModel):
             raise ValueError(f"{name}: x values must lie in [0, {self.levels}), got range "
                              f"[{int(x.min())}, {int(x.max())}]")
 
-    _check_image = check_image
 
     def logits_flat(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         raise NotImplementedError
