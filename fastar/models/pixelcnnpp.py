@@ -181,7 +181,7 @@ class PixelCNNpp(DiscreteImageModel):
     # ---- pclucas14/pixel-cnn-pp checkpoints ----------------------------------------------------
 
     @classmethod
-    def from_pclucas14(cls, state_dict_or_path, dropout: float = 0.5, num_classes=None, **load):
+    def from_pclucas14(cls, state_dict_or_path, dropout: float = 0.5, num_classes=None, dtype=torch.float32, **load):
         """A PixelCNNpp holding the weights of a pclucas14/pixel-cnn-pp ``PixelCNN`` state_dict (or a
         path to one saved with ``torch.save``), with or without DataParallel's ``module.`` prefix, its
         weight norm in either form (``weight_g``/``weight_v`` or ``parametrizations.weight.original0/1``).
@@ -193,12 +193,13 @@ class PixelCNNpp(DiscreteImageModel):
         output channel as in the paper, so those layers are loaded as their effective weights (same
         function, reparametrised). The model comes back with ``channel_dropout=True`` (that port drops
         whole channels) and the given ``dropout`` (its default 0.5); log-likelihoods equal the port's
-        forward + ``discretized_mix_logistic_loss`` on the same images.
+        forward + ``discretized_mix_logistic_loss`` on the same images. ``dtype``: the model's
+        (float32, as the port's; the weights are converted once, in float64).
         """
         sd = _read_state_dict(state_dict_or_path, **load)
         sd = _normalise_keys(sd)
         config = _infer_pclucas14_config(sd)
-        model = cls(**config, dropout=dropout, num_classes=num_classes, channel_dropout=True)
+        model = cls(**config, dropout=dropout, num_classes=num_classes, channel_dropout=True).to(dtype)
         _load_pclucas14(model, sd)
         return model
 

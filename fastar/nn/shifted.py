@@ -230,7 +230,8 @@ class GatedResnet(nn.Module):
     ``skip`` a :class:`NIN` from ``2 * skip_channels`` (a: the other stream or the U-Net shortcut,
     ``skip_channels`` channels), and an optional class embedding added before the gate. Dropout drops
     elements (the paper's code); ``channel_dropout=True`` drops whole channels (pclucas14's port).
-    Its causality is its convolutions' (``a`` is read at the output position only).
+    Its causality is its two convolutions' (``a`` enters after the first, so the output at (i, j)
+    reads ``a`` over the second one's window).
     """
 
     def __init__(self, channels: int, conv: str = "down", skip_channels: int = 0, dropout: float = 0.0,
