@@ -3,6 +3,8 @@
 GatedPixelCNN, 15 layers, (a) binary 28x28 with 64 channels, (b) 256-level 32x32x3 with 66
 channels (R|G|B blocks must be equal, so 66 rather than 64). Batch 1 and 16; batch 256 on GPU
 only. Time to sample one batch, untrained float32 weights (speed does not depend on training).
+PixelCNN++ rows follow (:func:`fastar.bench.pixelcnnpp.sampling_rows`: the paper's network and a
+reduced one, 32x32 RGB, one step per pixel, the multi-resolution cache).
 
 Naive runs that would take longer than ``NAIVE_BUDGET_S`` are not run to the end: their time is
 the sub-pixel count times the median of 5 full forward passes on the same batch, and the row
@@ -117,4 +119,6 @@ def run(device: str, quick: bool = False) -> list[dict]:
                          "fused_gain": unfused_s / cached_s, "same_images": same})
             print(f"  {name:<20} b{n:<4} naive {naive_s:9.2f} s ({how})  cached {cached_s:7.3f} s  "
                   f"x{naive_s / cached_s:.0f}  (unfused {unfused_s:7.3f} s)", flush=True)
-    return rows
+    from fastar.bench.pixelcnnpp import sampling_rows as pixelcnnpp_rows
+
+    return rows + pixelcnnpp_rows(device, quick)
