@@ -58,13 +58,13 @@ class _Conv:
         self.kh, self.kw = mod.kernel_size if hasattr(mod, "kernel_size") else (1, 1)
         self.left = getattr(mod, "left", 0)
         self.stride = mod.stride[0] if hasattr(mod, "stride") else 1
-        self.flat = self.w.flatten(1) if self.w.dim() == 4 else self.w
+        self.flat_t = (self.w.flatten(1) if self.w.dim() == 4 else self.w).t().contiguous()    # (in*kh*kw, out)
 
     def row(self, m: _Map, r: int, width: int, f=None) -> torch.Tensor:
         """Output row r (N, out, width) of the convolution over map m (stride 1 or 2 in both directions)."""
         s = self.stride
         top = s * r - self.kh + 2                                       # padded row of the first tap
-        x = m.p[:, :, top:top + self.kh, 1 - self.left:]
+        x = m.p.narrow(2, top, self.kh).narrow(3, 1 - self.left, m.p.shape[3] - 1 + self.left)
         if f is not None:
             x = f(x)
         return F.conv2d(x, self.w, self.b, stride=(1, s))[:, :, 0, :width]
@@ -73,10 +73,10 @@ class _Conv:
         """Output (N, out) at (i, j) of the convolution over map m."""
         s = self.stride
         top, lft = s * i - self.kh + 2, s * j - self.left + 1
-        x = m.p[:, :, top:top + self.kh, lft:lft + self.kw]
+        x = m.p.narrow(2, top, self.kh).narrow(3, lft, self.kw)
         if f is not None:
             x = f(x)
-        return torch.addmm(self.b, x.reshape(x.shape[0], -1), self.flat.t())
+        return torch.addmm(self.b, x.reshape(x.shape[0], -1), self.flat_t)
 
 
 class _Block:
@@ -88,7 +88,8 @@ class _Block:
         self.skip = None
         if block.skip is not None:
             with torch.no_grad():
-                self.skip = (block.skip.weight.detach().to(dtype), block.skip.bias.detach().to(dtype))
+                sw = block.skip.weight.detach().to(dtype)
+                self.skip = (sw, block.skip.bias.detach().to(dtype), sw.t().contiguous())
         self.emb = None
         if block.embed is not None:
             with torch.no_grad():
@@ -114,7 +115,7 @@ class _Block:
     def at(self, x: _Map, out: _Map, i: int, j: int, a=None):
         h = self.conv_in.at(x, i, j, concat_elu)                        # (N, F)
         if self.skip is not None:
-            h = h + torch.addmm(self.skip[1], concat_elu(a), self.skip[0].t())
+            h = h + torch.addmm(self.skip[1], concat_elu(a), self.skip[2])
         self.mid.p[:, :, 1 + i, 1 + j] = concat_elu(h)
         h = self.conv_out.at(self.mid, i, j)                            # (N, 2F)
         if self.emb is not None:
@@ -150,7 +151,7 @@ class MultiResolutionCache(InferenceCache):
         self.u_init = _Conv(model.u_init, dt)
         self.ul_init_down = _Conv(model.ul_init_down, dt)
         self.ul_init_right = _Conv(model.ul_init_right, dt)
-        self.out_w = model.out.weight.detach().to(dt)
+        self.out_wt = model.out.weight.detach().to(dt).t().contiguous()
         self.out_b = model.out.bias.detach().to(dt)
 
         # The up pass: maps in the order the full pass appends them (us, uls), each with its level.
@@ -267,7 +268,7 @@ class MultiResolutionCache(InferenceCache):
             self._rows(i)
         self._position(i, j)
         h = F.elu(self.final.at(i, j))
-        return torch.addmm(self.out_b, h, self.out_w.t()).to(self.run.acc)
+        return torch.addmm(self.out_b, h, self.out_wt).to(self.run.acc)
 
     def update(self, key, t, values):
         i, j = divmod(t, self.W)
