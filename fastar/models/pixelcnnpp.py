@@ -337,7 +337,7 @@ def _config(data: dict) -> dict:
 
 
 register(ModelSpec(
-    name="pixelcnnpp", cls=PixelCNNpp, kind="image", datasets=("patches", "mnist"), default_config=_config,
+    name="pixelcnnpp", cls=PixelCNNpp, kind="image", datasets=("patches", "mnist", "digits"), default_config=_config,
     writer="png", conditional_config=class_config,
     demo=dict(data="patches", batch_size=16, lr=2e-3),
     tiny=(dict(config=dict(in_channels=3, nr_resnet=1, nr_filters=4, nr_logistic_mix=2, dropout=0.0, num_bits=1),
