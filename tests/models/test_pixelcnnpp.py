@@ -353,3 +353,21 @@ def test_training_on_the_photo_patches_lowers_nll():
         after = model.bits_per_dim(test).mean().item()
     # Measured: 8.42 -> 6.73 bits/dim (uniform: 8).
     assert after < 7.3 and after < before - 1.0, (before, after)
+
+
+def test_train_and_sample_through_the_cli(capsys, tmp_path):
+    """``fastar train pixelcnnpp`` on digits (8x8, binary: num_bits=1, class-conditional) and ``fastar
+    sample`` of its checkpoint, with a class."""
+    from PIL import Image
+
+    from tests.commands.test_cli import fastar_inprocess
+
+    out = tmp_path / "pp"
+    r = fastar_inprocess(capsys, "train", "pixelcnnpp", "--data", "digits", "--conditional", "--epochs", "1",
+                         "--batch-size", "32", "--limit", "256", "--eval-limit", "64", "--model-arg", "nr_filters=8",
+                         "--out", out, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = fastar_inprocess(capsys, "sample", out / "last.pt", "-n", "3", "--class", "7", "--out", tmp_path / "s.png",
+                         "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "s.png").size[0] >= 8
