@@ -7,6 +7,10 @@ float32 weights, eval mode; batch 1 and 16 (and 256 on a GPU). naive = one full 
 pixel (1,024 steps): extrapolated as 1,024 x the median of full passes when the full run would
 exceed ``NAIVE_BUDGET_S``; cached = the engine with :class:`fastar.models.pixelcnnpp_cache.MultiResolutionCache`.
 
+Breakdown rows: where the cached image's time goes (row work, position work, output layer and
+draw), and the cached image beside one full forward pass, the floor of the work it spreads over the
+steps.
+
 Training rows: images/s of forward + backward + loss (batch 16 on CPU, 64 on a GPU, train mode,
 channel dropout 0.5 in both) of :class:`fastar.models.PixelCNNpp` and of :class:`PortPixelCNN`, a
 module-for-module PyTorch port of pclucas14's ``PixelCNN`` (``torch.nn.utils.parametrizations.weight_norm``
@@ -262,8 +266,56 @@ def training_rows(device: str, quick: bool = False) -> list[dict]:
     return rows
 
 
-def run(device: str, quick: bool = False) -> list[dict]:
+def breakdown_rows(device: str, quick: bool = False) -> list[dict]:
+    """Where a cached image's time goes (the reduced net): the row work (u streams), the position work
+    (ul streams), the output layer and the draw, beside the floor: one full forward pass, the same
+    arithmetic the cache spreads over the steps (every activation computed once)."""
+    dev = torch.device(device)
     rows = []
+    name, nr, nf, k = CASES[0]
+    torch.manual_seed(0)
+    model = PixelCNNpp(3, nr, nf, k, dropout=0.0).to(dev).eval()
+    for n in _batches(dev):
+        if quick and n > 1:
+            continue
+        run_ = sampling.prepare(model, n, (SIZE, SIZE), generator=torch.Generator(dev).manual_seed(1))
+        cache = model.allocate_inference_cache(run_)
+        parts = {"row work (u streams)": 0.0, "position work (ul streams)": 0.0, "output layer + draw + update": 0.0}
+        W = SIZE
+        with torch.no_grad():
+            total0 = time.perf_counter()
+            for t in range(SIZE * SIZE):
+                i, j = divmod(t, W)
+                if j == 0:
+                    dt, _ = _timed(lambda: cache._rows(i), dev)
+                    parts["row work (u streams)"] += dt
+                dt, _ = _timed(lambda: cache._position(i, j), dev)
+                parts["position work (ul streams)"] += dt
+                t0 = time.perf_counter()
+                h = F.elu(cache.final.at(i, j))
+                p = torch.addmm(cache.out_b, h, cache.out_wt).float()
+                v = run_.seq.head.draw(p, run_.noise[t], 1.0)
+                cache.update(None, t, v)
+                sync(dev)
+                parts["output layer + draw + update"] += time.perf_counter() - t0
+            total = time.perf_counter() - total0
+            x0 = torch.zeros(n, 3, SIZE, SIZE, dtype=torch.int64, device=dev)
+            model.params(x0)
+            fwd = statistics.median(_timed(lambda: model.params(x0), dev)[0] for _ in range(3))
+        for what, sec in parts.items():
+            rows.append({"case": f"{name} 32x32x3", "batch": n, "what": f"cached image: {what} s",
+                         "fastar": sec, "baseline": None, "ratio": sec / total, "how": "share of the cached image",
+                         "same_images": None})
+        rows.append({"case": f"{name} 32x32x3", "batch": n, "what": "cached image vs one forward pass (floor) s",
+                     "fastar": total, "baseline": fwd, "ratio": total / fwd,
+                     "how": "ratio = overhead over the work floor", "same_images": None})
+        print(f"  PixelCNN++ breakdown b{n}: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+              + f"; total {total:.2f} s vs one forward {fwd * 1e3:.1f} ms ({total / fwd:.0f}x)", flush=True)
+    return rows
+
+
+def run(device: str, quick: bool = False) -> list[dict]:
+    rows = breakdown_rows(device, quick)
     for r in sampling_rows(device, quick):
         rows.append({"case": r["case"], "batch": r["batch"], "what": "sampling s/batch", "fastar": r["cached_s"],
                      "baseline": r["naive_s"], "ratio": r["speedup"], "how": r["naive_how"],
