@@ -106,6 +106,13 @@ TORCH_LIBRARY(fastar, m) {
       "row_lstm_scan_backward(Tensor grad_h, Tensor grad_c, Tensor is_map, Tensor w_ss, Tensor h, "
       "Tensor c, Tensor saved, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // ---- PixelCNN++ ----
+  // Every ul-stream entry final at pixel (i, j) over three resolutions, and the output layer, as a
+  // program over padded maps (fastar/ops/pixelcnnpp.py): mutates maps and out. CPU only.
+  m.def(
+      "pixelcnnpp_ul_step(Tensor(a!)[] maps, Tensor[] weights, int[] program, int i, int j, Tensor(b!) out) "
+      "-> ()");
+
   // ---- diagnostics ----
   // The CPU WaveNet step's stage profile (csrc/cpu/wavenet.cpp): no tensor argument, so its one
   // kernel registers as CompositeImplicitAutograd, the kernel an op with an empty dispatch key set runs.

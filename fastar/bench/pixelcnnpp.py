@@ -280,7 +280,11 @@ def breakdown_rows(device: str, quick: bool = False) -> list[dict]:
             continue
         run_ = sampling.prepare(model, n, (SIZE, SIZE), generator=torch.Generator(dev).manual_seed(1))
         cache = model.allocate_inference_cache(run_)
-        parts = {"row work (u streams)": 0.0, "position work (ul streams)": 0.0, "output layer + draw + update": 0.0}
+        pos = ("position work (ul streams) + output layer: one pixelcnnpp_ul_step call" if cache.fused else
+               "position work (ul streams), torch ops")
+        parts = {"row work (u streams)": 0.0, pos: 0.0, "draw + update" if cache.fused else
+                 "output layer + draw + update": 0.0}
+        last = list(parts)[2]
         W = SIZE
         with torch.no_grad():
             total0 = time.perf_counter()
@@ -289,15 +293,22 @@ def breakdown_rows(device: str, quick: bool = False) -> list[dict]:
                 if j == 0:
                     dt, _ = _timed(lambda: cache._rows(i), dev)
                     parts["row work (u streams)"] += dt
-                dt, _ = _timed(lambda: cache._position(i, j), dev)
-                parts["position work (ul streams)"] += dt
-                t0 = time.perf_counter()
-                h = F.elu(cache.final.at(i, j))
-                p = torch.addmm(cache.out_b, h, cache.out_wt).float()
+                if cache.fused:
+                    dt, _ = _timed(lambda: cache._op(cache.maps, cache.weights, cache.program, i, j, cache.out_buf,
+                                                     check=False), dev)
+                    parts[pos] += dt
+                    t0 = time.perf_counter()
+                    p = cache.out_buf.float()
+                else:
+                    dt, _ = _timed(lambda: cache._position(i, j), dev)
+                    parts[pos] += dt
+                    t0 = time.perf_counter()
+                    h = F.elu(cache.final.at(i, j))
+                    p = torch.addmm(cache.out_b, h, cache.out_wt).float()
                 v = run_.seq.head.draw(p, run_.noise[t], 1.0)
                 cache.update(None, t, v)
                 sync(dev)
-                parts["output layer + draw + update"] += time.perf_counter() - t0
+                parts[last] += time.perf_counter() - t0
             total = time.perf_counter() - total0
             x0 = torch.zeros(n, 3, SIZE, SIZE, dtype=torch.int64, device=dev)
             model.params(x0)

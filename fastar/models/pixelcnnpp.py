@@ -173,10 +173,7 @@ class PixelCNNpp(DiscreteImageModel):
     def allocate_inference_cache(self, run, fused=None):
         from fastar.models.pixelcnnpp_cache import MultiResolutionCache
 
-        if fused:
-            raise ValueError("fused=True: PixelCNNpp has no fused step; its cache runs per-op steps (fused=None "
-                             "or False)")
-        return MultiResolutionCache(self, run)
+        return MultiResolutionCache(self, run, fused)
 
     # ---- pclucas14/pixel-cnn-pp checkpoints ----------------------------------------------------
 

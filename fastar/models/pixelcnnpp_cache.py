@@ -124,12 +124,15 @@ class _Block:
 
 
 class MultiResolutionCache(InferenceCache):
-    """PixelCNN++'s per-op cache (see the module docstring)."""
+    """PixelCNN++'s cache (see the module docstring). ``fused=False``: the position work as torch ops
+    (:meth:`_position`); otherwise one :func:`fastar.ops.pixelcnnpp_ul_step` call per pixel (the
+    compiled step where it is built, else its reference twin), the row work as torch ops either way."""
 
     capturable = False
 
-    def __init__(self, model, run):
+    def __init__(self, model, run, fused=None):
         super().__init__(run)
+        self.fused = fused is not False
         seq = run.seq
         n, (C, H, W) = seq.n, seq.shape
         dt = run.dtype
@@ -192,6 +195,59 @@ class MultiResolutionCache(InferenceCache):
                 u_prev, ul_prev = u_new, ul_new
         assert not stack
         self.final = ul_prev
+        self.out_buf = like.new_zeros(n, model.dist.param_channels)
+        self._build_program()
+
+    def _build_program(self):
+        """The position work as a program for :func:`fastar.ops.pixelcnnpp_ul_step` (checked once here)."""
+        from fastar.ops import pixelcnnpp as op
+
+        maps, weights, index = [], [], {}
+
+        def mi(m):
+            if m is None:
+                return -1
+            if id(m) not in index:
+                index[id(m)] = len(maps)
+                maps.append(m.p)
+            return index[id(m)]
+
+        def wi(t):
+            if t is None:
+                return -1
+            weights.append(t.contiguous())
+            return len(weights) - 1
+
+        prog = []
+
+        def emit(kind, level, dst=None, src=None, mid=None, sa=None, sb=None, w1=None, b1=None, w2=None, b2=None,
+                 w3=None, b3=None, emb=None):
+            prog.extend([kind, level, mi(dst), mi(src), mi(mid), mi(sa), mi(sb), wi(w1), wi(b1), wi(w2), wi(b2),
+                         wi(w3), wi(b3), wi(emb)])
+
+        def block(lv, blk, src, dst, sa, sb=None):
+            skip_w, skip_b = (blk.skip[2], blk.skip[1]) if blk.skip is not None else (None, None)
+            emit(op.BLOCK, lv, dst, src, blk.mid, sa, sb, blk.conv_in.flat_t, blk.conv_in.b, skip_w, skip_b,
+                 blk.conv_out.flat_t, blk.conv_out.b, blk.emb)
+
+        mi(self.x)
+        emit(op.INIT, 0, self.uls[0], self.x, w1=self.ul_init_down.flat_t, b1=self.ul_init_down.b,
+             w2=self.ul_init_right.flat_t, b2=self.ul_init_right.b)
+        for o in self.up_ops:
+            kind, lv, k = o[:3]
+            if kind == "block":
+                block(lv, o[4], self.uls[k - 1], self.uls[k], self.us[k])
+            else:
+                emit(op.DOWN, lv, self.uls[k], self.uls[k - 1], w1=o[4].flat_t, b1=o[4].b)
+        for kind, lv, (u_prev, ul_prev, u_new, ul_new, k), bu, bul in self.down_ops:
+            if kind == "block":
+                block(lv, bul, ul_prev, ul_new, u_new, self.uls[k])
+            else:
+                emit(op.UP, lv, ul_new, ul_prev, w1=bul.w.reshape(bul.w.shape[0], -1), b1=bul.b)
+        emit(op.OUT, 0, src=self.final, w1=self.out_wt, b1=self.out_b)
+        self.maps, self.weights, self.program = maps, weights, prog
+        op._check("pixelcnnpp_ul_step", maps, weights, prog, 0, 0, self.out_buf)
+        self._op = op.pixelcnnpp_ul_step
 
     # ---- the row work: every u map's row that becomes final at image row i ----------------------
 
@@ -266,6 +322,9 @@ class MultiResolutionCache(InferenceCache):
         i, j = divmod(t, self.W)
         if j == 0:
             self._rows(i)
+        if self.fused:
+            self._op(self.maps, self.weights, self.program, i, j, self.out_buf, check=False)
+            return self.out_buf.to(self.run.acc, copy=True)
         self._position(i, j)
         h = F.elu(self.final.at(i, j))
         return torch.addmm(self.out_b, h, self.out_wt).to(self.run.acc)

@@ -288,8 +288,6 @@ def test_bad_input():
         m.nll(torch.full((1, 3, 4, 4), 256))
     with pytest.raises(ValueError, match="unconditional"):
         m.nll(torch.zeros(1, 3, 4, 4, dtype=torch.int64), torch.tensor([1]))
-    with pytest.raises(ValueError, match="no fused step"):
-        m.sample(1, (2, 2), fused=True, progress=False)
     c = PixelCNNpp(1, nr_resnet=1, nr_filters=4, nr_logistic_mix=1, num_classes=3)
     with pytest.raises(ValueError, match="class-conditional"):
         c.nll(torch.zeros(1, 1, 4, 4, dtype=torch.int64))

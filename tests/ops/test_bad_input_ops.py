@@ -98,6 +98,15 @@ def _gps(**bad):
     return call
 
 
+def _ppp(maps=None, program=None, i=0, j=0, out=None):
+    """pixelcnnpp_ul_step: one OUT instruction over a 1-map, 1x2 image."""
+    m = torch.zeros(2, 3, 2, 4) if maps is None else maps
+    w, b = torch.zeros(3, 5), torch.zeros(5)
+    prog = [4, 0, -1, 0, -1, -1, -1, 0, 1, -1, -1, -1, -1, -1] if program is None else program
+    o = torch.zeros(2, 5) if out is None else out
+    return lambda f: f([m], [w, b], prog, i, j, o)
+
+
 def _scan(x=None, w=None, b=None, h0=None, k=2):
     x = torch.zeros(2, 8, 3, 4) if x is None else x
     w = torch.zeros(8, 2, k) if w is None else w
@@ -207,6 +216,13 @@ ROWS = [
     Row("diagonal_lstm_scan", "dtype mix", _scan(b=torch.zeros(8, dtype=torch.float64)), "bias dtype"),
     Row("row_lstm_scan", "even width", _scan(k=4), "must be odd"),
     Row("row_lstm_scan", "is_map 3-D", _scan(x=torch.zeros(8, 3, 4), k=3), "is_map must be 4-D"),
+    Row("pixelcnnpp_ul_step", "program length", _ppp(program=[4, 0, 0]), "14 per instruction"),
+    Row("pixelcnnpp_ul_step", "unknown kind", _ppp(program=[9] + [0] * 13), "unknown kind"),
+    Row("pixelcnnpp_ul_step", "map index", _ppp(program=[4, 0, -1, 3, -1, -1, -1, 0, 1, -1, -1, -1, -1, -1]),
+        "out of range"),
+    Row("pixelcnnpp_ul_step", "position", _ppp(j=2), r"position \(0, 2\) is outside the 1x2 image"),
+    Row("pixelcnnpp_ul_step", "out batch", _ppp(out=torch.zeros(3, 5)), r"out must be a contiguous \(N, P\)"),
+    Row("pixelcnnpp_ul_step", "int maps", _ppp(maps=torch.zeros(2, 3, 2, 4, dtype=torch.int64)), "float32 or float64"),
 ]
 
 
