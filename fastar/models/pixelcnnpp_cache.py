@@ -20,8 +20,11 @@ step (Ramachandran et al. 2017's caching of strided layers, here with the step's
 the host: the cache is not CUDA-graph capturable).
 
 Each convolution runs as the same arithmetic as the full pass on a window: a row of a ``u`` map is
-``F.conv2d`` over the two input rows it reads; a ``ul`` position is the window (C, kh, kw)
-flattened times the flattened weight. Eval mode (no dropout) is the model's own concern.
+``F.conv2d`` over the two input rows it reads (a few torch ops per layer, once per row); the ``ul``
+work of a pixel and the output layer are one :func:`fastar.ops.pixelcnnpp_ul_step` call (a program
+over the padded maps, built once per run; the compiled CPU step, or its torch-op twin elsewhere), or,
+with ``fused=False``, the window (C, kh, kw) flattened times the flattened weight as torch ops
+(:meth:`MultiResolutionCache._position`). Eval mode (no dropout) is the model's own concern.
 """
 from __future__ import annotations
 
