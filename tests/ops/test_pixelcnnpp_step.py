@@ -113,3 +113,22 @@ def test_kernel_refuses_a_program_that_does_not_fit_its_tensors():
     small = [m[:, :, :2].contiguous() if m.shape[2] > 2 else m for m in a.maps]
     with pytest.raises(RuntimeError, match="outside|match|one size"):
         torch.ops.fastar.pixelcnnpp_ul_step(small, a.weights, a.program, 3, 0, a.out_buf)
+
+
+@needs_kernel
+def test_kernel_bits_do_not_depend_on_the_thread_count():
+    """Batch rows are split over threads; each row's sums run in one order whatever rows share a tile."""
+    C, nr, nf, K, classes, H, W = (3, 1, 16, 2, None, 6, 6)
+    torch.manual_seed(0)
+    model = PixelCNNpp(C, nr, nf, K, dropout=0.0).eval()
+    outs = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            run = sampling.prepare(model, 7, (H, W), None, torch.Generator().manual_seed(1), record=True)
+            outs.append(sampling.cached_sample(model, run))
+    finally:
+        torch.set_num_threads(prev)
+    for x, p in outs[1:]:
+        assert torch.equal(x, outs[0][0]) and torch.equal(p, outs[0][1])
