@@ -38,7 +38,7 @@ def _nearest(v, centres):
     return d.argmin(1), d
 
 
-def kmeans(v: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
+def kmeans(v: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
     """(k, D) centroids of the rows of v (M, D) float64: k-means++ seeding, then Lloyd iterations
     (an empty cluster keeps its centroid)."""
     if not 1 <= k <= len(v):
@@ -73,7 +73,7 @@ def _codes(centroids: int, block: int, holdout: float, seed: int):
     x = load_patches(256)
     n_test = max(1, int(round(len(x) * holdout)))
     # The codebook depends on the patches and the arguments only: kept on disk, keyed by both.
-    key = hashlib.sha256(x.numpy().tobytes() + repr((centroids, block, n_test, seed, 1)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(x.numpy().tobytes() + repr((centroids, block, n_test, seed, 2)).encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"patch_codes-{key}.pt")
     t = tiles(x, block)                                                           # (N, h, w, D)
     n, h, w, d = t.shape

@@ -122,7 +122,7 @@ class PixelSNAILCache(InferenceCache):
         pos = run.t
         bg = self.bg.index_select(0, pos).expand(self.n, -1)                            # (N, 2)
         cond = None if self.cond is None else self.cond.index_select(1, pos).squeeze(1)
-        length = t if self.prefix_only else None
+        length = t if self.prefix_only else None                                    # host t: eager CPU only
         h = self.in_proj(self.prev)
         for b in self.blocks:
             for g in b["res"]:

@@ -50,9 +50,10 @@ class CausalSelfAttention2d(nn.Module):
     Decoding one position at a time (a key/value cache, :class:`KVCache` from :meth:`new_cache`):
     ``step_query(x_p, cache, t)`` returns position t's output (N, value_channels) from the keys and
     values of positions < t; ``step_append(x_p, raw_p, cache, t)`` writes position t's key and value
-    once its pixel is known. ``t`` is a (1,) int64 device tensor (capturable); ``length`` (a host int
-    or None) lets an eager caller attend over the first ``length`` cached positions only (the rest
-    are masked anyway), which halves the work on average.
+    once its pixel is known. ``t`` is a (1,) int64 device tensor, the step masks the positions >= t
+    of the whole fixed-length cache (capturable). An eager caller may pass ``length`` = t as a host
+    int instead: the step then reads exactly the first t keys and values, no mask (half the work on
+    average; not capturable).
     """
 
     def __init__(self, in_channels: int, key_channels: int, value_channels: int, heads: int = 1,
@@ -123,13 +124,16 @@ class CausalSelfAttention2d(nn.Module):
         keys / values of positions < t. t: (1,) int64 device tensor; length: see the class docstring."""
         n = x_p.shape[0]
         q = self.query(x_p).view(n, self.heads, 1, self.key_channels // self.heads)
-        K, V, ar = cache.k, cache.v, cache.ar
         if length is not None:
-            length = max(1, int(length))
-            K, V, ar = K[:, :, :length], V[:, :, :length], ar[:length]
+            # Eager: exactly the filled prefix, no mask to build (position 0 has nothing to attend to).
+            length = int(length)
+            if length <= 0:
+                return q.new_zeros(n, self.value_channels)
+            out = F.scaled_dot_product_attention(q, cache.k[:, :, :length], cache.v[:, :, :length])
+            return out.reshape(n, self.value_channels)
         first = t == 0                                                             # (1,) bool
-        mask = (ar < t) | ((ar == 0) & first)                                      # (L,)
-        out = F.scaled_dot_product_attention(q, K, V, attn_mask=mask.view(1, 1, 1, -1))
+        mask = (cache.ar < t) | ((cache.ar == 0) & first)                          # (L,)
+        out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask.view(1, 1, 1, -1))
         out = out * (~first).to(out.dtype)
         return out.reshape(n, self.value_channels)
 
