@@ -123,12 +123,12 @@ def attention_rows(device: str, quick: bool = False) -> list[dict]:
             continue
         g = torch.Generator(dev).manual_seed(0)
         cache = layer.new_cache(n, L)
-        cache.k.copy_(torch.randn(cache.k.shape, generator=g, device=dev))
+        cache.kt.copy_(torch.randn(cache.kt.shape, generator=g, device=dev))
         cache.v.copy_(torch.randn(cache.v.shape, generator=g, device=dev))
         q = torch.randn(n, layer.in_channels, generator=g, device=dev)
         t = torch.tensor([L - 1], device=dev)
         length = None if dev.type == "cuda" else L - 1
-        k_used, v_used = cache.k[:, :, :L - 1], cache.v[:, :, :L - 1]
+        k_used, v_used = cache.kt[..., :L - 1], cache.v[:, :, :L - 1]
         kv_bytes = (k_used.numel() + v_used.numel()) * k_used.element_size()
         with torch.no_grad():
             res = time_interleaved({

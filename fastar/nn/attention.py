@@ -23,12 +23,14 @@ def _pos_int(what, v, lo=1):
 
 
 class KVCache:
-    """Preallocated keys (N, heads, L, dk) and values (N, heads, L, dv) of one attention layer; position
-    s is written once its pixel is known (:meth:`CausalSelfAttention2d.step_append`). Fixed shapes:
-    a step reads its position from a device tensor, so a decode step can be captured in a CUDA graph."""
+    """Preallocated keys, stored transposed, ``kt`` (N, heads, dk, L), and values ``v`` (N, heads, L, dv) of
+    one attention layer; position s is written once its pixel is known
+    (:meth:`CausalSelfAttention2d.step_append`). Fixed shapes: a step reads its position from a device
+    tensor, so a decode step can be captured in a CUDA graph. The keys are transposed so that one
+    query's scores are a plain (1 x dk) @ (dk x t) product over the filled prefix."""
 
     def __init__(self, n, heads, length, dk, dv, device, dtype):
-        self.k = torch.zeros(n, heads, length, dk, device=device, dtype=dtype)
+        self.kt = torch.zeros(n, heads, dk, length, device=device, dtype=dtype)
         self.v = torch.zeros(n, heads, length, dv, device=device, dtype=dtype)
         self.ar = torch.arange(length, device=device)
         self.length = length
@@ -122,19 +124,21 @@ class CausalSelfAttention2d(nn.Module):
     def step_query(self, x_p: torch.Tensor, cache: KVCache, t: torch.Tensor, length: int | None = None):
         """Position t's output (N, value_channels) from its input x_p (N, in_channels) and the cached
         keys / values of positions < t. t: (1,) int64 device tensor; length: see the class docstring."""
-        n = x_p.shape[0]
-        q = self.query(x_p).view(n, self.heads, 1, self.key_channels // self.heads)
+        n, dk = x_p.shape[0], self.key_channels // self.heads
+        # The scaled dot products, softmax and weighted sum written out: for one query this is faster on
+        # the CPU than scaled_dot_product_attention's dispatch (measured: 16 vs 26 us at batch 1, 1023 keys).
+        q = (self.query(x_p) * dk ** -0.5).view(n, self.heads, 1, dk)
         if length is not None:
             # Eager: exactly the filled prefix, no mask to build (position 0 has nothing to attend to).
             length = int(length)
             if length <= 0:
                 return q.new_zeros(n, self.value_channels)
-            out = F.scaled_dot_product_attention(q, cache.k[:, :, :length], cache.v[:, :, :length])
-            return out.reshape(n, self.value_channels)
+            w = torch.softmax(torch.matmul(q, cache.kt[..., :length]), -1)
+            return torch.matmul(w, cache.v[:, :, :length]).reshape(n, self.value_channels)
         first = t == 0                                                             # (1,) bool
-        mask = (cache.ar < t) | ((cache.ar == 0) & first)                          # (L,)
-        out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask.view(1, 1, 1, -1))
-        out = out * (~first).to(out.dtype)
+        keep = (cache.ar < t) | ((cache.ar == 0) & first)                          # (L,)
+        w = torch.softmax(torch.matmul(q, cache.kt).masked_fill(~keep, float("-inf")), -1)
+        out = torch.matmul(w, cache.v) * (~first).to(q.dtype)
         return out.reshape(n, self.value_channels)
 
     def step_append(self, x_p: torch.Tensor, raw_p: torch.Tensor | None, cache: KVCache, t: torch.Tensor):
@@ -142,7 +146,7 @@ class CausalSelfAttention2d(nn.Module):
         n = x_p.shape[0]
         kv_in = x_p if raw_p is None else torch.cat([x_p, raw_p], 1)
         k, v = self.kv(kv_in).split([self.key_channels, self.value_channels], 1)
-        cache.k.index_copy_(2, t, k.view(n, self.heads, 1, -1).to(cache.k.dtype))
+        cache.kt.index_copy_(3, t, k.view(n, self.heads, -1, 1).to(cache.kt.dtype))
         cache.v.index_copy_(2, t, v.view(n, self.heads, 1, -1).to(cache.v.dtype))
 
     def extra_repr(self) -> str:
