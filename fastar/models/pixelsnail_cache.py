@@ -27,30 +27,35 @@ def _flat(conv):
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), conv.bias.detach()
 
 
+def _tables(H, W, k, device):
+    """Where position p's input goes in a padded (H+k-1) x (W+k-1) map, (L,), and its k x k window, (L, k*k)."""
+    Wp = W + k - 1
+    i = torch.arange(H * W, device=device) // W
+    j = torch.arange(H * W, device=device) % W
+    a = torch.arange(k, device=device)
+    write = (i + k - 1) * Wp + j + k - 1
+    window = ((i[:, None, None] + a[None, :, None]) * Wp + j[:, None, None] + a[None, None, :]).reshape(H * W, k * k)
+    return write, window
+
+
 class _Conv:
-    """One causal convolution at one position: a padded channels-last input cache (N, (H+k-1)(W+k-1), Cin)."""
+    """One causal convolution at one position: a padded channels-last input cache (N, (H+k-1)(W+k-1), Cin).
+    ``idx`` = (write (1,), window (k*k,)): the step's rows of :func:`_tables`, picked once a step."""
 
     def __init__(self, conv, n, H, W, device, dtype):
         k = conv.kernel_size[0]
         self.w, self.b = _flat(conv)
         self.w, self.b = self.w.to(dtype), self.b.to(dtype)
         self.k = k
-        if k == 1:
-            return
-        Wp = W + k - 1
-        self.buf = torch.zeros(n, (H + k - 1) * Wp, conv.in_channels, device=device, dtype=dtype)
-        i = torch.arange(H * W, device=device) // W
-        j = torch.arange(H * W, device=device) % W
-        a = torch.arange(k, device=device)
-        self.write = (i + k - 1) * Wp + j + k - 1                                           # (L,)
-        self.window = ((i[:, None, None] + a[None, :, None]) * Wp
-                       + j[:, None, None] + a[None, None, :]).reshape(H * W, k * k)     # (L, k*k)
+        if k > 1:
+            self.buf = torch.zeros(n, (H + k - 1) * (W + k - 1), conv.in_channels, device=device, dtype=dtype)
 
-    def __call__(self, x, t):
+    def __call__(self, x, idx):
         if self.k == 1:
             return F.linear(x, self.w, self.b)
-        self.buf.index_copy_(1, self.write.index_select(0, t), x.unsqueeze(1))
-        win = self.buf.index_select(1, self.window.index_select(0, t).view(-1))           # (N, k*k, Cin)
+        write, window = idx
+        self.buf.index_copy_(1, write, x.unsqueeze(1))
+        win = self.buf.index_select(1, window)                                          # (N, k*k, Cin)
         return F.linear(win.view(x.shape[0], -1), self.w, self.b)
 
 
@@ -74,11 +79,11 @@ class _Gated:
         self.aux = _Lin(g.aux, dtype) if g.aux is not None else None
         self.cond = _Lin(g.cond, dtype) if g.cond is not None else None
 
-    def __call__(self, x, t, aux=None, cond=None):
-        c = self.conv1(concat_elu(x), t)
+    def __call__(self, x, idx, aux=None, cond=None):
+        c = self.conv1(concat_elu(x), idx)
         if self.aux is not None:
             c = c + self.aux(concat_elu(aux))
-        c = self.conv2(concat_elu(c), t)
+        c = self.conv2(concat_elu(c), idx)
         if self.cond is not None and cond is not None:
             c = c + self.cond(cond)
         a, b = c.chunk(2, 1)
@@ -100,6 +105,7 @@ class PixelSNAILCache(InferenceCache):
         self.out = _Lin(model.out, dt)
         self.bg = background(H, W, dev, dt).flatten(2)[0].t().contiguous()             # (L, 2)
         self.prev = torch.zeros(n, model.raw_channels + 1, device=dev, dtype=dt)       # pixel p-1's [r; 1]
+        self.tables = _tables(H, W, model.kernel_size, dev) if model.kernel_size > 1 else None
         with torch.no_grad():
             cf = model.cond_features(run.seq.cond, (H, W))
         self.cond = None if cf is None else cf.to(dt).flatten(2).transpose(1, 2).contiguous()   # (N, L, F)
@@ -109,7 +115,7 @@ class PixelSNAILCache(InferenceCache):
                 res=[_Gated(g, n, H, W, dev, dt) for g in blk.res],
                 q_in=_Gated(blk.q_in, n, H, W, dev, dt), kv_in=_Gated(blk.kv_in, n, H, W, dev, dt),
                 out=_Gated(blk.out, n, H, W, dev, dt), attn=blk.attn,
-                cache=blk.attn.new_cache(n, L, dev, dt), h=None, q=None))
+                cache=blk.attn.new_cache(n, L, dev, dt), q=None, hb=None))
 
     def _raw(self, values):
         m = self.model
@@ -123,22 +129,24 @@ class PixelSNAILCache(InferenceCache):
         bg = self.bg.index_select(0, pos).expand(self.n, -1)                            # (N, 2)
         cond = None if self.cond is None else self.cond.index_select(1, pos).squeeze(1)
         length = t if self.prefix_only else None                                    # host t: eager CPU only
+        idx = None if self.tables is None else (self.tables[0].index_select(0, pos),
+                                                self.tables[1].index_select(0, pos).view(-1))
         h = self.in_proj(self.prev)
         for b in self.blocks:
             for g in b["res"]:
-                h = g(h, pos, cond=cond)
+                h = g(h, idx, cond=cond)
             hb = torch.cat([h, bg], 1)
-            q = b["q_in"](hb, pos)
+            q = b["q_in"](hb, None)
             a = b["attn"].step_query(q, b["cache"], pos, length)
-            b["h"], b["q"], b["hb"] = h, q, hb
-            h = b["out"](h, pos, aux=a)
+            b["q"], b["hb"] = q, hb
+            h = b["out"](h, None, aux=a)
         return self.out(F.elu(h)).to(run.acc)
 
     def update(self, key, t, values):
         pos = self.run.t
         r = self._raw(values)                                                          # (N, R)
         for b in self.blocks:
-            kv = b["kv_in"](torch.cat([r, b["hb"]], 1), pos)
+            kv = b["kv_in"](torch.cat([r, b["hb"]], 1), None)
             b["attn"].step_append(b["q"], kv, b["cache"], pos)
         self.prev[:, :-1].copy_(r)
         self.prev[:, -1] = 1.0
