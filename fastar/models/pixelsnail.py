@@ -321,7 +321,7 @@ def _config(data: dict) -> dict:
 register(ModelSpec(
     name="pixelsnail", cls=PixelSNAIL, kind="image", datasets=("patches", "patch_codes", "mnist", "digits"),
     default_config=_config, writer="png",
-    demo=dict(data="patches", batch_size=16, lr=2e-3),
+    demo=dict(data="patch_codes", batch_size=16, lr=3e-3),
     tiny=(dict(config=dict(in_channels=3, channels=8, n_blocks=1, n_res_blocks=1, kernel_size=2, key_channels=4,
                            value_channels=4, nr_logistic_mix=2, num_bits=1), shape=(1, 2)),
           dict(config=dict(in_channels=1, levels=3, channels=8, n_blocks=2, n_res_blocks=1, kernel_size=3,
