@@ -264,6 +264,8 @@ class PixelSNAIL(DiscreteImageModel):
         return self.net(self.raw(x), cond)
 
     def forward(self, x, cond=None):
+        """Every pixel's head parameters (N, P, H, W) (mixture: P = 10K for RGB, 3K for one channel;
+        codes: P = levels logits) of integer images x (N, C, H, W)."""
         return self.params(x, cond)
 
     def nll(self, x, cond=None):

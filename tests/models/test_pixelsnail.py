@@ -109,18 +109,18 @@ def _cond_model():
 
 
 @pytest.mark.parametrize("with_prefix", [False, True])
-def test_conditioned_code_prior_cached_equals_naive(with_prefix):
-    model = _cond_model()
+def test_conditioned_code_prior_cached_equals_naive(device, with_prefix):
+    model = _cond_model().to(device)
     g = torch.Generator().manual_seed(0)
     n, H, W = 3, 4, 6
-    cond = torch.randn(n, 3, 2, 2, dtype=torch.float64, generator=g)           # scale (2, 3)
+    cond = torch.randn(n, 3, 2, 2, dtype=torch.float64, generator=g).to(device)   # scale (2, 3)
     kw = {}
     if with_prefix:
         x0 = torch.randint(0, 5, (n, 1, H, W), generator=g)
         mask = torch.zeros(n, 1, H, W, dtype=torch.bool)
         mask[:, :, :2] = True
         mask[1, :, 3, 2] = True
-        kw = dict(prefix=x0, mask=mask)
+        kw = dict(prefix=x0.to(device), mask=mask.to(device))
     runs = {}
     for method in ("naive", "cached"):
         runs[method] = model.sample(n, (H, W), cond=cond, generator=torch.Generator().manual_seed(1), method=method,
@@ -128,6 +128,9 @@ def test_conditioned_code_prior_cached_equals_naive(with_prefix):
     (a, pa), (b, pb) = runs["naive"], runs["cached"]
     assert torch.equal(a, b)
     torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-5)
+    # without recording (on CUDA: the steps replayed from captured graphs)
+    plain = model.sample(n, (H, W), cond=cond, generator=torch.Generator().manual_seed(1), progress=False, **kw)
+    assert torch.equal(plain, a)
     if with_prefix:
         assert torch.equal(a[kw["mask"]], kw["prefix"][kw["mask"]])
     # per-step parameters == one teacher-forced pass on the drawn codes; the cond is used
