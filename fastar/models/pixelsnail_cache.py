@@ -2,7 +2,7 @@
 
 One step = one pixel p (= ``run.t``). ``step`` runs every layer at position p only: the shifted input
 (pixel p - 1's features, kept from the last update), each causal convolution writes its input at p
-into a padded channels-last cache and reads its k x k window (a fixed index table row, chosen on
+into a channels-last ring of its last k padded input rows and reads its k x k window (a fixed index table row, chosen on
 the device by ``run.t``), each attention layer puts one query against its key/value cache (positions
 < p), and the head gives p's parameters. ``update`` takes the drawn pixel: every attention layer's
 key and value at p (which read the pixel's own features) are written, and the pixel's features are
@@ -28,18 +28,23 @@ def _flat(conv):
 
 
 def _tables(H, W, k, device):
-    """Where position p's input goes in a padded (H+k-1) x (W+k-1) map, (L,), and its k x k window, (L, k*k)."""
+    """Where position p's input goes in a ring of k padded rows of W + k - 1 (k - 1 zero columns on the left),
+    (L,), and its k x k window there, (L, k*k). The padded map's row P (image row P - k + 1) lives in
+    ring row P % k: a window reads padded rows i .. i + k - 1, k consecutive ones, so all k ring rows;
+    the k - 1 rows above the image are ring rows no image row <= i has written yet, so still zero,
+    and in the current row a window reads only columns already written."""
     Wp = W + k - 1
     i = torch.arange(H * W, device=device) // W
     j = torch.arange(H * W, device=device) % W
     a = torch.arange(k, device=device)
-    write = (i + k - 1) * Wp + j + k - 1
-    window = ((i[:, None, None] + a[None, :, None]) * Wp + j[:, None, None] + a[None, None, :]).reshape(H * W, k * k)
+    write = ((i + k - 1) % k) * Wp + j + k - 1
+    window = (((i[:, None, None] + a[None, :, None]) % k) * Wp + j[:, None, None] + a[None, None, :]).reshape(
+        H * W, k * k)
     return write, window
 
 
 class _Conv:
-    """One causal convolution at one position: a padded channels-last input cache (N, (H+k-1)(W+k-1), Cin).
+    """One causal convolution at one position: a channels-last input cache of k padded rows (N, k (W+k-1), Cin).
     ``idx`` = (write (1,), window (k*k,)): the step's rows of :func:`_tables`, picked once a step."""
 
     def __init__(self, conv, n, H, W, device, dtype):
@@ -48,7 +53,7 @@ class _Conv:
         self.w, self.b = self.w.to(dtype), self.b.to(dtype)
         self.k = k
         if k > 1:
-            self.buf = torch.zeros(n, (H + k - 1) * (W + k - 1), conv.in_channels, device=device, dtype=dtype)
+            self.buf = torch.zeros(n, k * (W + k - 1), conv.in_channels, device=device, dtype=dtype)
 
     def __call__(self, x, idx):
         if self.k == 1:

@@ -140,15 +140,17 @@ def test_conditioned_code_prior_cached_equals_naive(device, with_prefix):
     assert not torch.allclose(other, forced)
 
 
-def test_cpu_prefix_attention_equals_the_full_length_path():
+@pytest.mark.parametrize("kernel_size", [2, 3, 4])
+def test_cpu_prefix_attention_equals_the_full_length_path(kernel_size):
     # The CPU path reads only the filled prefix of the key/value caches; the capturable path (CUDA) masks the
-    # full length. Both give the same steps.
+    # full length. Both give the steps of the full forward pass, on an image taller than the ring of k input
+    # rows each causal convolution keeps.
     from fastar.models.pixelsnail_cache import PixelSNAILCache
 
-    model = _model(n_blocks=2, kernel_size=3)
+    model = _model(n_blocks=2, kernel_size=kernel_size)
     outs = []
     for prefix_only in (True, False):
-        run = sampling.prepare(model, 2, (3, 4), generator=torch.Generator().manual_seed(3), record=True)
+        run = sampling.prepare(model, 2, (7, 5), generator=torch.Generator().manual_seed(3), record=True)
         orig = PixelSNAILCache.__init__
 
         def init(self, m, r, orig=orig, flag=prefix_only):
@@ -159,6 +161,7 @@ def test_cpu_prefix_attention_equals_the_full_length_path():
             outs.append(sampling.cached_sample(model, run))
         finally:
             PixelSNAILCache.__init__ = orig
+        torch.testing.assert_close(outs[-1][1], run.seq.forward(run.values, None), rtol=1e-10, atol=1e-10)
     assert torch.equal(outs[0][0], outs[1][0])
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-12)
 
