@@ -9,7 +9,8 @@ gains these rows). Two untrained float32 models (speed does not depend on traini
 - ``code prior 32x32``: 512 codes (a VQ-VAE prior's size), the same network with a categorical head.
 
 Batch 1 and 16 (and 256 on a GPU). A naive run longer than ``NAIVE_BUDGET_S`` is extrapolated
-(pixels x the median of 5 full passes, ``naive_how``). The ``attention`` rows time one cached
+(pixels x the median full pass, ``naive_how``); cached runs and full passes are
+timed interleaved (three rounds of one cached run and two passes), medians. The ``attention`` rows time one cached
 attention step (``CausalSelfAttention2d.step_query``: one query against the first t keys and
 values, t = the last position, the worst case) against its floor, the time to read those t keys
 and values once (``torch.sum`` over the same bytes, measured beside it: the memory rate of the cache
@@ -33,8 +34,9 @@ COLUMNS = ["case", "batch", "steps", "naive_s", "naive_how", "cached_s", "speedu
 NOTES = ("Time to sample one batch (seconds), untrained float32 weights. naive = one full forward pass per pixel "
          "(plain PyTorch: F.conv2d and scaled_dot_product_attention over the whole image); cached = the "
          "fastar.sampling engine with PixelSNAIL's cache (causal-conv windows + key/value caches, one position "
-         "per layer per step). naive_how 'extrapolated' = pixels x median of 5 full passes. speedup = naive_s / "
-         "cached_s; cached_s is the median of 3 runs. attention rows: attn_step_us = one cached attention step "
+         "per layer per step). naive_how 'extrapolated' = pixels x the median full pass. speedup = naive_s / "
+         "cached_s. Three rounds, each one cached run then two full passes (interleaved: the shared machine's "
+         "load reaches both alike); cached_s and the pass are the medians. attention rows: attn_step_us = one cached attention step "
          "at the last position (1023 keys and values), floor_us = reading those keys and values once (torch.sum "
          "over the same bytes), attn_vs_floor = their ratio, attn_share = the step's share of a whole cached "
          "sampling step (all attention layers, at the average position t = L/2 the engine's steps see).")
@@ -84,15 +86,19 @@ def sampling_rows(device: str, quick: bool = False) -> list[dict]:
                 plan = sampling.prepare(model, n, (SIZE, SIZE), generator=torch.Generator(dev).manual_seed(1))
                 return sampling.cached_sample(model, plan)
 
-            cached()                                                               # warm-up
-            times, x_cached = [], None
+            x0 = torch.zeros(n, C, SIZE, SIZE, dtype=torch.int64, device=dev)
+            with torch.no_grad():
+                model(x0)                                                          # warm-up
+            cached()
+            # Interleaved: each round one whole cached run, then two full passes, so that the shared machine's
+            # load reaches both alike; medians over the rounds.
+            times, passes, x_cached = [], [], None
             for _ in range(1 if quick else 3):
                 t, x_cached = _timed(cached, dev)
                 times.append(t)
-            cached_s = statistics.median(times)
-            x0 = torch.zeros(n, C, SIZE, SIZE, dtype=torch.int64, device=dev)
-            with torch.no_grad():
-                pass_s = time_fn(lambda: model(x0), dev, warmup=1, repeat=2 if quick else 5)["median_ms"] / 1e3
+                with torch.no_grad():
+                    passes += [_timed(lambda: model(x0), dev)[0] for _ in range(2)]
+            cached_s, pass_s = statistics.median(times), statistics.median(passes)
             estimate = steps * pass_s
             same = None
             if estimate <= NAIVE_BUDGET_S and not quick:
