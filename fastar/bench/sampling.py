@@ -38,7 +38,8 @@ NOTES = ("GatedPixelCNN, 15 layers; time to sample one batch (seconds). naive = 
          "(fastar.ops.gated_pixelcnn_step: one C++ call / one CUDA launch per sub-pixel for every block, the "
          "head and the draw); unfused_s = the same engine with fused=False (a few torch ops per block per "
          "step), one run (median of 3 on GPU); fused_gain = unfused_s / cached_s. Run with a fixed thread "
-         "count (--threads); the CPU is shared, so figures move by tens of percent between runs.")
+         "count (--threads); the CPU is shared, so figures move by tens of percent between runs. PixelSNAIL rows "
+         "(one step per pixel; no fused step, no reference backend): see fastar.bench.pixelsnail.")
 
 NAIVE_BUDGET_S = 120.0
 
@@ -120,5 +121,6 @@ def run(device: str, quick: bool = False) -> list[dict]:
             print(f"  {name:<20} b{n:<4} naive {naive_s:9.2f} s ({how})  cached {cached_s:7.3f} s  "
                   f"x{naive_s / cached_s:.0f}  (unfused {unfused_s:7.3f} s)", flush=True)
     from fastar.bench.pixelcnnpp import sampling_rows as pixelcnnpp_rows
+    from fastar.bench.pixelsnail import sampling_rows as pixelsnail_rows
 
-    return rows + pixelcnnpp_rows(device, quick)
+    return rows + pixelcnnpp_rows(device, quick) + pixelsnail_rows(device, quick)

@@ -110,6 +110,17 @@ def _patches(levels, holdout, **_):
     return Dataset("patches", "image", levels, tuple(x.shape[1:]), train, test)
 
 
+def _patch_codes(levels, holdout, **_):
+    from fastar.data.patch_codes import patch_codes
+
+    if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 4096):
+        raise ValueError(f"--levels for patch_codes is the number of k-means centroids, an int in [2, 4096], "
+                         f"got {levels!r}")
+    levels = 512 if levels is None else levels
+    x, _ = patch_codes(levels, holdout=holdout)
+    return Dataset("patch_codes", "image", levels, tuple(x.shape[1:]), *_split(x, None, holdout))
+
+
 def _speech(levels, holdout, segment=4096, sample_rate=16000, **_):
     if levels not in (None, 256):
         raise ValueError("--data speech is mu-law coded to 256 levels; drop --levels")
@@ -130,6 +141,7 @@ DATASETS: dict[str, DataSource] = {
     "digits": DataSource("image", _digits, "scikit-learn's 1,797 8x8 digits"),
     "patches": DataSource("image", _patches, "32x32 RGB tiles of the colour photos in scikit-learn and scikit-image"),
     "speech": DataSource("audio", _speech, "the alsa-utils speech WAVs, mu-law 256"),
+    "patch_codes": DataSource("image", _patch_codes, "k-means codes (512) of the patches' 4x4 tiles, 8x8 a patch"),
 }
 
 

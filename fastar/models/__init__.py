@@ -9,5 +9,7 @@ from fastar.models.wavenet import WaveNet
 from fastar.models.fvsbn import FVSBN
 from fastar.models.pixelrnn import PixelRNN
 from fastar.models.pixelcnnpp import PixelCNNpp
+from fastar.models.pixelsnail import PixelSNAIL
 
-__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "PixelRNN", "PixelCNNpp", "SPECS", "ModelSpec", "register"]
+__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "PixelRNN", "PixelCNNpp", "PixelSNAIL", "SPECS", "ModelSpec",
+           "register"]

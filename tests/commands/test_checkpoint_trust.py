@@ -163,7 +163,7 @@ def test_absurd_configs_refused_before_building(name):
     with pytest.raises(ValueError, match=r"integers must lie in"):
         registry.build_model(name, dict(cfg, **{int_keys[0]: 10**12}))
     sizes = {k: 4096 for k in ("layers", "channels", "residual_channels", "dilation_channels", "skip_channels",
-                               "height", "width", "hidden", "features", "in_features", "num_mixtures", "nr_filters")
+                               "height", "width", "hidden", "features", "in_features", "num_mixtures", "nr_filters", "n_blocks")
              if k in cfg}
     assert sizes, f"{name}: name its size arguments here"
     t = time.perf_counter()
