@@ -4,9 +4,10 @@
 :func:`fastar.data.patches.load_patches` into block x block tiles (48 values each at block 4, 8-bit
 RGB scaled to [0, 1]) and replaces each tile by the index of its nearest centroid: an 8x8 grid of
 codes in [0, centroids) a patch. The centroids come from k-means (k-means++ seeding, then Lloyd
-iterations, float64, a fixed seed) on the tiles of the *training* patches only (the first
-1 - holdout share, the split :func:`fastar.data.load_dataset` uses), so held-out codes are coded
-with a codebook that never saw them. The centroids are kept under ``$FASTAR_CACHE`` (default
+iterations, float64, a fixed seed) on the tiles of the *training* patches only (the split
+:func:`fastar.data.load_dataset` uses: the last ``holdout`` share of each photo's tiles held out), at
+most :data:`FIT_VECTORS` of them (a fixed random subset), so held-out codes are coded with a
+codebook that never saw them. The centroids are kept under ``$FASTAR_CACHE`` (default
 ``~/.cache/fastar``), keyed by the patches' bytes and the arguments.
 
 ``coarse_codes(centroids=64, block=8, ...)``: the same with larger tiles, a 4x4 grid a patch: a
@@ -62,6 +63,9 @@ def kmeans(v: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Ten
     return centres
 
 
+FIT_VECTORS = 32768    # k-means is fitted on at most this many training tiles (a fixed random subset)
+
+
 def _cache_dir():
     return os.environ.get("FASTAR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastar")
 
@@ -70,17 +74,24 @@ def _cache_dir():
 def _codes(centroids: int, block: int, holdout: float, seed: int):
     from fastar.data.patches import load_patches
 
-    x = load_patches(256)
-    n_test = max(1, int(round(len(x) * holdout)))
+    x, photo = load_patches(256, with_source=True)
+    # The training split of the patches data set (the last tiles of every photo held out).
+    from fastar.data.sets import _split
+
+    train_idx = _split(torch.arange(len(x)), photo, holdout)[0]
     # The codebook depends on the patches and the arguments only: kept on disk, keyed by both.
-    key = hashlib.sha256(x.numpy().tobytes() + repr((centroids, block, n_test, seed, 2)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(x.numpy().tobytes() + repr((centroids, block, train_idx.tolist(), seed, FIT_VECTORS, 3)).encode()
+                         ).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"patch_codes-{key}.pt")
     t = tiles(x, block)                                                           # (N, h, w, D)
     n, h, w, d = t.shape
     try:
         centres = torch.load(path, weights_only=True)
     except Exception:
-        centres = kmeans(t[: n - n_test].reshape(-1, d), centroids, seed=seed)
+        v = t[train_idx].reshape(-1, d)
+        if len(v) > FIT_VECTORS:          # the fit on a fixed random subset: seconds, not minutes, for 180k tiles
+            v = v[torch.randperm(len(v), generator=torch.Generator().manual_seed(seed))[:FIT_VECTORS]]
+        centres = kmeans(v, centroids, seed=seed)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.save(centres, path + f".{os.getpid()}.tmp")

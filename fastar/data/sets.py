@@ -117,8 +117,12 @@ def _patch_codes(levels, holdout, **_):
         raise ValueError(f"--levels for patch_codes is the number of k-means centroids, an int in [2, 4096], "
                          f"got {levels!r}")
     levels = 512 if levels is None else levels
+    from fastar.data.patches import load_patches
+
     x, _ = patch_codes(levels, holdout=holdout)
-    return Dataset("patch_codes", "image", levels, tuple(x.shape[1:]), *_split(x, None, holdout))
+    _, photo = load_patches(2, with_source=True)
+    train, test, _, _ = _split(x, photo, holdout)             # held out per photo, as patches
+    return Dataset("patch_codes", "image", levels, tuple(x.shape[1:]), train, test)
 
 
 def _speech(levels, holdout, segment=4096, sample_rate=16000, **_):
