@@ -46,6 +46,9 @@ from fastar.nn.masked_conv import MaskedConv2d
 
 __all__ = ["PixelRNN"]
 
+MAX_LAYERS = 1024            # the paper's deepest network has 12
+MAX_WEIGHTS = 10 ** 9        # 4 GB of float32 weights
+
 
 class _ResidualLSTM(nn.Module):
     """One residual LSTM layer: x (N, 2h, H, W) -> x + out_1x1(lstm(x))."""
@@ -87,6 +90,15 @@ class PixelRNN(DiscreteImageModel):
         for k, v in (("kernel_size", kernel_size), ("first_kernel_size", first_kernel_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v % 2 == 0:
                 raise ValueError(f"PixelRNN: {k} must be an odd positive int, got {v!r}")
+        # Bounded before anything is built (the CLI's registry bounds it too, but the API is a door as well):
+        # the weights, counted from the config, and the number of layers.
+        k = kernel_size if kind == "row" else 2
+        per_layer = (2 * hidden) * (4 * hidden) * (k if kind == "row" else 2) + 4 * hidden * hidden * k * (
+            1 if kind == "row" else 2) + 2 * hidden * hidden
+        if layers > MAX_LAYERS or layers * per_layer > MAX_WEIGHTS:
+            raise ValueError(f"PixelRNN: layers={layers}, hidden={hidden} is too large to build (at most "
+                             f"{MAX_LAYERS} layers and {MAX_WEIGHTS:,} weights; this config has about "
+                             f"{layers * per_layer:,})")
         self.kind, self.in_channels, self.levels, self.hidden = kind, in_channels, levels, hidden
         self.color_groups, self.num_classes, self.residual = cg, num_classes, residual
         c2 = 2 * hidden

@@ -173,6 +173,9 @@ def _diagonal_def(is_map, w_ss, bias, h0, c0):
     acc = _acc(out_dtype)
     b, g4, H, W = is_map.shape
     hid = g4 // 4
+    if is_map.numel() == 0:                                            # an empty map: empty states, as the kernels
+        e = is_map.new_zeros(b, hid, H, W) + sum(t.sum() for t in (is_map, w_ss, bias, h0, c0) if t is not None) * 0
+        return e, e.clone()
     x = _skew_def(is_map.to(acc))                                      # (B, 4h, H, W + H - 1)
     w = torch.cat([w_ss[:, :, 0], w_ss[:, :, 1]], 1).to(acc)          # (4h, 2h): [above | left]
     if bias is not None:
@@ -228,11 +231,15 @@ def _row_def(is_map, w_ss, bias):
     if bias is not None:
         x = x + bias.to(acc).view(1, g4, 1, 1)
     w = w_ss.to(acc)
-    hp = is_map.new_zeros(b, hid, W, dtype=acc)
+    if is_map.numel() == 0:                                            # an empty map: empty states, as the kernels
+        e = is_map.new_zeros(b, hid, H, W) + sum(t.sum() for t in (is_map, w_ss, bias) if t is not None) * 0
+        return e, e.clone()
     cp = is_map.new_zeros(b, hid, W, dtype=acc)
     hs, cs = [], []
     for i in range(H):
-        z = x[:, :, i] + torch.nn.functional.conv1d(hp, w, padding=k // 2)
+        # Row 0 has no row above: no state term at all (not w_ss @ 0, which an inf or NaN in w_ss would
+        # turn into NaN), as in the kernels.
+        z = x[:, :, i] if i == 0 else x[:, :, i] + torch.nn.functional.conv1d(hp, w, padding=k // 2)
         hp, cp = _cell(z, cp, hid)
         hs.append(hp)
         cs.append(cp)
@@ -307,6 +314,9 @@ def _register_scan(name, n_state, ref_fn):
     def _setup(ctx, inputs, output):
         is_map, w_ss, bias, *states = inputs
         h, c, gates = output
+        # The saved activations are the backward's working memory, not a result: no gradient flows
+        # through them (a loss on them would otherwise get a silent zero), so they do not require grad.
+        ctx.mark_non_differentiable(gates)
         ctx.has_bias = bias is not None
         ctx.has_state = [s is not None for s in states]
         ctx.save_for_backward(is_map, w_ss, bias, h, c, gates, *states)
