@@ -376,6 +376,31 @@ def _model_case(family, config_filter=None):
     return case
 
 
+def _case_pixelrnn_step(device, dtype, special, g):
+    """Both layer kinds of a tiny PixelRNN (RGB, 4 levels), drawn with the kernel and the twin."""
+    from fastar import sampling
+    from fastar.models import PixelRNN
+
+    models = []
+    for kind in ("diagonal", "row"):
+        torch.manual_seed(0)
+        m = PixelRNN(kind, in_channels=3, levels=4, layers=2, hidden=6).to(device, dtype).eval()
+        if special:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.mul_(8.0)
+        models.append(m)
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=g))
+
+    def fn(*models):
+        out = []
+        for m in models:
+            out += list(sampling.sample(m, 2, (3, 4), None, torch.Generator().manual_seed(seed), progress=False,
+                                        return_params=True, cuda_graphs=False, fused=True))
+        return out
+    return fn, tuple(models)
+
+
 def _op_dtypes(module_attr):
     def get(device_type):
         mod, attr = module_attr
@@ -404,6 +429,7 @@ OP_CASES = {
         ("fastar.ops.wavenet", "STEP_KERNEL_DTYPES"))(d) if t in (torch.float32, torch.float64)), ()),
     "gated_pixelcnn_step": (_model_case("gated_pixelcnn"),
                             _op_dtypes(("fastar.ops.gated_pixelcnn", "KERNEL_DTYPES")), ()),
+    "pixelrnn_step": (_case_pixelrnn_step, _op_dtypes(("fastar.ops.pixelrnn", "KERNEL_DTYPES")), ()),
 }
 
 

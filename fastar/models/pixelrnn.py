@@ -95,10 +95,11 @@ class PixelRNN(DiscreteImageModel):
         k = kernel_size if kind == "row" else 2
         per_layer = (2 * hidden) * (4 * hidden) * (k if kind == "row" else 2) + 4 * hidden * hidden * k * (
             1 if kind == "row" else 2) + 2 * hidden * hidden
-        if layers > MAX_LAYERS or layers * per_layer > MAX_WEIGHTS:
-            raise ValueError(f"PixelRNN: layers={layers}, hidden={hidden} is too large to build (at most "
-                             f"{MAX_LAYERS} layers and {MAX_WEIGHTS:,} weights; this config has about "
-                             f"{layers * per_layer:,})")
+        if layers * per_layer > MAX_WEIGHTS:
+            raise ValueError(f"PixelRNN: layers={layers}, hidden={hidden} is too large to build: more than "
+                             f"{MAX_WEIGHTS:,} parameters (about {layers * per_layer:,})")
+        if layers > MAX_LAYERS:
+            raise ValueError(f"PixelRNN: layers={layers} is too large to build: more than {MAX_LAYERS} layers")
         self.kind, self.in_channels, self.levels, self.hidden = kind, in_channels, levels, hidden
         self.color_groups, self.num_classes, self.residual = cg, num_classes, residual
         c2 = 2 * hidden
@@ -135,9 +136,7 @@ class PixelRNN(DiscreteImageModel):
         """The cached sampler's state for one run (:mod:`fastar.models.pixelrnn_cache`)."""
         from fastar.models.pixelrnn_cache import PixelRNNCache
 
-        if fused:
-            raise ValueError("fused=True: PixelRNN has no fused step; its cached step is per-op")
-        return PixelRNNCache(self, run)
+        return PixelRNNCache(self, run, fused)
 
 
 def _config(kind, layers, hidden):

@@ -8,6 +8,7 @@ from fastar.ops.wavenet import (WaveNetWeights, causal_conv1d_update, causal_con
                                 wavenet_step_packed, wavenet_step_ref)
 from fastar.ops.lstm_scan import (diagonal_lstm_scan, diagonal_lstm_scan_ref, row_lstm_scan, row_lstm_scan_ref, skew,
                                   skew_ref, unskew, unskew_ref)
+from fastar.ops.pixelrnn import bind_pixelrnn_step, pixelrnn_step, pixelrnn_step_ref
 from fastar.ops.gated_pixelcnn import (GatedPixelStepPack, gated_pixelcnn_step, gated_pixelcnn_step_packed,
                                        gated_pixelcnn_step_ref)
 
@@ -19,4 +20,4 @@ __all__ = ["masked_conv2d", "masked_conv2d_ref", "masked_conv2d_at", "masked_con
            "gated_pixelcnn_step", "gated_pixelcnn_step_ref", "WaveNetWeights", "wavenet_step_packed",
            "GatedPixelStepPack", "gated_pixelcnn_step_packed",
            "skew", "skew_ref", "unskew", "unskew_ref", "diagonal_lstm_scan", "diagonal_lstm_scan_ref",
-           "row_lstm_scan", "row_lstm_scan_ref"]
+           "row_lstm_scan", "row_lstm_scan_ref", "pixelrnn_step", "pixelrnn_step_ref", "bind_pixelrnn_step"]

@@ -185,5 +185,3 @@ def test_bad_construction():
     mc = PixelRNN(hidden=4, layers=1, levels=2, num_classes=2)
     with pytest.raises(ValueError, match="class labels must lie in"):
         mc.nll(torch.zeros(1, 1, 2, 2, dtype=torch.int64), torch.tensor([2]))
-    with pytest.raises(ValueError, match="fused=True"):
-        m.sample(1, (2, 2), fused=True, progress=False)

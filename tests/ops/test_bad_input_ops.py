@@ -17,6 +17,7 @@ from tests.ops.test_wavenet_step import _call as _wn_call
 from tests.ops.test_wavenet_step import _clone as _wn_clone
 from tests.ops.test_pixel_step import _args as _gps_args
 from tests.ops.test_wavenet_step import _step_case
+from tests.ops.test_pixelrnn_step import BAD as _RNN_BAD
 
 ERR = (ValueError, TypeError, RuntimeError)
 NAN, INF = float("nan"), float("inf")
@@ -207,7 +208,7 @@ ROWS = [
     Row("diagonal_lstm_scan", "dtype mix", _scan(b=torch.zeros(8, dtype=torch.float64)), "bias dtype"),
     Row("row_lstm_scan", "even width", _scan(k=4), "must be odd"),
     Row("row_lstm_scan", "is_map 3-D", _scan(x=torch.zeros(8, 3, 4), k=3), "is_map must be 4-D"),
-]
+] + [Row("pixelrnn_step", what, call, "pixelrnn_step") for what, call in _RNN_BAD]
 
 
 @pytest.mark.parametrize("twin", ["", "_ref"], ids=["public", "ref"])
