@@ -11,7 +11,9 @@ for the backward; compiled = torch.compile of that; kernel = the compiled scan o
 Sampling: a 4-layer PixelRNN (hidden 32, binary 28x28), both kinds, and the shipped pixelrnn_mnist,
 batch 1 and 16: naive (one full forward pass per pixel, on the faster of the two backends) vs the
 cached sampler, fused (one ``pixelrnn_step`` call per sub-pixel, the default) and per-op (a few torch
-ops per layer, the fallback) side by side; at batch 16 the fused sampler with one and two threads.
+ops per layer, the fallback) side by side; at batch 16 the fused sampler with every step pinned to one
+thread and to two (``fastar.threads.pinned``; the default policy runs the row-start scans on one thread
+and times one against all for the fused sub-pixel step).
 Profile rows: where a sub-pixel's time goes, and the fused op beside its floor. A naive
 run longer than ``NAIVE_BUDGET_S`` is extrapolated (784 x the median of 3 full passes) and says so.
 """
@@ -125,20 +127,21 @@ def _layer_rows(dev, quick):
 
 
 def _sample_s(model, n, method, seed=0, backend="auto", fused=None, threads=None):
+    """(seconds, images) of one sample call; threads: every step pinned to that many CPU threads
+    (fastar.threads.pinned), else the default policy."""
+    import contextlib
+
+    from fastar.threads import pinned
+
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
-    prev = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with pinned(threads) if threads else contextlib.nullcontext():
         sync(dev)
         t0 = time.perf_counter()
         with _backend.backend(backend):
             kw = {} if method == "naive" else dict(fused=fused)
             out = model.sample(n, (28, 28), generator=g, method=method, progress=False, **kw)
         sync(dev)
-    finally:
-        torch.set_num_threads(prev)
     return time.perf_counter() - t0, out
 
 
@@ -227,7 +230,7 @@ def _profile_rows(dev, quick):
     the fused op alone (called repeatedly on one state), the row-start work (per sub-pixel, amortised),
     the rest (the engine's loop); and the op's floor: its flops at the GEMM rate measured here."""
     from fastar import sampling
-    from fastar.bench.floors import machine_rates
+    from fastar.bench.floors import _threads, machine_rates
     from fastar.models.pixelrnn_cache import PixelRNNCache
 
     if dev.type != "cpu" or "pixelrnn_step" not in _backend.CPU_KERNELS:
@@ -244,8 +247,10 @@ def _profile_rows(dev, quick):
             def op_call():
                 run.counter[0] = 300
                 fn()
-            op_us = time_fn(op_call, dev, warmup=20, repeat=200)["median_ms"] * 1e3
-            row_us = time_fn(lambda: cache._row(5), dev, warmup=3, repeat=20)["median_ms"] * 1e3
+            # as the engine runs them: the row-start scans on one thread, the op adaptive (one here)
+            with _threads(1):
+                op_us = time_fn(op_call, dev, warmup=20, repeat=200)["median_ms"] * 1e3
+                row_us = time_fn(lambda: cache._row(5), dev, warmup=3, repeat=20)["median_ms"] * 1e3
             total = statistics.median(_sample_s(model, n, "cached", fused=True)[0] for _ in range(3 if not quick else 1))
             per_sub = total / T * 1e6
             h, L = model.hidden, len(model.layers)

@@ -29,7 +29,8 @@ context by gradients.
 Likelihood and sampling are those of every fastar image model (:class:`fastar.models.PixelCNN`):
 ``nll`` (N,) nats, ``bits_per_dim``, ``sample(n, shape, cond, generator, temperature, method=
 "cached"|"naive", prefix, mask)``. The cached sampler (:mod:`fastar.models.pixelrnn_cache`)
-computes one LSTM cell per layer per sub-pixel, and for the Diagonal BiLSTM one right-to-left
+computes one LSTM cell per layer per sub-pixel (all of them, the head and the draw in one fused
+``pixelrnn_step`` call where the kernel is built), and for the Diagonal BiLSTM one right-to-left
 scan per layer per completed row: a whole image costs about one training forward pass, against
 C x H x W passes for the naive sampler, and both return the same images from one seed.
 """
