@@ -187,9 +187,10 @@ def _models(dev, quick):
     return out
 
 
-def _sampling_rows(dev, quick):
+def _sampling_rows(dev, quick, naive_full=None):
     """Naive vs cached, the fused cache (the default) and the per-op cache (the fallback) side by side
-    in one run, medians of 3; at batch 16 the fused cache with one thread and with two as well."""
+    in one run, medians of 3; at batch 16 the fused cache with one thread and with two as well.
+    naive_full=False: the naive time is always extrapolated from single passes (default: not quick)."""
     rows = []
     fused_ok = "pixelrnn_step" in (_backend.CUDA_KERNELS if dev.type == "cuda" else _backend.CPU_KERNELS)
     for mname, model in _models(dev, quick):
@@ -208,8 +209,9 @@ def _sampling_rows(dev, quick):
                         two.append(_sample_s(model, n, "cached", fused=True, threads=2)[0])
             ps = statistics.median(per_op)
             cs = statistics.median(fused) if fused else ps
-            if quick:
-                ns, how, best, out_n = 784 * _naive_pass(model, n, dev), "extrapolated", "auto", None
+            if quick or naive_full is False:
+                ns, how, best, out_n = (784 * statistics.median(_naive_pass(model, n, dev) for _ in range(3)),
+                                        "extrapolated", "auto", None)
             else:
                 ns, how, best, out_n = _naive(model, n, dev)
             same = None if out_n is None else bool(torch.equal(out_c if fused else out_p, out_n))
