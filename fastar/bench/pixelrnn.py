@@ -140,24 +140,32 @@ def _sample_s(model, n, method, seed=0, backend="auto", fused=None, threads=None
         t0 = time.perf_counter()
         with _backend.backend(backend):
             kw = {} if method == "naive" else dict(fused=fused)
-            out = model.sample(n, (28, 28), generator=g, method=method, progress=False, **kw)
+            out = model.sample(n, (28, 28), cond=_cond(model, n, dev), generator=g, method=method, progress=False,
+                               **kw)
         sync(dev)
     return time.perf_counter() - t0, out
+
+
+def _cond(model, n, dev):
+    """Class labels 0, 1, 2, ... for a class-conditional model (the shipped pixelrnn_mnist), else None."""
+    k = getattr(model, "num_classes", None)
+    return torch.arange(n, device=dev) % k if k else None
 
 
 def _naive(model, n, dev):
     """Naive sampling time on the faster backend; a full run when it fits the budget."""
     x = torch.zeros(n, 1, 28, 28, dtype=torch.int64, device=dev)
+    c = _cond(model, n, dev)
     per = {}
     with torch.no_grad():
         for b in ("reference", "auto"):
             with _backend.backend(b):
-                model(x)
+                model(x, c)
                 ts = []
                 for _ in range(3):
                     sync(dev)
                     t0 = time.perf_counter()
-                    model(x)
+                    model(x, c)
                     sync(dev)
                     ts.append(time.perf_counter() - t0)
             per[b] = statistics.median(ts)
@@ -241,7 +249,7 @@ def _profile_rows(dev, quick):
     rows = []
     for mname, model in _models(dev, True):
         for n in ((16,) if quick else (1, 16)):
-            run = sampling.prepare(model, n, (28, 28), None, torch.Generator().manual_seed(0))
+            run = sampling.prepare(model, n, (28, 28), _cond(model, n, dev), torch.Generator().manual_seed(0))
             cache = PixelRNNCache(model, run, fused=True)
             fn = cache._fused_fn
             T = run.seq.steps
@@ -272,11 +280,12 @@ def _profile_rows(dev, quick):
 
 def _naive_pass(model, n, dev):
     x = torch.zeros(n, 1, 28, 28, dtype=torch.int64, device=dev)
+    c = _cond(model, n, dev)
     with torch.no_grad():
-        model(x)
+        model(x, c)
         sync(dev)
         t0 = time.perf_counter()
-        model(x)
+        model(x, c)
         sync(dev)
     return time.perf_counter() - t0
 
