@@ -83,6 +83,14 @@ TORCH_LIBRARY(fastar, m) {
       "Tensor(e!) logits, Tensor noise, Tensor links, Tensor? prefix, Tensor? given, Tensor?[] pack, int[] config, "
       "float temperature) -> ()");
 
+  // ---- PixelRNN sub-pixel step (cached sampling; fastar/ops/pixelrnn.py, layouts in csrc/pixelrnn_step.h) ----
+  // The first layer at the position, every layer's LSTM cell and residual, the head, the draw of
+  // sub-pixel t = step[0], the writes into codes, image, logits and the layer states, step[0] += 1.
+  m.def(
+      "pixelrnn_step(Tensor(a!) image, Tensor(b!) codes, Tensor(c!) step, Tensor(d!) logits, Tensor(e!) hs, "
+      "Tensor(f!) cs, Tensor(g!) xrow, Tensor aux, Tensor noise, Tensor? prefix, Tensor? given, Tensor?[] pack, "
+      "int[] config, float temperature) -> ()");
+
   // ---- PixelRNN scans (fastar/ops/lstm_scan.py; layouts in csrc/lstm_scan.h) ----
   // (B, C, H, W) <-> (B, C, H, W + H - 1): row i shifted right by i / read back from column i.
   m.def("skew(Tensor x) -> Tensor");
@@ -101,7 +109,9 @@ TORCH_LIBRARY(fastar, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Row LSTM: w_ss (4h, h, k), k odd, a width-k conv over the previous row's states; the cell
   // comes from above. Outputs as diagonal_lstm_scan.
-  m.def("row_lstm_scan(Tensor is_map, Tensor w_ss, Tensor? bias) -> (Tensor, Tensor, Tensor)");
+  // save=False: no gradient will be asked for (inference, sampling): the CPU kernel then writes no
+  // saved activations (saved is empty); the CUDA kernel writes them either way.
+  m.def("row_lstm_scan(Tensor is_map, Tensor w_ss, Tensor? bias, bool save=True) -> (Tensor, Tensor, Tensor)");
   m.def(
       "row_lstm_scan_backward(Tensor grad_h, Tensor grad_c, Tensor is_map, Tensor w_ss, Tensor h, "
       "Tensor c, Tensor saved, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

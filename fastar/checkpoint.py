@@ -300,6 +300,9 @@ def load_checkpoint(path, expect_model: str | None = None, map_location="cpu") -
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        # a FIFO would block the read forever, a device could be endless: only regular files are read
+        raise ValueError(f"{path} is not a regular file (a pipe, socket or device), so it is no checkpoint")
     clean_stale_temporaries(path)
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles on stderr; the error below says it
@@ -330,7 +333,39 @@ def load_checkpoint(path, expect_model: str | None = None, map_location="cpu") -
         registry.validate_config(model, ckpt["config"])
     except ValueError as e:
         raise ValueError(f"{path} holds a config its model cannot be built from: {e}") from None
+    for name, t in ckpt["state_dict"].items():
+        # Weights a diverged run (or a crafted file with its checksum recomputed) left non-finite would
+        # sample garbage: refused here. Buffers may hold infinities (masks of -inf), never NaN.
+        if t.is_floating_point() and (bool(torch.isnan(t).any()) or (
+                name.rsplit(".", 1)[-1] in ("weight", "bias") and not bool(torch.isfinite(t).all()))):
+            raise ValueError(f"{path} holds non-finite weights ({name} has NaN or inf): the run that wrote it "
+                             "diverged or the file was altered; use an earlier checkpoint")
     return ckpt
+
+
+def check_data_fits(path, model, data: dict) -> None:
+    """ValueError when a checkpoint's data entry contradicts the model built from its config (levels,
+    image channels, a fixed image size, the number of classes): one of the two was altered."""
+    if not data:
+        return
+    clash = []
+    lv = getattr(model, "levels", None)
+    if isinstance(lv, int) and isinstance(data.get("levels"), int) and data.get("kind", "image") == "image" \
+            and lv != data["levels"]:
+        clash.append(f"levels {lv} vs data levels {data['levels']}")
+    shape = data.get("shape")
+    ch = getattr(model, "in_channels", None)
+    if data.get("kind", "image") == "image" and shape and isinstance(ch, int) and ch != shape[0]:
+        clash.append(f"in_channels {ch} vs data shape {list(shape)}")
+    fixed = getattr(model, "fixed_shape", None)
+    if fixed and shape and tuple(shape[-len(fixed):]) != tuple(fixed):
+        clash.append(f"image size {tuple(fixed)} vs data shape {list(shape)}")
+    nc, dnc = getattr(model, "num_classes", None), data.get("num_classes")
+    if isinstance(nc, int) and isinstance(dnc, int) and nc != dnc:
+        clash.append(f"num_classes {nc} vs data num_classes {dnc}")
+    if clash:
+        raise ValueError(f"{path}: its data entry contradicts its model config ({'; '.join(clash)}); the file was "
+                         "altered, use another checkpoint")
 
 
 def export_checkpoint(src, dst: str, keep_optimizer: bool = False) -> str:
@@ -357,4 +392,6 @@ def load_model(path_or_ckpt, device="cpu", expect_model: str | None = None):
     except RuntimeError as e:
         raise ValueError(f"checkpoint weights do not fit a {ckpt['model']} built from its config: "
                          f"{str(e).splitlines()[0]}") from None
+    check_data_fits(path_or_ckpt if not isinstance(path_or_ckpt, dict) else "the checkpoint", model,
+                    ckpt.get("data") or {})
     return model.to(device).eval(), ckpt

@@ -17,7 +17,8 @@ steps done, the RNG state and the per-step loss history, and the batch order is 
 losses, bit for bit, as one uninterrupted run. A crash mid-epoch resumes from the last
 complete epoch.
 
-Divergence: a NaN or inf loss stops training with :class:`TrainingDiverged`, naming the step;
+Divergence: a NaN or inf loss, or one over ``DIVERGED`` (1000) times the first step's, stops training
+with :class:`TrainingDiverged`, naming the step;
 nothing is written after it, so ``OUT/last.pt`` stays the last good checkpoint.
 
 Distributed: under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1 in the environment) the
@@ -45,8 +46,14 @@ __all__ = ["train", "run", "TrainConfig", "TrainingDiverged", "evaluate", "check
 LN2 = math.log(2.0)
 
 
+# A loss this many times the first step's (a model at initialisation is about uniform, so no sane run
+# climbs that far above it; a learning rate of 1e10 reaches 1e32 nats) is divergence too.
+DIVERGED = 1000.0
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the message names the step and the checkpoint kept."""
+    """The loss became NaN or inf, or over DIVERGED times the first step's; the message names the step
+    and the checkpoint kept."""
 
 
 @dataclasses.dataclass
@@ -226,7 +233,19 @@ def _model_config(cfg: TrainConfig, ds, ck: dict | None) -> tuple[dict, bool]:
             hint = (f"use {' or '.join(able)}" if able else "choose a data set with class labels")
             raise ValueError(f"--conditional: {cfg.model} cannot be class-conditional on {cfg.data}; {hint}")
         model_cfg.update(over)
-    model_cfg.update(cfg.config or {})
+    given = cfg.config or {}
+    if not cfg.conditional:
+        # a conditioning argument without --conditional builds a model that is never fed its labels
+        keys = set((registry.conditional_config(cfg.model, ds) or {})) | {"num_classes"}
+        named = [k for k in keys if given.get(k) is not None]
+        if named:
+            raise ValueError(f"--model-arg {named[0]}={given[named[0]]}: a class-conditional model is trained "
+                             f"with --conditional (which feeds it the labels of {cfg.data}); add --conditional")
+    elif "num_classes" in given and isinstance(ds.info().get("num_classes"), int) and \
+            given["num_classes"] != ds.info()["num_classes"]:
+        raise ValueError(f"--model-arg num_classes={given['num_classes']}: {cfg.data} has "
+                         f"{ds.info()['num_classes']} classes (--conditional sets num_classes from the data)")
+    model_cfg.update(given)
     return model_cfg, cfg.conditional
 
 
@@ -320,10 +339,12 @@ def _train_epoch(cfg: TrainConfig, epoch: int, obj, opt, loader, conditional: bo
         if cfg.nan_at_step and prog.step == cfg.nan_at_step:
             loss = loss * float("nan")
         lv, bv = _all_reduce_mean(torch.stack([loss.detach().float(), bpd.detach().float()]), world).tolist()
-        if not math.isfinite(lv):
+        first = prog.history[0] if prog.history else lv
+        if not math.isfinite(lv) or abs(lv) > DIVERGED * max(abs(first), 1.0):
             kept = cfg.path if os.path.exists(cfg.path) else "none written yet"
-            msg = (f"loss is {lv} at step {prog.step} (epoch {epoch + 1}); training stopped, the last good "
-                   f"checkpoint is kept ({kept}); try a lower --lr")
+            why = "" if not math.isfinite(lv) else f" nats, over {DIVERGED:g}x the first step's {first:.4g}: diverged"
+            msg = (f"loss is {lv:.4g}{why} at step {prog.step} (epoch {epoch + 1}); training stopped, the last "
+                   f"good checkpoint is kept ({kept}); try a lower --lr (now {cfg.lr:g})")
             log(msg, to_screen=False)
             raise TrainingDiverged(msg)
         opt.zero_grad(set_to_none=True)

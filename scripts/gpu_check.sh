@@ -7,20 +7,22 @@
 # Stages, in order, each under its own time limit (a failing or hanging stage never stops the rest):
 #   probe      the GPU, torch, nvcc, compute-sanitizer (no GPU: every later stage is skipped, exit 0)
 #   build      fastar._C in place for this GPU's arch with all cores (setup.py build_ext --inplace)
+#   check      `fastar check --device all`, the user's self-check (every kernel vs its reference, a
+#              tiny model of every family cached vs naive, a captured decode step): its table in check.md
 #   tests      every CUDA test: one pytest process per test file, in parallel, so a crashed or
 #              poisoned CUDA context costs one file, not the run; failures recorded, never -x
 #   sanitizer  scripts/gpu_sanitizer_cases.py under compute-sanitizer memcheck, racecheck, synccheck
 #   bench      python -m fastar bench FAMILY --device cuda --quick, one process per family
 #   summary    always (EXIT trap): scripts/gpu_check_summary.py writes summary.md and the merged files
 #
-# Files written to the results folder (at most 8): summary.md, gpu_check.log, junit.xml,
+# Files written to the results folder (at most 8): summary.md, gpu_check.log, check.md, junit.xml,
 # sanitizer.log, bench.json, bench.md.
 #
 # Environment (all optional):
 #   PYTHON                         interpreter with torch (default python3)
 #   OUT                            results folder (default ./gpu-results)
 #   FASTAR_GPU_CHECK_BUDGET        total seconds for all stages (default 470)
-#   FASTAR_GPU_CHECK_LIMIT_<STAGE> a stage's own limit in seconds (BUILD 270, TESTS 180, SANITIZER 120,
+#   FASTAR_GPU_CHECK_LIMIT_<STAGE> a stage's own limit in seconds (BUILD 270, CHECK 60, TESTS 180, SANITIZER 120,
 #                                  BENCH 150); each is also cut to what the budget leaves after the
 #                                  minimum the later stages need
 #   FASTAR_GPU_CHECK_SKIP_BUILD=1  reuse the extension already built in place
@@ -202,13 +204,26 @@ assert b.CUDA_KERNELS, 'fastar._C loaded but has no CUDA kernels'
 export -f build
 
 # ---------------------------------------------------------------------------------------------
+# check: what a user with this GPU runs first. Its record of failed CUDA ops goes to the work folder,
+# not the home directory, so the tests after it still run (and report) every kernel.
+selfcheck() {
+  FASTAR_CACHE_DIR="$WORK/cache" "$PY" -m fastar check --device all > "$WORK/check.out" 2>&1
+  local rc=$?
+  cat "$WORK/check.out"
+  { echo "# fastar check (exit $rc)"; echo; echo '```'; cat "$WORK/check.out"; echo '```'; } > "$OUT/check.md"
+  return $rc
+}
+export -f selfcheck
+
+# ---------------------------------------------------------------------------------------------
 # tests: the CUDA cases of the device-fixture tests (their ids hold "cuda"; "not cpu" drops the
 # cpu twins of tests whose own names mention cuda), which takes in the CUDA-graph tests, both
 # wavenet_step CUDA paths and the half/bfloat16 cases, plus the build check of test_backend.
 # FASTAR_REQUIRE_KERNELS=1: a missing CUDA kernel fails instead of skipping.
 TEST_EXPR=${FASTAR_GPU_CHECK_TEST_EXPR:-"(cuda and not cpu) or test_info_reports_compiled_kernels"}
 TEST_FILES=${FASTAR_GPU_CHECK_TEST_FILES:-"tests/ops/test_masked_conv.py tests/ops/test_masked_conv_at.py
-  tests/ops/test_mixture.py tests/ops/test_pixel_step.py tests/ops/test_wavenet_step.py tests/ops/test_lstm_scan.py
+  tests/ops/test_mixture.py tests/ops/test_pixel_step.py tests/ops/test_pixelrnn_step.py tests/ops/test_wavenet_step.py
+  tests/ops/test_lstm_scan.py
   tests/ops/test_lstm_scan_cuda.py tests/sampling/test_sampling.py tests/models/test_contract.py
   tests/models/test_wavenet.py tests/package/test_backend.py"}
 export TEST_EXPR TEST_FILES
@@ -324,8 +339,9 @@ if [ "$GPU" != True ]; then
   fi
 fi
 export ARCH=$(probe_get arch) NVCC=$(probe_get nvcc) CS=$(probe_get compute_sanitizer)
-# The later minima: tests 60 + sanitizer 45 + bench 40 after the build, and so on.
-stage build 270 145 build
+# The later minima: check 20 + tests 60 + sanitizer 45 + bench 40 after the build, and so on.
+stage build 270 165 build
+stage check 60 145 selfcheck
 stage tests 180 85 tests
 stage sanitizer 120 40 sanitizer
 stage bench 150 0 bench

@@ -286,6 +286,28 @@ def _pixel_step():
         raise AssertionError("CUDA-graph replay differs from eager steps")
 
 
+@case("pixelrnn_step", ("pixelrnn_step",))
+def _pixelrnn_step():
+    import torch
+    import fastar
+    from fastar import sampling
+    from fastar.models import PixelRNN
+    for kind in ("diagonal", "row"):
+        torch.manual_seed(0)
+        model = PixelRNN(kind, in_channels=3, levels=5, layers=2, hidden=12).to(DEV, torch.float64).eval()
+
+        def draw():
+            plan = sampling.prepare(model, 2, (3, 4), None, torch.Generator().manual_seed(1))
+            return sampling.cached_sample(model, plan, fused=True)
+
+        with _kernel():
+            got = draw()
+        with fastar.backend("reference"):
+            ref = draw()
+        if not torch.equal(got, ref):
+            raise AssertionError(f"{kind}: kernel and reference images differ at {(got != ref).sum().item()} values")
+
+
 def _scan_dtypes():
     import torch
     # bfloat16 only has a CUDA kernel (the CPU kernels are float32 / float64)

@@ -148,8 +148,35 @@ def _case_sample_dml(dtype):
             assert _same_bits(a, b), tuple(p.shape)
 
 
+def _pixelrnn_fused_walk(dtype, n_threads, kind, n=13):
+    """A whole image through the fused PixelRNN step: the op at n_threads, the row-start scans at one."""
+    from fastar.models.pixelrnn_cache import PixelRNNCache
+
+    torch.manual_seed(0)
+    model = PixelRNN(kind, in_channels=3, levels=5, layers=2, hidden=12, num_classes=3).to(dtype).eval()
+    run = sampling.prepare(model, n, (3, 4), torch.arange(n) % 3, torch.Generator().manual_seed(2))
+    cache = PixelRNNCache(model, run, fused=True)
+    assert cache._fused_fn.op is torch.ops.fastar.pixelrnn_step
+    recs = []
+    with torch.no_grad():
+        for t in range(run.seq.steps):
+            if cache.plan(t)[0] == "row":
+                _at(1, lambda: cache._row(t // (cache.C * cache.W)))
+            _at(n_threads, cache._fused_fn)
+            recs.append(cache.params.clone())
+    return run.values.clone(), torch.stack(recs), cache.x_img.clone(), cache.hs.clone(), cache.cs.clone()
+
+
+def _case_pixelrnn(dtype):
+    requires_kernel("pixelrnn_step", "cpu")
+    for kind in ("diagonal", "row"):
+        a, b = (_pixelrnn_fused_walk(dtype, t, kind) for t in (1, N))
+        assert _same_bits(a, b), kind
+
+
 NEUTRAL_CASES = {
     "fastar::gated_pixelcnn_step": _case_gated,
+    "fastar::pixelrnn_step": _case_pixelrnn,
     "fastar::wavenet_step": _case_wavenet,
     "fastar::causal_conv1d_update": _case_causal_conv1d_update,
     "fastar::categorical_sample": _case_categorical_sample,
@@ -296,7 +323,8 @@ def test_adaptive_sampling_gives_the_bits_of_pinned_one(monkeypatch, n_threads):
     # run once with its ops recorded, so nothing to switch; recorded, it is 300 calls of one step)
     assert switched["gated", None, False] > 0 and switched["wavenet", None, True] > 0
     assert all(v == 0 for (name, fused, _), v in switched.items() if fused is False)
-    assert all(v == 0 for (name, _, _), v in switched.items() if name.startswith("pixelrnn"))
+    # PixelRNN's fused sub-pixel step is switched too (its row-start scans never are)
+    assert all(v > 0 for (name, fused, _), v in switched.items() if name.startswith("pixelrnn") and fused is None)
 
 
 def test_a_pinned_run_keeps_its_count_for_every_step(monkeypatch):

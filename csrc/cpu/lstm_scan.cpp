@@ -708,7 +708,7 @@ void row_forward_impl(const ScanShape& s, const at::Tensor& is_map, const at::Te
   const int64_t sb = is_map.stride(0), sc = is_map.stride(1), si = is_map.stride(2), sj = is_map.stride(3);
   T* hp = h.data_ptr<T>();
   T* cp = c.data_ptr<T>();
-  T* svp = saved.data_ptr<T>();
+  T* svp = saved.numel() ? saved.data_ptr<T>() : nullptr;
   const auto wt = pack_taps(w_ss);  // (K, h, 4h)
   const T* wp = wt.data_ptr<T>();
   std::vector<T> zeros(G4, T(0));
@@ -730,21 +730,25 @@ void row_forward_impl(const ScanShape& s, const at::Tensor& is_map, const at::Te
                    hcur + (r0 + P * B) * hid, hid, hid);
       store_cols<T>(hcur + (r0 + P * B) * hid, hid, hid, i, j0, j1, B, H, W, hp, hid, 0);
       store_cols<T>(ccur + r0 * hid, hid, hid, i, j0, j1, B, H, W, cp, hid, 0);
-      store_cols<T>(zc, G4, G4, i, j0, j1, B, H, W, svp, G5, 0);
-      store_cols<T>(ccur + r0 * hid, hid, hid, i, j0, j1, B, H, W, svp, G5, G4);
+      if (svp) {
+        store_cols<T>(zc, G4, G4, i, j0, j1, B, H, W, svp, G5, 0);
+        store_cols<T>(ccur + r0 * hid, hid, hid, i, j0, j1, B, H, W, svp, G5, G4);
+      }
     });
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_lstm_scan_cpu(const at::Tensor& is_map, const at::Tensor& w_ss,
-                                                                 const c10::optional<at::Tensor>& bias) {
+                                                                 const c10::optional<at::Tensor>& bias, bool save) {
   const char* op = "row_lstm_scan";
   const auto s = check_lstm_scan(op, is_map, w_ss, bias, -1);
   check_cpu_dtype(op, is_map);
   auto opts = is_map.options().memory_format(at::MemoryFormat::Contiguous);
   auto h = at::empty({s.B, s.hid, s.H, s.W}, opts);
   auto c = at::empty({s.B, s.hid, s.H, s.W}, opts);
-  auto saved = at::empty({s.B, 5 * s.hid, s.H, s.W}, opts);
+  // save=False (no gradient wanted): the 5h activations per cell, 5/7 of what the forward writes,
+  // are not written at all.
+  auto saved = save ? at::empty({s.B, 5 * s.hid, s.H, s.W}, opts) : at::empty({0}, opts);
   if (h.numel() == 0) return {h, c, saved};
   const auto bc = scan_has(bias) ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(is_map.scalar_type(), "row_lstm_scan_cpu",
@@ -796,11 +800,16 @@ void row_backward_impl(const ScanShape& s, const at::Tensor& grad_h, const at::T
                    j1, hid, B, ghp + r0 * hid, hid);
       load_cols<T>(grad_c.data_ptr<T>(), grad_c.stride(0), grad_c.stride(1), grad_c.stride(2), grad_c.stride(3), i, j0,
                    j1, hid, B, gcp + r0 * hid, hid);
-      // dL/dh(i, j) += sum_t W_t^T dz(i + 1, j - t + P): strip rows (j - t + 2P) * B.
+      // dL/dh(i, j) += sum_t W_t^T dz(i + 1, j - t + P): strip rows (j - t + 2P) * B. Only the columns
+      // whose cell j - t + P lies in the image: the zero border times an inf or NaN weight would be
+      // NaN where no cell reads it (the reference's convolution gradient has no such term).
       if (i + 1 < H)
-        for (int64_t t = 0; t < K; ++t)
-          mm_rows<T>(m, hid, G4, dnext + (r0 + (2 * P - t) * B) * G4, G4, false, wp + t * hid * G4, G4, true, T(1),
-                     ghp + r0 * hid, hid);
+        for (int64_t t = 0; t < K; ++t) {
+          const int64_t ja = std::max(j0, t - P), jb = std::min(j1, W + t - P);
+          if (jb <= ja) continue;
+          mm_rows<T>((jb - ja) * B, hid, G4, dnext + (ja * B + (2 * P - t) * B) * G4, G4, false, wp + t * hid * G4, G4,
+                     true, T(1), ghp + ja * B * hid, hid);
+        }
       T* dzc = dcur + (r0 + P * B) * G4;
       rows_backward(m, sp + r0 * G5, G5, ghp + r0 * hid, hid, gcp + r0 * hid, hid, cy + r0 * hid, hid,
                     i > 0 ? clp + r0 * hid : zeros.data(), i > 0 ? hid : 0, dzc, G4, hid);

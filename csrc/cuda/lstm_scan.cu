@@ -730,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> diagonal_
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_lstm_scan_cuda(const at::Tensor& is_map, const at::Tensor& w_ss,
-                                                                  const c10::optional<at::Tensor>& bias) {
+                                                                  const c10::optional<at::Tensor>& bias, bool /*save*/) {
   const char* op = "row_lstm_scan";
   const auto s = check_lstm_scan(op, is_map, w_ss, bias, -1);
   return scan_forward(op, true, s, is_map, w_ss, bias, c10::nullopt, c10::nullopt);

@@ -24,4 +24,6 @@ def run(args) -> int:
         if isinstance(v, list):
             v = ", ".join(map(str, v)) if v else "-"
         print(f"{k:<{width}}  {v}")
+    print("\nTo prove this build on this machine (every kernel against its reference, every model family "
+          "cached vs naive, CUDA graphs on a GPU): fastar check")
     return 0

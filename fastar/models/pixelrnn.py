@@ -29,7 +29,8 @@ context by gradients.
 Likelihood and sampling are those of every fastar image model (:class:`fastar.models.PixelCNN`):
 ``nll`` (N,) nats, ``bits_per_dim``, ``sample(n, shape, cond, generator, temperature, method=
 "cached"|"naive", prefix, mask)``. The cached sampler (:mod:`fastar.models.pixelrnn_cache`)
-computes one LSTM cell per layer per sub-pixel, and for the Diagonal BiLSTM one right-to-left
+computes one LSTM cell per layer per sub-pixel (all of them, the head and the draw in one fused
+``pixelrnn_step`` call where the kernel is built), and for the Diagonal BiLSTM one right-to-left
 scan per layer per completed row: a whole image costs about one training forward pass, against
 C x H x W passes for the naive sampler, and both return the same images from one seed.
 """
@@ -45,6 +46,9 @@ from fastar.nn.lstm import DiagonalBiLSTM, RowLSTM
 from fastar.nn.masked_conv import MaskedConv2d
 
 __all__ = ["PixelRNN"]
+
+MAX_LAYERS = 1024            # the paper's deepest network has 12
+MAX_WEIGHTS = 10 ** 9        # 4 GB of float32 weights
 
 
 class _ResidualLSTM(nn.Module):
@@ -87,6 +91,16 @@ class PixelRNN(DiscreteImageModel):
         for k, v in (("kernel_size", kernel_size), ("first_kernel_size", first_kernel_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v % 2 == 0:
                 raise ValueError(f"PixelRNN: {k} must be an odd positive int, got {v!r}")
+        # Bounded before anything is built (the CLI's registry bounds it too, but the API is a door as well):
+        # the weights, counted from the config, and the number of layers.
+        k = kernel_size if kind == "row" else 2
+        per_layer = (2 * hidden) * (4 * hidden) * (k if kind == "row" else 2) + 4 * hidden * hidden * k * (
+            1 if kind == "row" else 2) + 2 * hidden * hidden
+        if layers * per_layer > MAX_WEIGHTS:
+            raise ValueError(f"PixelRNN: layers={layers}, hidden={hidden} is too large to build: more than "
+                             f"{MAX_WEIGHTS:,} parameters (about {layers * per_layer:,})")
+        if layers > MAX_LAYERS:
+            raise ValueError(f"PixelRNN: layers={layers} is too large to build: more than {MAX_LAYERS} layers")
         self.kind, self.in_channels, self.levels, self.hidden = kind, in_channels, levels, hidden
         self.color_groups, self.num_classes, self.residual = cg, num_classes, residual
         c2 = 2 * hidden
@@ -123,9 +137,7 @@ class PixelRNN(DiscreteImageModel):
         """The cached sampler's state for one run (:mod:`fastar.models.pixelrnn_cache`)."""
         from fastar.models.pixelrnn_cache import PixelRNNCache
 
-        if fused:
-            raise ValueError("fused=True: PixelRNN has no fused step; its cached step is per-op")
-        return PixelRNNCache(self, run)
+        return PixelRNNCache(self, run, fused)
 
 
 def _config(kind, layers, hidden):

@@ -21,7 +21,14 @@ later step reads only those final values. Recomputing the cell for each colour o
 (R, G, B) is what the full pass would give for that sub-pixel. A whole image costs about one
 forward pass of cell work (plus the per-step Python overhead), against C x H x W passes naive.
 
-The steps index with the host step index the engine passes them, so they are not
+Two ways to run a sub-pixel: the fused cache (``draws = True``, the default where the kernel is
+built) calls :func:`fastar.ops.pixelrnn_step` once per sub-pixel, which runs every layer's cell,
+the residuals, the head and the draw in one C++ call (one CUDA launch); the per-op cache (``fused=
+False``, and the fallback) runs the same arithmetic as a few torch ops per layer and lets the
+engine draw. The row-start work (the right-to-left scans, the Row LSTM's state term) is the same
+Python for both, reading and writing the same per-layer buffers.
+
+The row steps index with the host step index the engine passes them, so they are not
 captured in CUDA graphs.
 """
 from __future__ import annotations
@@ -29,11 +36,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastar import _backend
 from fastar.models.image import ConvAt, apply_head, head_weights, new_cache
+from fastar.ops import pixelrnn as _step_op
 from fastar.ops.lstm_scan import diagonal_lstm_scan
 from fastar.sampling.protocol import InferenceCache
 
-__all__ = ["PixelRNNCache"]
+__all__ = ["PixelRNNCache", "pack_pixelrnn_step"]
 
 
 def _cell(z, c_prev, hid):
@@ -49,7 +58,7 @@ def _is_eff(lstm):
 
 
 class _DiagonalLayer:
-    def __init__(self, layer, n, H, W, like):
+    def __init__(self, layer, n, H, W, like, bufs=None):
         bi = layer.lstm
         f, r = bi.forward_lstm, bi.backward_lstm
         hid = self.hid = bi.hidden
@@ -60,10 +69,11 @@ class _DiagonalLayer:
         self.r_ss = r.ss_weight.detach()
         self.out_wt, self.out_b = (layer.out.weight * layer.out.mask).flatten(1).t().contiguous(), layer.out.bias
         self.residual = layer.residual
-        self.hf = like.new_zeros(H, W, n, hid)
-        self.cf = like.new_zeros(H, W, n, hid)
-        self.hr = like.new_zeros(H, W, n, hid)          # right-to-left states, row by row
-        self.xrow = like.new_zeros(W, n, 2 * hid)        # this row's layer inputs
+        if bufs is None:
+            bufs = (like.new_zeros(H, W, n, hid), like.new_zeros(H, W, n, hid), like.new_zeros(H, W, n, hid),
+                    like.new_zeros(W, n, 2 * hid))
+        # left-to-right h and c; right-to-left states, row by row; this row's layer inputs
+        self.hf, self.cf, self.hr, self.xrow = bufs
         self.zero = like.new_zeros(n, hid)
         self.W = W
 
@@ -97,17 +107,17 @@ class _DiagonalLayer:
 
 
 class _RowLayer:
-    def __init__(self, layer, n, H, W, like):
+    def __init__(self, layer, n, H, W, like, bufs=None):
         lstm = layer.lstm
         hid = self.hid = lstm.hidden
-        self.xmap = new_cache(like.new_zeros(n, 1, H, W), 2 * hid)
-        self.conv = ConvAt(self.xmap, lstm.is_weight, lstm.is_bias, lstm.is_mask, lstm.padding)
+        if bufs is None:                                 # the per-op step: the input map and its convolution
+            self.xmap = new_cache(like.new_zeros(n, 1, H, W), 2 * hid)
+            self.conv = ConvAt(self.xmap, lstm.is_weight, lstm.is_bias, lstm.is_mask, lstm.padding)
+            bufs = (like.new_zeros(H, W, n, hid), like.new_zeros(H, W, n, hid), like.new_zeros(W, n, 4 * hid))
         self.ss = lstm.ss_weight.detach()
         self.out_wt, self.out_b = (layer.out.weight * layer.out.mask).flatten(1).t().contiguous(), layer.out.bias
         self.residual = layer.residual
-        self.h = like.new_zeros(H, W, n, hid)
-        self.c = like.new_zeros(H, W, n, hid)
-        self.ssrow = like.new_zeros(W, n, 4 * hid)       # the state-to-state term of the current row
+        self.h, self.c, self.ssrow = bufs[:3]            # ssrow: the state-to-state term of the current row
 
     def pixel(self, x, i, j, pos):
         z = self.conv(x.unsqueeze(-1), pos).squeeze(-1)                       # (n, 4h), a fresh tensor
@@ -130,20 +140,33 @@ class PixelRNNCache(InferenceCache):
 
     capturable = False
 
-    def __init__(self, model, run):
+    def __init__(self, model, run, fused=None):
         super().__init__(run)
         C, H, W = run.seq.shape
         n, dt = run.seq.n, run.dtype
         self.C, self.H, self.W, self.levels, self.n = C, H, W, model.levels, n
+        if fused is None:
+            fused = _backend.use_kernel("pixelrnn_step", run.device, dt, _step_op.KERNEL_DTYPES)
+        self.draws = bool(fused)
         self.x_img = torch.zeros(n, C, H, W, dtype=dt, device=run.device)
         c = model.input_conv
-        self.inp = ConvAt(self.x_img, c.weight, c.bias, c.mask, c.padding, c.dilation)
         self.class_bias = None
         if model.class_bias is not None:
             self.class_bias = model.class_bias(run.cond).to(dt)
         mk = _DiagonalLayer if model.kind == "diagonal" else _RowLayer
         self.diagonal = model.kind == "diagonal"
-        self.layers = [mk(layer, n, H, W, self.x_img) for layer in model.layers]
+        L, hid = len(model.layers), model.hidden
+        if self.draws:
+            # Stacked per-layer buffers: the fused op reads and writes them all; the row-start work
+            # (the layers' row()) sees its own layer's slices.
+            z = self.x_img.new_zeros
+            self.hs, self.cs, self.xrow = z(L, H, W, n, hid), z(L, H, W, n, hid), z(L, W, n, 2 * hid)
+            self.aux = z(L, H, W, n, hid) if self.diagonal else z(L, W, n, 4 * hid)
+            bufs = [(self.hs[k], self.cs[k], self.aux[k], self.xrow[k]) for k in range(L)]
+        else:
+            self.inp = ConvAt(self.x_img, c.weight, c.bias, c.mask, c.padding, c.dilation)
+            bufs = [None] * L
+        self.layers = [mk(layer, n, H, W, self.x_img, b) for layer, b in zip(model.layers, bufs)]
         self.row_input = model.row_input is not None
         if self.row_input:
             self.layers[0].img_wt = model.row_input.weight.flatten(1).t().to(dt).contiguous()     # (C, 4h)
@@ -152,21 +175,38 @@ class PixelRNNCache(InferenceCache):
         cols = torch.arange(W, device=run.device).repeat(H)
         self.pos = torch.stack([rows, cols], 1).view(H * W, 1, 2)
         self.scale = 2.0 / (model.levels - 1)
+        if self.draws:
+            k = 1 if self.levels == 2 else self.levels
+            self.params = torch.zeros(n, k, dtype=dt, device=run.device)
+            pack, config = pack_pixelrnn_step(model, self.class_bias)
+            self._fused_fn = _step_op.bind_pixelrnn_step(
+                self.x_img, run.values, run.counter, self.params, self.hs, self.cs, self.xrow, self.aux,
+                run.noise.view(run.noise.shape[0], run.noise.shape[1]), run.given_values, run.given_mask, pack,
+                config, run.temperature)
 
     def plan(self, t):
         if t and t % (self.C * self.W) == 0:
             return "row", 1
         return "pixel", 1
 
+    def _row(self, i):
+        """At the start of row i: each layer's work on the completed row i - 1."""
+        for k, layer in enumerate(self.layers):
+            if k == 0 and self.row_input:
+                layer.row(i - 1, self.x_img[:, :, i - 1].permute(2, 0, 1).reshape(self.W * self.n, self.C))
+            else:
+                layer.row(i - 1)
+
+    def advance(self, key, t, k):
+        if key == "row":
+            self._row(t // (self.C * self.W))
+        self._fused_fn()
+
     def step(self, key, t):
         p, c = divmod(t, self.C)
         i, j = divmod(p, self.W)
         if key == "row":
-            for k, layer in enumerate(self.layers):
-                if k == 0 and self.row_input:
-                    layer.row(i - 1, self.x_img[:, :, i - 1].permute(2, 0, 1).reshape(self.W * self.n, self.C))
-                else:
-                    layer.row(i - 1)
+            self._row(i)
         pos = self.pos[p]
         x = self.inp(None, pos).squeeze(-1)
         if self.class_bias is not None:
@@ -186,3 +226,36 @@ class PixelRNNCache(InferenceCache):
     def update(self, key, t, values):
         c, i, j = self._where
         self.x_img[:, c, i, j] = values[:, 0].to(self.x_img.dtype) * self.scale - 1.0
+
+
+def pack_pixelrnn_step(model, class_bias=None):
+    """(pack, config) of :func:`fastar.ops.pixelrnn_step` for ``model`` (masks applied, input-major
+    matrices; see the op's docstring), in the model's dtype; class_bias (N, 2h) or None."""
+    with torch.no_grad():
+        c = model.input_conv
+        F_ = c.weight.shape[-1]
+        in_w = (c.weight * c.mask.to(c.weight.dtype)).permute(2, 3, 1, 0).reshape(F_ * F_, c.weight.shape[1], -1)
+        in_b = c.bias if c.bias is not None else torch.zeros(c.weight.shape[0], dtype=c.weight.dtype,
+                                                              device=c.weight.device)
+        is_w, is_b, ss_w, out_w, out_b = [], [], [], [], []
+        for layer in model.layers:
+            if model.kind == "diagonal":
+                f = layer.lstm.forward_lstm
+                is_w.append(_is_eff(f).t())                                                   # (2h, 4h)
+                is_b.append(f.is_bias)
+                ss_w.append(torch.cat([f.ss_weight[:, :, 0], f.ss_weight[:, :, 1]], 1).t())   # (2h, 4h)
+            else:
+                lstm = layer.lstm
+                P = lstm.is_weight.shape[-1] // 2
+                w = (lstm.is_weight * lstm.is_mask.to(lstm.is_weight.dtype))[:, :, 0, :P + 1]  # (4h, 2h, P + 1)
+                is_w.append(w.permute(2, 1, 0))                                               # (P + 1, 2h, 4h)
+                is_b.append(lstm.is_bias)
+            out_w.append((layer.out.weight * layer.out.mask).flatten(1).t())                   # (h, 2h)
+            out_b.append(layer.out.bias)
+        w1, b1, w2, b2 = head_weights(model)
+        pack = [in_w, in_b, class_bias, torch.stack(is_w), torch.stack(is_b),
+                torch.stack(ss_w) if ss_w else None, torch.stack(out_w), torch.stack(out_b),
+                w1.t(), b1, w2.t(), b2]
+        pack = [None if t is None else t.detach().contiguous() for t in pack]
+    config = [0 if model.kind == "diagonal" else 1, model.levels, F_, int(model.residual)]
+    return pack, config

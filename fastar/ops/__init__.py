@@ -9,6 +9,7 @@ from fastar.ops.wavenet import (WaveNetWeights, causal_conv1d_update, causal_con
 from fastar.ops.lstm_scan import (diagonal_lstm_scan, diagonal_lstm_scan_ref, row_lstm_scan, row_lstm_scan_ref, skew,
                                   skew_ref, unskew, unskew_ref)
 from fastar.ops.pixelcnnpp import pixelcnnpp_ul_step, pixelcnnpp_ul_step_ref
+from fastar.ops.pixelrnn import bind_pixelrnn_step, pixelrnn_step, pixelrnn_step_ref
 from fastar.ops.gated_pixelcnn import (GatedPixelStepPack, gated_pixelcnn_step, gated_pixelcnn_step_packed,
                                        gated_pixelcnn_step_ref)
 
@@ -20,4 +21,5 @@ __all__ = ["masked_conv2d", "masked_conv2d_ref", "masked_conv2d_at", "masked_con
            "gated_pixelcnn_step", "gated_pixelcnn_step_ref", "WaveNetWeights", "wavenet_step_packed",
            "GatedPixelStepPack", "gated_pixelcnn_step_packed",
            "skew", "skew_ref", "unskew", "unskew_ref", "diagonal_lstm_scan", "diagonal_lstm_scan_ref",
-           "row_lstm_scan", "row_lstm_scan_ref", "pixelcnnpp_ul_step", "pixelcnnpp_ul_step_ref"]
+           "row_lstm_scan", "row_lstm_scan_ref", "pixelcnnpp_ul_step", "pixelcnnpp_ul_step_ref", "pixelrnn_step",
+           "pixelrnn_step_ref", "bind_pixelrnn_step"]

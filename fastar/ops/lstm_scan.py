@@ -173,6 +173,9 @@ def _diagonal_def(is_map, w_ss, bias, h0, c0):
     acc = _acc(out_dtype)
     b, g4, H, W = is_map.shape
     hid = g4 // 4
+    if is_map.numel() == 0:                                            # an empty map: empty states, as the kernels
+        e = is_map.new_zeros(b, hid, H, W) + sum(t.sum() for t in (is_map, w_ss, bias, h0, c0) if t is not None) * 0
+        return e, e.clone()
     x = _skew_def(is_map.to(acc))                                      # (B, 4h, H, W + H - 1)
     w = torch.cat([w_ss[:, :, 0], w_ss[:, :, 1]], 1).to(acc)          # (4h, 2h): [above | left]
     if bias is not None:
@@ -228,11 +231,18 @@ def _row_def(is_map, w_ss, bias):
     if bias is not None:
         x = x + bias.to(acc).view(1, g4, 1, 1)
     w = w_ss.to(acc)
-    hp = is_map.new_zeros(b, hid, W, dtype=acc)
+    if is_map.numel() == 0:                                            # an empty map: empty states, as the kernels
+        e = is_map.new_zeros(b, hid, H, W) + sum(t.sum() for t in (is_map, w_ss, bias) if t is not None) * 0
+        return e, e.clone()
     cp = is_map.new_zeros(b, hid, W, dtype=acc)
     hs, cs = [], []
     for i in range(H):
-        z = x[:, :, i] + torch.nn.functional.conv1d(hp, w, padding=k // 2)
+        # Row 0 has no row above: no state term at all (not w_ss @ 0, which an inf or NaN in w_ss would
+        # turn into NaN), as in the kernels.
+        # (w.narrow(0, 0, 0).sum() is an exact 0 that keeps w in the graph: its gradient is then zeros
+        # for a one-row image, not "unused".)
+        z = x[:, :, i] + w.narrow(0, 0, 0).sum() if i == 0 else \
+            x[:, :, i] + torch.nn.functional.conv1d(hp, w, padding=k // 2)
         hp, cp = _cell(z, cp, hid)
         hs.append(hp)
         cs.append(cp)
@@ -253,7 +263,9 @@ def row_lstm_scan(is_map, w_ss, bias=None):
     """
     _check_scan("row_lstm_scan", is_map, w_ss, bias, "odd")
     if _backend.use_kernel("row_lstm_scan", is_map.device, is_map.dtype, KERNEL_DTYPES):
-        h, c, _ = torch.ops.fastar.row_lstm_scan(is_map, w_ss, bias)
+        # No gradient wanted (inference, sampling): the kernel keeps no activations for a backward.
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (is_map, w_ss, bias))
+        h, c, _ = torch.ops.fastar.row_lstm_scan(is_map, w_ss, bias, save)
         return h, c
     return _row_def(is_map, w_ss, bias)
 
@@ -284,11 +296,14 @@ def _register_scan(name, n_state, ref_fn):
     cell c, kept for the backward) whose backward op is ``name_backward(grad_h, grad_c, is_map, w_ss, h, c, gates, *states,
     output_mask) -> (d_is, d_w, d_bias, *d_states)``."""
 
-    def _fake(is_map, w_ss, bias, *states):
+    def _fake(is_map, w_ss, bias, *rest):
         b, g4, h, w = is_map.shape
         hid = g4 // 4
         out = is_map.new_empty(b, hid, h, w)
-        return out, is_map.new_empty(b, hid, h, w), is_map.new_empty(b, 5 * hid, h, w, dtype=_acc(is_map.dtype))
+        save = rest[n_state] if len(rest) > n_state else True
+        saved = is_map.new_empty(b, 5 * hid, h, w, dtype=_acc(is_map.dtype)) if save else \
+            is_map.new_empty(0, dtype=_acc(is_map.dtype))
+        return out, is_map.new_empty(b, hid, h, w), saved
 
     torch.library.register_fake(f"fastar::{name}")(_fake)
 
@@ -306,13 +321,21 @@ def _register_scan(name, n_state, ref_fn):
 
     def _setup(ctx, inputs, output):
         is_map, w_ss, bias, *states = inputs
+        ctx.n_flags = len(states) - n_state               # the Row LSTM's trailing `save`
+        states = states[:n_state]
         h, c, gates = output
+        # The saved activations are the backward's working memory, not a result: no gradient flows
+        # through them (a loss on them would otherwise get a silent zero), so they do not require grad.
+        ctx.mark_non_differentiable(gates)
         ctx.has_bias = bias is not None
         ctx.has_state = [s is not None for s in states]
         ctx.save_for_backward(is_map, w_ss, bias, h, c, gates, *states)
 
     def _backward(ctx, gh, gc, _ggates):
         is_map, w_ss, bias, h, c, gates, *states = ctx.saved_tensors
+        if gates.numel() == 0 and h.numel() != 0:
+            raise RuntimeError(f"fastar::{name} was called with save=False, so it kept nothing to differentiate; "
+                               "call it with save=True (the public function does whenever a gradient is wanted)")
         need = list(ctx.needs_input_grad[:3 + n_state])
         need[2] = need[2] and ctx.has_bias
         for k in range(n_state):
@@ -323,10 +346,10 @@ def _register_scan(name, n_state, ref_fn):
             # create_graph=True: differentiate the reference (same values, a graph to walk again).
             grads = reference_grads(lambda *a: torch.cat([t.flatten() for t in ref_fn(*a)]),
                                     (is_map, w_ss, bias, *states), need, torch.cat([gh.flatten(), gc.flatten()]))
-            return tuple(grads)
+            return tuple(grads) + (None,) * ctx.n_flags
         res = getattr(torch.ops.fastar, f"{name}_backward")(
             gh.contiguous(), gc.contiguous(), is_map, w_ss, h, c, gates, *states, need)
-        return tuple(r if n else None for r, n in zip(res, need))
+        return tuple(r if n else None for r, n in zip(res, need)) + (None,) * ctx.n_flags
 
     torch.library.register_autograd(f"fastar::{name}", _backward, setup_context=_setup)
     torch.library.register_autograd(f"fastar::{name}_backward", no_double_backward(f"{name}_backward"),

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from fastar import _backend
-from fastar.ops._common import check_same_device, check_tensor, no_double_backward, pair, reference_grads
+from fastar.ops._common import (check_same_device, check_tensor, host_checkable, no_double_backward, pair,
+                                reference_grads)
 
 __all__ = ["masked_conv2d", "masked_conv2d_ref"]
 
@@ -213,6 +214,11 @@ if _backend.has_ops("masked_conv2d", "masked_conv2d_backward"):
         ctx.has_bias = bias is not None
         ctx.padding, ctx.dilation = padding, dilation
 
+    def _eager_host(x):
+        # a real CPU tensor, not one being traced (fake / functional under aot or opcheck)
+        return host_checkable(x) and torch._guards.detect_fake_mode(x) is None and \
+            not torch._C._functorch.is_functorch_wrapped_tensor(x) and not torch._is_functional_tensor(x)
+
     def _backward(ctx, grad):
         x, weight, mask = ctx.saved_tensors
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
@@ -228,6 +234,12 @@ if _backend.has_ops("masked_conv2d", "masked_conv2d_backward"):
             return gx, gw, gb, None, None, None
         gx, gw, gb = torch.ops.fastar.masked_conv2d_backward(
             grad.contiguous(), x, weight, mask, ctx.padding, ctx.dilation, need)
+        if need[1] and _eager_host(x) and not bool(torch.isfinite(x).all()):
+            # The kernel's weight gradient multiplies every x on its padded grid by grad_out, zero at
+            # positions no output reads: 0 * NaN there would poison taps that never saw the NaN. With a
+            # non-finite x the weight gradient is the reference's (found by `fastar check`).
+            gw = reference_grads(lambda w_: _masked_conv2d_def(x, w_, None, mask, ctx.padding, ctx.dilation),
+                                 (weight,), [True], grad)[0].detach()
         return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None, None, None)
 
     torch.library.register_autograd("fastar::masked_conv2d", _backward, setup_context=_setup_context)

@@ -127,6 +127,9 @@ def prepare(model, n=None, shape=None, cond=None, generator=None, temperature=1.
     P steps of a sequence model) into the slot layout, and draw every uniform up front.
     ``record``: keep every step's distribution parameters."""
     name = type(model).__name__
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"{name}.sample: generator must be a torch.Generator or None, got "
+                         f"{type(generator).__name__} {generator!r}")
     kw = {}
     if prime is not None:
         if not _accepts(model.sequence, "num_prime"):

@@ -96,6 +96,16 @@ def files(tmp_path_factory):
     f["empty"] = str(d / "empty.pt")
     open(d / "text.pt", "w").write("not a checkpoint\n")
     f["text"] = str(d / "text.pt")
+    os.mkfifo(d / "fifo.pt")                      # reading it would block forever
+    f["fifo"] = str(d / "fifo.pt")
+
+    def nan_weight(ck):
+        name = next(k for k, v in ck["state_dict"].items() if v.is_floating_point() and k.endswith("weight"))
+        ck["state_dict"][name] = ck["state_dict"][name].clone().fill_(float("nan"))
+    f["nan_weights"] = _crafted(img, d / "nan_weights.pt", nan_weight)
+    f["data_levels"] = _crafted(img, d / "data_levels.pt", lambda ck: ck["data"].update(levels=16))
+    f["data_channels"] = _crafted(img, d / "data_channels.pt", lambda ck: ck["data"].update(shape=[3, 8, 8]))
+    f["data_classes"] = _crafted(img, d / "data_classes.pt", lambda ck: ck["data"].update(num_classes=4))
     open(d / "truncated.pt", "wb").write(open(img, "rb").read()[:3000])
     f["truncated"] = str(d / "truncated.pt")
     os.makedirs(d / "run_no_config")
@@ -180,6 +190,19 @@ ROWS = [
     ("ckpt-empty", sample("empty"), "is not a readable fastar checkpoint: the file is empty"),
     ("ckpt-text", sample("text"), "is not a readable fastar checkpoint: not a file written by torch.save"),
     ("ckpt-truncated", sample("truncated"), "not a readable fastar checkpoint: its archive is damaged"),
+    ("ckpt-fifo", sample("fifo"), "is not a regular file"),
+    ("ckpt-fifo-demo", ["demo", "--checkpoint", "{fifo}", "--out", "{tmp}/d.png"], "is not a regular file"),
+    ("ckpt-nan-weights", sample("nan_weights"), "holds non-finite weights"),
+    ("ckpt-data-levels", sample("data_levels"), "data entry contradicts its model config (levels 2 vs data levels 16)"),
+    ("ckpt-data-channels", sample("data_channels"), "in_channels 1 vs data shape [3, 8, 8]"),
+    ("ckpt-data-classes", sample("data_classes"), "num_classes 10 vs data num_classes 4"),
+    ("train-lr-1e10", ["train", "pixelrnn", "--data", "digits", "--out", "{tmp}/run", "--no-progress", "--lr", "1e10",
+                       "--batch-size", "8", "--limit", "64", "--model-arg", "layers=1", "--model-arg", "hidden=4"],
+     "diverged"),
+    ("train-num-classes-without-conditional", TRAIN_DIGITS + ["--model-arg", "num_classes=5"], "add --conditional"),
+    ("train-num-classes-contradicts-data", TRAIN_DIGITS + ["--conditional", "--model-arg", "num_classes=5"],
+     "digits has 10 classes"),
+    ("check-device", ["check", "--device", "tpu"], "device must be 'cpu', 'cuda'"),
     ("ckpt-resume-no-config", ["train", "gated_pixelcnn", "--data", "digits", "--out", "{run_no_config}",
                                "--resume", "--no-progress"], "no 'config' entry"),
 ]
@@ -215,7 +238,7 @@ def test_bad_input_one_line(argv, fragment, files, tmp_path, capsys, monkeypatch
 
 
 # A real interpreter for what only shows at exit or garbage collection, or on stderr through warnings.
-SUBPROCESS = ["sample-wav-unwritable", "ckpt-python-object", "ckpt-flipped-bytes", "train-segment-0"]
+SUBPROCESS = ["sample-wav-unwritable", "ckpt-python-object", "ckpt-flipped-bytes", "train-segment-0", "ckpt-fifo"]
 
 
 @pytest.mark.parametrize("row", SUBPROCESS)

@@ -290,6 +290,9 @@ BAD_INPUT = [
                                                                       else torch.zeros(2, dtype=torch.int64),
                                                                       progress=False),
      "batch|unconditional|cond|global_cond"),
+    ("sample with a float generator", lambda m, x, c, h: m.sample(1, x.shape[2:] if x.dim() == 4 else (x.shape[1],),
+                                                                cond=None if c is None else c[:1], generator=1.5,
+                                                                progress=False), "generator must be a torch.Generator"),
 ]
 
 

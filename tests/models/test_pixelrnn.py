@@ -174,11 +174,14 @@ def test_bad_construction():
         PixelRNN(num_classes=0)
     with pytest.raises(ValueError, match="odd positive int"):
         PixelRNN(kernel_size=4)
+    # bounded in the constructor itself, before anything is built (it used to keep building)
+    with pytest.raises(ValueError, match="too large to build"):
+        PixelRNN(layers=10**6, hidden=4)
+    with pytest.raises(ValueError, match="too large to build"):
+        PixelRNN("row", hidden=100_000, layers=1)
     m = PixelRNN(hidden=4, layers=1, levels=2)
     with pytest.raises(ValueError, match="unconditional"):
         m.nll(torch.zeros(1, 1, 2, 2, dtype=torch.int64), torch.tensor([0]))
     mc = PixelRNN(hidden=4, layers=1, levels=2, num_classes=2)
     with pytest.raises(ValueError, match="class labels must lie in"):
         mc.nll(torch.zeros(1, 1, 2, 2, dtype=torch.int64), torch.tensor([2]))
-    with pytest.raises(ValueError, match="fused=True"):
-        m.sample(1, (2, 2), fused=True, progress=False)

@@ -482,3 +482,22 @@ def test_aten_gemm_fallback_gives_the_same_results():
             res[flag] = torch.load(path)
     for a, b in zip(res["0"], res["1"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_row_scan_keeps_no_activations_when_no_gradient_is_wanted():
+    """Inference and sampling need no backward: the CPU kernel then writes no saved activations
+    (5/7 of the forward's writes), with the same h and c; asking it for a backward then is loud."""
+    requires_kernel("row_lstm_scan", "cpu")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 16, 5, 6, generator=g), torch.randn(16, 4, 3, generator=g) * 0.3
+    h1, c1, s1 = torch.ops.fastar.row_lstm_scan(x, w, None, True)
+    h0, c0, s0 = torch.ops.fastar.row_lstm_scan(x, w, None, False)
+    assert torch.equal(h0, h1) and torch.equal(c0, c1)
+    assert s1.shape == (2, 20, 5, 6) and s0.numel() == 0
+    with torch.no_grad():                                   # the public function picks save=False itself
+        h2, _ = row_lstm_scan(x, w)
+    assert torch.equal(h2, h1)
+    xr = x.clone().requires_grad_()
+    h, c, _ = torch.ops.fastar.row_lstm_scan(xr, w, None, False)
+    with pytest.raises(RuntimeError, match="save=False"):
+        h.sum().backward()

@@ -13,7 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
-STAGES = ("probe", "build", "tests", "sanitizer", "bench")
+STAGES = ("probe", "build", "check", "tests", "sanitizer", "bench")
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 
@@ -91,6 +91,9 @@ def test_forced_dry_run_records_failures_and_cuts_off_a_hanging_stage(tmp_path):
         assert rows["tests"][1] == "fail"
         # the CUDA build check of test_backend ran, under FASTAR_REQUIRE_KERNELS=1, and its failure is counted
         assert "0 passed, 1 failed" in summary and "test_info_reports_compiled_kernels" in summary
+    # the self-check ran first (on the CPU here: no GPU) and left its table
+    assert rows["check"][1] == "ok", rows["check"]
+    assert "checks passed" in open(tmp_path / "out" / "check.md").read()
     assert rows["bench"][1] == "fail"  # it ran after the hang: --device cuda without a GPU
     assert "Families: mixture fail" in summary
     assert os.path.exists(tmp_path / "out" / "junit.xml")
