@@ -401,6 +401,28 @@ def _case_pixelrnn_step(device, dtype, special, g):
     return fn, tuple(models)
 
 
+def _case_pixelcnnpp_step(device, dtype, special, g):
+    """A tiny class-conditional PixelCNN++ (RGB, 8-bit, every resolution in use), drawn with the kernel
+    and the twin (the fused pixel step runs the whole ul program and the output layer)."""
+    from fastar import sampling
+    from fastar.models import PixelCNNpp
+
+    torch.manual_seed(0)
+    m = PixelCNNpp(3, nr_resnet=1, nr_filters=4, nr_logistic_mix=2, dropout=0.0, num_classes=2).to(device, dtype)
+    m.eval()
+    if special:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(4.0)
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=g))
+    cond = torch.tensor([0, 1], device=device)
+
+    def fn(model):
+        return list(sampling.sample(model, 2, (5, 4), cond, torch.Generator().manual_seed(seed), progress=False,
+                                    return_params=True, cuda_graphs=False, fused=True))
+    return fn, (m,)
+
+
 def _op_dtypes(module_attr):
     def get(device_type):
         mod, attr = module_attr
@@ -430,6 +452,7 @@ OP_CASES = {
     "gated_pixelcnn_step": (_model_case("gated_pixelcnn"),
                             _op_dtypes(("fastar.ops.gated_pixelcnn", "KERNEL_DTYPES")), ()),
     "pixelrnn_step": (_case_pixelrnn_step, _op_dtypes(("fastar.ops.pixelrnn", "KERNEL_DTYPES")), ()),
+    "pixelcnnpp_ul_step": (_case_pixelcnnpp_step, _op_dtypes(("fastar.ops.pixelcnnpp", "KERNEL_DTYPES")), ()),
 }
 
 
