@@ -8,5 +8,6 @@ from fastar.models.pixelcnn import GatedPixelCNN, PixelCNN
 from fastar.models.wavenet import WaveNet
 from fastar.models.fvsbn import FVSBN
 from fastar.models.pixelrnn import PixelRNN
+from fastar.models.made import MADE
 
-__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "PixelRNN", "SPECS", "ModelSpec", "register"]
+__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "PixelRNN", "MADE", "SPECS", "ModelSpec", "register"]

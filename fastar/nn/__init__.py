@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module`` layers built on fastar ops."""
 from fastar.nn.masked_conv import MaskedConv2d
+from fastar.nn.masked_linear import MaskedLinear
 from fastar.nn.causal_conv import CausalConv1d
 from fastar.nn.gated import GatedMaskedConv2d
 from fastar.nn.lstm import DiagonalBiLSTM, DiagonalLSTM, RowLSTM
@@ -8,4 +9,4 @@ from fastar.nn.heads import (Bernoulli, Categorical, Categorical256, Discretized
 
 __all__ = ["MaskedConv2d", "CausalConv1d", "GatedMaskedConv2d", "DiscretizedMixLogistic", "Categorical256",
            "Head", "Bernoulli", "Categorical", "LogisticMixture", "GaussianMixture",
-           "RowLSTM", "DiagonalLSTM", "DiagonalBiLSTM"]
+           "RowLSTM", "DiagonalLSTM", "DiagonalBiLSTM", "MaskedLinear"]
