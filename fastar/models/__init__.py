@@ -9,5 +9,6 @@ from fastar.models.wavenet import WaveNet
 from fastar.models.fvsbn import FVSBN
 from fastar.models.pixelrnn import PixelRNN
 from fastar.models.made import MADE
+from fastar.models.nade import NADE, RNADE
 
-__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "PixelRNN", "MADE", "SPECS", "ModelSpec", "register"]
+__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "PixelRNN", "MADE", "NADE", "RNADE", "SPECS", "ModelSpec", "register"]
