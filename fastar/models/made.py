@@ -1,7 +1,7 @@
 """MADE, the masked autoencoder for distribution estimation (Germain et al. 2015), sampled in one pass.
 
 ``MADE(in_features, hidden_sizes, levels=2, num_masks=1, natural_ordering=False, connectivity="fixed",
-direct=False, seed=0, shape=None)``: D = in_features discrete values (binary, or ``levels`` codes),
+direct=False, seed=0, shape=None, order=None)``: D = in_features discrete values (binary, or ``levels`` codes),
 flattened in C order from one example of ``shape`` (default (D,); e.g. (1, 28, 28) for MNIST).
 
 Masks by the degree rule. A mask set k has an ordering ``orders[k]`` (the natural dimension drawn at
@@ -60,7 +60,7 @@ class MADE(FlatModel):
 
     def __init__(self, in_features: int, hidden_sizes=(500,), levels: int = 2, num_masks: int = 1,
                  natural_ordering: bool = False, connectivity: str = "fixed", direct: bool = False, seed: int = 0,
-                 shape=None):
+                 shape=None, order=None):
         super().__init__()
         name = "MADE"
         for k, v in (("in_features", in_features), ("num_masks", num_masks)):
@@ -93,8 +93,16 @@ class MADE(FlatModel):
         self.out = MaskedLinear(sizes[-1], D * self.P)
         self.direct = MaskedLinear(D, D * self.P, bias=False) if direct else None
         g = torch.Generator().manual_seed(seed)
-        orders = torch.stack([torch.arange(D) if natural_ordering else torch.randperm(D, generator=g)
-                              for _ in range(num_masks)])
+        if order is not None:
+            o = torch.as_tensor(order)
+            if o.dim() != 1 or o.numel() != D or o.dtype.is_floating_point or o.dtype == torch.bool or not torch.equal(
+                    o.to(torch.int64).sort().values, torch.arange(D)):
+                raise ValueError(f"{name}: order must be a permutation of 0 .. {D - 1} (the dimension drawn at each "
+                                 f"step), got {order!r}")
+            orders = o.to(torch.int64).expand(num_masks, D).clone()
+        else:
+            orders = torch.stack([torch.arange(D) if natural_ordering else torch.randperm(D, generator=g)
+                                  for _ in range(num_masks)])
         self.register_buffer("orders", orders)
         top = max(D - 1, 1)
         for l, h in enumerate(hidden_sizes):
@@ -176,15 +184,18 @@ class MADE(FlatModel):
 
     def logits_of(self, codes: torch.Tensor, k: int) -> torch.Tensor:
         """Mask set k's output logits (N, D, P) for codes (N, D) (natural layout)."""
+        return self.net(self._inputs(codes), k)
+
+    def net(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Mask set k's network on real inputs x (N, D) (the codes / (levels - 1)): logits (N, D, P)."""
         self._use(k)
-        x = self._inputs(codes)
         h = x
         for layer in self.layers:
             h = torch.relu(layer(h))
         out = self.out(h)
         if self.direct is not None:
             out = out + self.direct(x)
-        return out.view(codes.shape[0], self.in_features, self.P)
+        return out.view(x.shape[0], self.in_features, self.P)
 
     def _log_probs(self, codes, logits):
         """Per-dimension log-probabilities (N, D) of codes under logits (N, D, P)."""
