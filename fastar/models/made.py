@@ -10,8 +10,8 @@ of degree m sees the units below of degree <= m (the inputs at steps < m); the o
 (degree deg_d) sees last-layer units with m < deg_d, and, with ``direct=True``, the inputs of lower
 degree. ``num_masks`` mask sets are drawn from ``seed``: ``natural_ordering=True`` keeps the identity
 ordering in every set (else each set draws a random ordering); ``connectivity="fixed"`` gives every set
-the same hidden degrees (unit u of every layer has degree 1 + u mod (D - 1), so with layers at least
-D - 1 wide every output sees every earlier input); ``"agnostic"`` draws new degrees per set (layer l's
+the same hidden degrees (unit u of a layer of H units has degree 1 + floor(u (D - 1) / H), spread evenly
+over [1, D - 1], so with layers at least D - 1 wide every output sees every earlier input); ``"agnostic"`` draws new degrees per set (layer l's
 from [min of layer l - 1's, D - 1], as the paper).
 
 Training: in train mode each ``nll`` call (one minibatch) first moves to the next mask set
@@ -68,6 +68,8 @@ class MADE(FlatModel):
                 raise ValueError(f"{name}: {k} must be a positive int, got {v!r}")
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
             raise ValueError(f"{name}: levels must be an int >= 2 (2 = binary), got {levels!r}")
+        if isinstance(hidden_sizes, int) and not isinstance(hidden_sizes, bool):
+            hidden_sizes = [hidden_sizes]                                   # one hidden layer
         if isinstance(hidden_sizes, int) or not isinstance(hidden_sizes, (tuple, list)) or not hidden_sizes or not all(
                 isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden_sizes):
             raise ValueError(f"{name}: hidden_sizes must be a non-empty list of positive ints (one per hidden layer; "
@@ -107,7 +109,7 @@ class MADE(FlatModel):
         top = max(D - 1, 1)
         for l, h in enumerate(hidden_sizes):
             if connectivity == "fixed":
-                deg = (torch.arange(h) % top + 1).expand(num_masks, h).clone()
+                deg = (1 + torch.arange(h) * top // h).clamp(max=top).expand(num_masks, h).clone()
             else:
                 lo = torch.ones(num_masks, dtype=torch.int64) if l == 0 else getattr(self, f"degrees_{l - 1}").min(1).values
                 deg = torch.stack([torch.randint(int(lo[k]), top + 1, (h,), generator=g) for k in range(num_masks)])
