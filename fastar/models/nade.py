@@ -6,7 +6,7 @@ of ``shape``, default (D,); e.g. (1, 28, 28)), in the natural order d = 0 .. D -
 
     a_0 = c,  a_{d+1} = a_d + W[d] x_d,  h_d = sigmoid(a_d),  p(x_d = 1 | x_<d) = sigmoid(b_d + V[d] . h_d)
 
-``forward`` computes every a_d at once as an exclusive cumulative sum, (N, D, H): O(DH) per example.
+``forward`` computes every a_d as exclusive cumulative sums (in blocks of 32 dimensions): O(DH) per example.
 Sampling: the cache keeps a (N, H) and adds one row of W per drawn value: O(DH) per sample too.
 
 ``RNADE(in_features, hidden, components, shape=None)`` over real vectors: the same running sum, with
@@ -30,6 +30,8 @@ from fastar.nn.heads import Bernoulli, GaussianMixture
 from fastar.sampling.protocol import InferenceCache
 
 __all__ = ["NADE", "RNADE"]
+
+_BLOCK = 32
 
 
 def _check_sizes(name, **sizes):
@@ -56,9 +58,18 @@ class NADE(FlatModel):
     def logits_flat(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, D) from codes (N, D): the O(DH) running-sum forward."""
         xf = x.to(self.W.dtype)
-        contrib = xf[:, :, None] * self.W[None]                               # (N, D, H)
-        a = self.c + F.pad(torch.cumsum(contrib, 1)[:, :-1], (0, 0, 1, 0))     # exclusive: a_d sees x_<d
-        return torch.einsum("ndh,dh->nd", torch.sigmoid(a), self.V) + self.b
+        # Blocks of _BLOCK dimensions, each an exclusive cumulative sum (a_d sees x_<d) on the carry of
+        # the blocks before: the same O(DH) work as one (N, D, H) cumsum, but cache-sized pieces
+        # (measured about 2x faster for D = 784, H = 500, batch 100 on the 2-core CPU, forward + backward).
+        carry = self.c.expand(x.shape[0], -1)
+        outs = []
+        for s in range(0, self.in_features, _BLOCK):
+            e = min(self.in_features, s + _BLOCK)
+            cs = torch.cumsum(xf[:, s:e, None] * self.W[s:e], 1)                 # (N, b, H)
+            a = carry[:, None] + F.pad(cs[:, :-1], (0, 0, 1, 0))
+            outs.append(torch.einsum("nbh,bh->nb", torch.sigmoid(a), self.V[s:e]))
+            carry = carry + cs[:, -1]
+        return torch.cat(outs, 1) + self.b
 
     def forward(self, x, cond=None):
         """Logits (N, D) of p(x_d = 1 | x_<d)."""
