@@ -23,7 +23,7 @@ import torch
 RUNS = {
     # name: (model, data, epochs, batch, lr, config)
     "fvsbn": ("fvsbn", "binarized_mnist", 30, 100, 3e-3, {}),
-    "nade": ("nade", "binarized_mnist", 20, 100, 1e-3, dict(hidden=500)),
+    "nade": ("nade", "binarized_mnist", 4, 100, 2e-3, dict(hidden=500)),
     "made-1x500-1mask": ("made", "binarized_mnist", 20, 100, 1e-3, dict(hidden_sizes=[500])),
     "made-2x500-1mask": ("made", "binarized_mnist", 20, 100, 1e-3, dict(hidden_sizes=[500, 500])),
     "made-1x500-32masks": ("made", "binarized_mnist", 20, 100, 1e-3,
