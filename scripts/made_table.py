@@ -22,13 +22,13 @@ import torch
 
 RUNS = {
     # name: (model, data, epochs, batch, lr, config)
-    "fvsbn": ("fvsbn", "binarized_mnist", 30, 100, 3e-3, {}),
-    "nade": ("nade", "binarized_mnist", 4, 100, 2e-3, dict(hidden=500)),
-    "made-1x500-1mask": ("made", "binarized_mnist", 20, 100, 1e-3, dict(hidden_sizes=[500])),
-    "made-2x500-1mask": ("made", "binarized_mnist", 20, 100, 1e-3, dict(hidden_sizes=[500, 500])),
-    "made-1x500-32masks": ("made", "binarized_mnist", 20, 100, 1e-3,
+    "fvsbn": ("fvsbn", "binarized_mnist", 100, 100, 3e-3, {}),
+    "nade": ("nade", "binarized_mnist", 15, 100, 2e-3, dict(hidden=500)),
+    "made-1x500-1mask": ("made", "binarized_mnist", 60, 100, 2e-3, dict(hidden_sizes=[500])),
+    "made-2x500-1mask": ("made", "binarized_mnist", 60, 100, 2e-3, dict(hidden_sizes=[500, 500])),
+    "made-1x500-32masks": ("made", "binarized_mnist", 60, 100, 2e-3,
                            dict(hidden_sizes=[500], num_masks=32, connectivity="agnostic")),
-    "made-2x500-32masks": ("made", "binarized_mnist", 20, 100, 1e-3,
+    "made-2x500-32masks": ("made", "binarized_mnist", 60, 100, 2e-3,
                            dict(hidden_sizes=[500, 500], num_masks=32, connectivity="agnostic")),
     "rnade-wine": ("rnade", "wine", 300, 32, 3e-3, dict(hidden=20, components=3)),
     "rnade-wine-short": ("rnade", "wine", 30, 32, 3e-3, dict(hidden=10, components=2)),
@@ -54,8 +54,8 @@ def run_one(name: str, out: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     model, data, epochs, batch, lr, config = RUNS[name]
     t0 = time.time()
-    res = train(model, data, epochs=epochs, batch_size=batch, lr=lr, out=os.path.join("/tmp/made_table", name),
-                config=config, progress=False)
+    res = train(model, data, epochs=epochs, batch_size=batch, lr=lr, config=config, progress=False,
+                out=os.path.join("/tmp/made_table", f"{name}-e{epochs}-lr{lr}"))
     dims = {"binarized_mnist": 784, "wine": 13, "diabetes": 10, "digits_real": 64}[data]
     ev = res["evals"][-1]
     row = dict(run=name, model=model, data=data, config=config, epochs=epochs, batch_size=batch, lr=lr,

@@ -22,18 +22,80 @@ inline T log_sigmoid(T x) {
   return (x < T(0) ? x : T(0)) - std::log1p(std::exp(-std::fabs(x)));
 }
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+// The inner products and updates, cloned for AVX-512 / AVX2 / the baseline at load time (the build has no
+// -march). 16 lanes per accumulator, four rows at once: the weight row is loaded once for four examples
+// and the four sums are independent chains.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTAR_MADE_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define FASTAR_MADE_CLONES
+#endif
 
 template <typename T>
-inline void axpy(T* y, const T* x, T a, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+__attribute__((always_inline)) inline void dot_rows_impl(const T* w, const T* h, int64_t hs, int64_t rows, int64_t n, T* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int64_t nr = rows - r0 < 4 ? rows - r0 : 4;
+    const T* h0 = h + r0 * hs;
+    const T* h1 = nr > 1 ? h0 + hs : h0;
+    const T* h2 = nr > 2 ? h0 + 2 * hs : h0;
+    const T* h3 = nr > 3 ? h0 + 3 * hs : h0;
+    T s0[16] = {}, s1[16] = {}, s2[16] = {}, s3[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      for (int j = 0; j < 16; ++j) {
+        const T wv = w[i + j];
+        s0[j] += wv * h0[i + j];
+        s1[j] += wv * h1[i + j];
+        s2[j] += wv * h2[i + j];
+        s3[j] += wv * h3[i + j];
+      }
+    }
+    T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+    for (; i < n; ++i) {
+      t0 += w[i] * h0[i];
+      t1 += w[i] * h1[i];
+      t2 += w[i] * h2[i];
+      t3 += w[i] * h3[i];
+    }
+    for (int j = 0; j < 16; ++j) {
+      t0 += s0[j];
+      t1 += s1[j];
+      t2 += s2[j];
+      t3 += s3[j];
+    }
+    out[r0] = t0;
+    if (nr > 1) out[r0 + 1] = t1;
+    if (nr > 2) out[r0 + 2] = t2;
+    if (nr > 3) out[r0 + 3] = t3;
+  }
+}
+
+FASTAR_MADE_CLONES void dot_rows(const float* w, const float* h, int64_t hs, int64_t rows, int64_t n, float* out) {
+  dot_rows_impl(w, h, hs, rows, n, out);
+}
+FASTAR_MADE_CLONES void dot_rows(const double* w, const double* h, int64_t hs, int64_t rows, int64_t n,
+                                 double* out) {
+  dot_rows_impl(w, h, hs, rows, n, out);
+}
+
+// y_r[:n] += a_r * x[:n] for each row r with a_r != 0 (rows of y at stride ys).
+template <typename T>
+__attribute__((always_inline)) inline void axpy_rows_impl(T* y, int64_t ys, const T* a, int64_t as, int64_t rows, const T* x, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T av = a[r * as];
+    if (av == T(0)) continue;
+    T* yr = y + r * ys;
+    for (int64_t i = 0; i < n; ++i) yr[i] += av * x[i];
+  }
+}
+
+FASTAR_MADE_CLONES void axpy_rows(float* y, int64_t ys, const float* a, int64_t as, int64_t rows, const float* x,
+                                  int64_t n) {
+  axpy_rows_impl(y, ys, a, as, rows, x, n);
+}
+FASTAR_MADE_CLONES void axpy_rows(double* y, int64_t ys, const double* a, int64_t as, int64_t rows, const double* x,
+                                  int64_t n) {
+  axpy_rows_impl(y, ys, a, as, rows, x, n);
 }
 
 template <typename T>
@@ -41,7 +103,7 @@ void run_block(const MadeShape& s, int64_t n0, int64_t n1, int64_t t0, T temp, i
                T* logw, T* params, const T* noise, const int64_t* given, const bool* gmask, const int64_t* counts,
                const std::vector<const T*>& W, const std::vector<const T*>& B, const T* wo, const T* dw) {
   const int64_t K = s.K, N = s.N, D = s.D, P = s.P, L = s.L, DP = D * P, Hall = s.Hall;
-  std::vector<T> mix(P), e(P + 2), lk(K * P);
+  std::vector<T> e(P + 2), lk(K * P), dots(n1 - n0);
   auto cnt = [&](int64_t k, int64_t l, int64_t m) { return counts[(k * L + l) * (D + 1) + m]; };
   for (int64_t t = t0; t < t0 + s.steps; ++t) {
     const int64_t c0 = (t + 1) * P;
@@ -120,7 +182,7 @@ void run_block(const MadeShape& s, int64_t n0, int64_t n1, int64_t t0, T temp, i
       const T xv = static_cast<T>(x) / static_cast<T>(s.levels - 1);
       for (int64_t k = 0; k < K; ++k) {
         hidden[(k * N + n) * Hall + t] = xv;
-        if (dw && xv != T(0)) axpy(acc + (k * N + n) * DP + c0, dw + (k * D + t) * DP + c0, xv, DP - c0);
+        if (dw) axpy_rows(acc + (k * N + n) * DP + c0, 0, &xv, 0, 1, dw + (k * D + t) * DP + c0, DP - c0);
       }
     }
     // 4. the units of degree t + 1, layer by layer, for the block's examples
@@ -131,17 +193,19 @@ void run_block(const MadeShape& s, int64_t n0, int64_t n1, int64_t t0, T temp, i
         const int64_t seen = l == 0 ? t + 1 : cnt(k, l - 1, t + 1);
         const int64_t Hin = l == 0 ? D : s.H[l - 1];
         const int64_t in_off = s.off[l], out_off = s.off[l + 1];
+        const int64_t rows = n1 - n0;
         for (int64_t u = a; u < b; ++u) {
           const T* w = W[l] + (k * s.H[l] + u) * Hin;
           const T bias = B[l][k * s.H[l] + u];
-          const T* wor = (l == L - 1) ? wo + (k * s.H[l] + u) * DP : nullptr;
-          for (int64_t n = n0; n < n1; ++n) {
-            T* h = hidden + (k * N + n) * Hall;
-            T v = bias + dot(w, h + in_off, seen);
-            v = v > T(0) ? v : T(0);
-            h[out_off + u] = v;
-            if (wor && v != T(0)) axpy(acc + (k * N + n) * DP + c0, wor + c0, v, DP - c0);
+          T* h0 = hidden + (k * N + n0) * Hall;
+          dot_rows(w, h0 + in_off, Hall, rows, seen, dots.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            const T v = bias + dots[r];
+            h0[r * Hall + out_off + u] = v > T(0) ? v : T(0);
           }
+          if (l == L - 1)
+            axpy_rows(acc + (k * N + n0) * DP + c0, DP, h0 + out_off + u, Hall, rows,
+                      wo + (k * s.H[l] + u) * DP + c0, DP - c0);
         }
       }
     }

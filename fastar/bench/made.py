@@ -11,7 +11,10 @@ forward passes (``method="naive"``, extrapolated as D x the median forward time 
 would pass ``NAIVE_BUDGET_S``) vs cached = the one-pass degree-bucket sampler
 (:func:`fastar.ops.made_sample_steps`, its kernel on this device) beside the floor: the multiply-adds of
 one masked forward pass (every weight, as a dense GEMM does them) at the GEMM rate measured here
-(torch.mm 512 x 512, same threads), and the measured time of one forward pass itself.
+(torch.mm 512 x 512, on all threads and on one: the engine runs the op on one thread, its thread policy
+switching only ops proven thread-count neutral), and the measured time of one forward pass itself; the
+cached sampler, the forward pass and the GEMMs are timed interleaved (round-robin), so load drift on the
+shared machine reaches them alike.
 
 NADE rows: NADE(784, 500), n = 100 and 1,000: cached sampling (the running-sum cache through the engine,
 D steps) vs one forward pass (``model.nll``) on the same batch.
@@ -76,10 +79,15 @@ def _training_rows(dev, quick):
     return [row]
 
 
-def _gemm_rate(dev):
-    a = torch.randn(512, 512, device=dev)
-    ms = time_fn(lambda: torch.mm(a, a), dev, warmup=3, repeat=15)["median_ms"]
-    return 2 * 512 ** 3 / (ms * 1e-3)
+def _on_threads(n, fn):
+    def call():
+        prev = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(prev)
+    return call
 
 
 def _timed(fn, dev):
@@ -92,21 +100,25 @@ def _timed(fn, dev):
 
 def _sampling_rows(dev, quick):
     model = _made(dev).eval()
-    rate = _gemm_rate(dev)
+    threads = torch.get_num_threads()
+    a = torch.randn(512, 512, device=dev)
     rows = []
     for n in ((100,) if quick else (100, 1000)):
         flops = 2 * n * (D * HID + HID * HID + HID * D)
-        floor_ms = flops / rate * 1e3
         x = torch.zeros(n, 1, 28, 28, dtype=torch.int64, device=dev)
+
+        def cached():
+            return model.sample(n, None, generator=torch.Generator().manual_seed(0), progress=False)
+
+        fns = {"cached": cached, "forward": lambda: model(x), "gemm": lambda: torch.mm(a, a)}
+        if dev.type == "cpu":
+            fns["gemm1"] = _on_threads(1, lambda: torch.mm(a, a))
         with torch.no_grad():
-            fwd_ms = time_fn(lambda: model(x), dev, warmup=1, repeat=3 if quick else 7)["median_ms"]
-        cached = []
-        out_c = None
-        for r in range(2 if quick else 5):
-            s, out_c = _timed(lambda: model.sample(n, None, generator=torch.Generator().manual_seed(0),
-                                                   progress=False), dev)
-            cached.append(s)
-        cs = statistics.median(cached) * 1e3
+            t = time_interleaved(fns, dev, warmup=1, repeat=3 if quick else 9)
+        cs, fwd_ms = t["cached"]["median_ms"], t["forward"]["median_ms"]
+        floor_ms = flops / (2 * 512 ** 3 / (t["gemm"]["median_ms"] * 1e-3)) * 1e3
+        floor1 = flops / (2 * 512 ** 3 / (t["gemm1"]["median_ms"] * 1e-3)) * 1e3 if "gemm1" in t else None
+        out_c = cached()
         est = D * fwd_ms
         if quick or est > NAIVE_BUDGET_S * 1e3:
             ns, how, same = est, "extrapolated: D x forward", None
@@ -114,12 +126,16 @@ def _sampling_rows(dev, quick):
             s, out_n = _timed(lambda: model.sample(n, None, generator=torch.Generator().manual_seed(0),
                                                    method="naive", progress=False), dev)
             ns, how, same = s * 1e3, "full run", bool(torch.equal(out_n, out_c))
-        note = f"naive {how}" + ("" if same is None else f"; same images: {same}") + \
-            f"; cached / floor = {cs / floor_ms:.2f}; cached / forward = {cs / fwd_ms:.2f}"
+        note = (f"naive {how}" + ("" if same is None else f"; same images: {same}")
+                + f"; cached / floor = {cs / floor_ms:.2f}"
+                + ("" if floor1 is None else f" ({threads} threads), {cs / floor1:.2f} (1 thread: floor {floor1:.1f} ms;"
+                   " the engine runs the op on one thread)")
+                + f"; cached / forward = {cs / fwd_ms:.2f}")
         rows.append(dict(case=f"MADE 2x500 D=784 sample n={n}", what="sample", a_ms=ns, b_ms=cs, ratio=ns / cs,
                          floor_ms=floor_ms, forward_ms=fwd_ms, images_per_s=n / (cs * 1e-3), note=note))
         print(f"  sample n={n}: naive {ns:.0f} ms ({how}), cached {cs:.1f} ms, x{ns / cs:.0f}; floor {floor_ms:.1f} "
-              f"ms, forward {fwd_ms:.1f} ms" + ("" if same is None else f", same images {same}"), flush=True)
+              f"ms" + ("" if floor1 is None else f" (1 thread {floor1:.1f} ms)") + f", forward {fwd_ms:.1f} ms"
+              + ("" if same is None else f", same images {same}"), flush=True)
     return rows
 
 

@@ -265,6 +265,17 @@ class MADE(FlatModel):
         """The degree-bucket sampler's (counts, pack, config, output bias (K, D P)) for mask sets ks
         (:func:`fastar.ops.made.pack_made`)."""
         dtype = dtype or self.out.weight.dtype
+        # Packed once per weights: a repeated sample() of an unchanged model reuses the pack.
+        key = (tuple(ks), dtype, str(self.out.weight.device), order.tolist(),
+               tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        hit = getattr(self, "_pack_cache", None)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        res = self._pack(ks, order, dtype)
+        self._pack_cache = (key, res)
+        return res
+
+    def _pack(self, ks, order, dtype):
         ws = [[] for _ in self.layers]
         bs = [l.bias.detach().to(dtype).expand(len(ks), -1) for l in self.layers]
         wo, wd, degs = [], [], [[] for _ in self.layers]
