@@ -1,9 +1,10 @@
 // MADE's degree-bucket sampler (fastar/ops/made.py has the full contract): argument checks and the
 // layouts shared by the CPU kernel (csrc/cpu/made.cpp) and the CUDA kernel (csrc/cuda/made.cu).
 //
-// Everything is in step order, each layer's units sorted by degree: a unit of degree t + 1 (computed
-// right after step t is drawn) sees a prefix of the layer below, counts[k, l - 1, t + 1] units (the
-// inputs: t + 1), and the last layer's units feed the suffix of outputs from step t + 1 on.
+// Everything is in step order, each layer's units sorted by degree: a value known after step t (the
+// input of step t, a unit of degree t + 1) feeds a suffix of the layer above, its units of degree
+// >= t + 1 (from counts[k, l, t] on), or the outputs of the steps after t. hidden holds a unit's
+// pre-activation until its degree's step, its ReLU output after.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -45,8 +46,8 @@ inline MadeShape parse_made(const at::Tensor& codes, const at::Tensor& hidden, c
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kLong && codes.size(1) == s.D && codes.is_contiguous(), op,
               ": codes must be contiguous (N, D) int64");
   s.N = codes.size(0);
-  TORCH_CHECK(static_cast<int64_t>(pack.size()) == 2 * s.L + 1 + (s.direct ? 1 : 0), op, ": pack has ", pack.size(),
-              " tensors");
+  TORCH_CHECK(static_cast<int64_t>(pack.size()) == s.L + 1 + (s.direct ? 1 : 0), op, ": pack has ", pack.size(),
+              " tensors, want Wt per layer, out_wt", s.direct ? ", direct_t" : "");
   const auto dt = pack[0].scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op, ": weights must be float32 or float64");
   s.off.push_back(0);
@@ -61,12 +62,11 @@ inline MadeShape parse_made(const at::Tensor& codes, const at::Tensor& hidden, c
   };
   int64_t prev = s.D;
   for (int64_t l = 0; l < s.L; ++l) {
-    want(pack[2 * l], {s.K, s.H[l], prev}, "W_l");
-    want(pack[2 * l + 1], {s.K, s.H[l]}, "b_l");
+    want(pack[l], {s.K, prev, s.H[l]}, "Wt_l");
     prev = s.H[l];
   }
-  want(pack[2 * s.L], {s.K, prev, s.D * s.P}, "out_wt");
-  if (s.direct) want(pack[2 * s.L + 1], {s.K, s.D, s.D * s.P}, "direct_t");
+  want(pack[s.L], {s.K, prev, s.D * s.P}, "out_wt");
+  if (s.direct) want(pack[s.L + 1], {s.K, s.D, s.D * s.P}, "direct_t");
   want(hidden, {s.K, s.N, s.Hall}, "hidden");
   want(acc, {s.K, s.N, s.D * s.P}, "acc");
   want(logw, {s.K, s.N}, "logw");

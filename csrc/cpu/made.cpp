@@ -1,9 +1,9 @@
 // MADE's degree-bucket sampler on the CPU (contract: fastar/ops/made.py; layouts: csrc/made.h).
 //
 // Each thread takes a block of examples and runs every step for them, steps outer and examples inner,
-// so a bucket's weight rows (a unit's prefix of the layer below, its row of output weights) are read
-// once per step per block and stay in cache across the block's examples. No barrier between steps:
-// the examples are independent.
+// so the weight rows a step pushes (the new values' rows into the suffix of the layer above, or of the
+// outputs) are read once per step per block and stay in cache across the block's examples. A zero value
+// (a 0 input, a ReLU that is off) pushes nothing. No barrier between steps: the examples are independent.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,61 +22,13 @@ inline T log_sigmoid(T x) {
   return (x < T(0) ? x : T(0)) - std::log1p(std::exp(-std::fabs(x)));
 }
 
-// The inner products and updates, cloned for AVX-512 / AVX2 / the baseline at load time (the build has no
-// -march). 16 lanes per accumulator, four rows at once: the weight row is loaded once for four examples
-// and the four sums are independent chains.
+// The pushes (a row of weights times a value into a suffix of pre-activations, for each example of a
+// block), cloned for AVX-512 / AVX2 / the baseline at load time (the build has no -march).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FASTAR_MADE_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
 #else
 #define FASTAR_MADE_CLONES
 #endif
-
-template <typename T>
-__attribute__((always_inline)) inline void dot_rows_impl(const T* w, const T* h, int64_t hs, int64_t rows, int64_t n, T* out) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    const int64_t nr = rows - r0 < 4 ? rows - r0 : 4;
-    const T* h0 = h + r0 * hs;
-    const T* h1 = nr > 1 ? h0 + hs : h0;
-    const T* h2 = nr > 2 ? h0 + 2 * hs : h0;
-    const T* h3 = nr > 3 ? h0 + 3 * hs : h0;
-    T s0[16] = {}, s1[16] = {}, s2[16] = {}, s3[16] = {};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      for (int j = 0; j < 16; ++j) {
-        const T wv = w[i + j];
-        s0[j] += wv * h0[i + j];
-        s1[j] += wv * h1[i + j];
-        s2[j] += wv * h2[i + j];
-        s3[j] += wv * h3[i + j];
-      }
-    }
-    T t0 = 0, t1 = 0, t2 = 0, t3 = 0;
-    for (; i < n; ++i) {
-      t0 += w[i] * h0[i];
-      t1 += w[i] * h1[i];
-      t2 += w[i] * h2[i];
-      t3 += w[i] * h3[i];
-    }
-    for (int j = 0; j < 16; ++j) {
-      t0 += s0[j];
-      t1 += s1[j];
-      t2 += s2[j];
-      t3 += s3[j];
-    }
-    out[r0] = t0;
-    if (nr > 1) out[r0 + 1] = t1;
-    if (nr > 2) out[r0 + 2] = t2;
-    if (nr > 3) out[r0 + 3] = t3;
-  }
-}
-
-FASTAR_MADE_CLONES void dot_rows(const float* w, const float* h, int64_t hs, int64_t rows, int64_t n, float* out) {
-  dot_rows_impl(w, h, hs, rows, n, out);
-}
-FASTAR_MADE_CLONES void dot_rows(const double* w, const double* h, int64_t hs, int64_t rows, int64_t n,
-                                 double* out) {
-  dot_rows_impl(w, h, hs, rows, n, out);
-}
 
 // y_r[:n] += a_r * x[:n] for each row r with a_r != 0 (rows of y at stride ys).
 template <typename T>
@@ -101,9 +53,9 @@ FASTAR_MADE_CLONES void axpy_rows(double* y, int64_t ys, const double* a, int64_
 template <typename T>
 void run_block(const MadeShape& s, int64_t n0, int64_t n1, int64_t t0, T temp, int64_t* codes, T* hidden, T* acc,
                T* logw, T* params, const T* noise, const int64_t* given, const bool* gmask, const int64_t* counts,
-               const std::vector<const T*>& W, const std::vector<const T*>& B, const T* wo, const T* dw) {
+               const std::vector<const T*>& W, const T* wo, const T* dw) {
   const int64_t K = s.K, N = s.N, D = s.D, P = s.P, L = s.L, DP = D * P, Hall = s.Hall;
-  std::vector<T> e(P + 2), lk(K * P), dots(n1 - n0);
+  std::vector<T> e(P + 2), lk(K * P);
   auto cnt = [&](int64_t k, int64_t l, int64_t m) { return counts[(k * L + l) * (D + 1) + m]; };
   for (int64_t t = t0; t < t0 + s.steps; ++t) {
     const int64_t c0 = (t + 1) * P;
@@ -178,34 +130,40 @@ void run_block(const MadeShape& s, int64_t n0, int64_t n1, int64_t t0, T temp, i
           logw[k * N + n] += lp;
         }
       }
-      // 3. the input value and the direct connections
+      // 3. the input value, pushed into the later outputs (direct) and layer 1's units of degree >= t + 1
       const T xv = static_cast<T>(x) / static_cast<T>(s.levels - 1);
       for (int64_t k = 0; k < K; ++k) {
-        hidden[(k * N + n) * Hall + t] = xv;
+        T* h = hidden + (k * N + n) * Hall;
+        h[t] = xv;
+        if (xv == T(0)) continue;
         if (dw) axpy_rows(acc + (k * N + n) * DP + c0, 0, &xv, 0, 1, dw + (k * D + t) * DP + c0, DP - c0);
+        const int64_t a1 = cnt(k, 0, t);
+        axpy_rows(h + s.off[1] + a1, 0, &xv, 0, 1, W[0] + (k * D + t) * s.H[0] + a1, s.H[0] - a1);
       }
     }
-    // 4. the units of degree t + 1, layer by layer, for the block's examples
+    // 4. layer by layer, the units of degree t + 1 are complete: ReLU, then pushed into the layer above
+    //    (its units of degree >= t + 1) or, from the last layer, into the outputs of the later steps.
+    const int64_t rows = n1 - n0;
     for (int64_t k = 0; k < K; ++k) {
+      T* h0 = hidden + (k * N + n0) * Hall;
       for (int64_t l = 0; l < L; ++l) {
         const int64_t a = cnt(k, l, t), b = cnt(k, l, t + 1);
         if (a == b) continue;
-        const int64_t seen = l == 0 ? t + 1 : cnt(k, l - 1, t + 1);
-        const int64_t Hin = l == 0 ? D : s.H[l - 1];
-        const int64_t in_off = s.off[l], out_off = s.off[l + 1];
-        const int64_t rows = n1 - n0;
-        for (int64_t u = a; u < b; ++u) {
-          const T* w = W[l] + (k * s.H[l] + u) * Hin;
-          const T bias = B[l][k * s.H[l] + u];
-          T* h0 = hidden + (k * N + n0) * Hall;
-          dot_rows(w, h0 + in_off, Hall, rows, seen, dots.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            const T v = bias + dots[r];
-            h0[r * Hall + out_off + u] = v > T(0) ? v : T(0);
+        const int64_t off = s.off[l + 1];
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t u = a; u < b; ++u) {
+            T& v = h0[r * Hall + off + u];
+            v = v > T(0) ? v : T(0);
           }
-          if (l == L - 1)
-            axpy_rows(acc + (k * N + n0) * DP + c0, DP, h0 + out_off + u, Hall, rows,
-                      wo + (k * s.H[l] + u) * DP + c0, DP - c0);
+        for (int64_t u = a; u < b; ++u) {
+          if (l < L - 1) {
+            const int64_t a2 = cnt(k, l + 1, t), Hn = s.H[l + 1];
+            axpy_rows(h0 + s.off[l + 2] + a2, Hall, h0 + off + u, Hall, rows, W[l + 1] + (k * s.H[l] + u) * Hn + a2,
+                      Hn - a2);
+          } else {
+            axpy_rows(acc + (k * N + n0) * DP + c0, DP, h0 + off + u, Hall, rows, wo + (k * s.H[l] + u) * DP + c0,
+                      DP - c0);
+          }
         }
       }
     }
@@ -224,13 +182,10 @@ void made_sample_steps_cpu(at::Tensor codes, at::Tensor hidden, at::Tensor acc, 
               t0 + s.steps, ") run past the ", s.D, " steps (or the noise's ", s.T, ")");
   AT_DISPATCH_FLOATING_TYPES(pack[0].scalar_type(), "made_sample_steps_cpu", [&] {
     using T = scalar_t;
-    std::vector<const T*> W, B;
-    for (int64_t l = 0; l < s.L; ++l) {
-      W.push_back(pack[2 * l].data_ptr<T>());
-      B.push_back(pack[2 * l + 1].data_ptr<T>());
-    }
-    const T* wo = pack[2 * s.L].data_ptr<T>();
-    const T* dw = s.direct ? pack[2 * s.L + 1].data_ptr<T>() : nullptr;
+    std::vector<const T*> W;
+    for (int64_t l = 0; l < s.L; ++l) W.push_back(pack[l].data_ptr<T>());
+    const T* wo = pack[s.L].data_ptr<T>();
+    const T* dw = s.direct ? pack[s.L + 1].data_ptr<T>() : nullptr;
     const int64_t* gv = s.given ? given->data_ptr<int64_t>() : nullptr;
     const bool* gm = s.given ? given_mask->data_ptr<bool>() : nullptr;
     int64_t* cd = codes.data_ptr<int64_t>();
@@ -244,7 +199,7 @@ void made_sample_steps_cpu(at::Tensor codes, at::Tensor hidden, at::Tensor acc, 
     // (recording) is too little work to share.
     const int64_t grain = s.steps <= 1 ? s.N : 8;
     at::parallel_for(0, s.N, grain, [&](int64_t n0, int64_t n1) {
-      run_block<T>(s, n0, n1, t0, static_cast<T>(temperature), cd, hd, ac, lw, pr, nz, gv, gm, cn, W, B, wo, dw);
+      run_block<T>(s, n0, n1, t0, static_cast<T>(temperature), cd, hd, ac, lw, pr, nz, gv, gm, cn, W, wo, dw);
     });
   });
   position.add_(s.steps);

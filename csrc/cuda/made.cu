@@ -2,10 +2,10 @@
 //
 // One launch for all the steps: a CTA per example loops over the steps (the examples are independent,
 // so no grid barrier). Per step: thread 0 forms the step's parameters (the mixture conditional when
-// K > 1) and draws with the shared categorical rule (csrc/common/categorical.h); the CTA adds the direct
-// connections over the output suffix; then, layer by layer, each warp computes one new unit (a warp
-// reduction over the prefix of the layer below) and the CTA adds the last layer's new units to the
-// output suffix. The step index is read from `position` on the device; the host adds num_steps to it
+// K > 1) and draws with the shared categorical rule (csrc/common/categorical.h); the CTA's threads push
+// the new input into the output suffix (direct) and into layer 1's units of degree >= t + 1; then,
+// layer by layer, the units of degree t + 1 take their ReLU and the threads push them (each thread one
+// column of the suffix above, summing over the new units in order) into the next layer or the outputs. The step index is read from `position` on the device; the host adds num_steps to it
 // after the launch (an ATen add on the same stream), so the call captures in a CUDA graph.
 //
 // Compiled here; not yet run on a GPU (tests/ops/test_made.py holds it to the reference when one is
@@ -29,8 +29,7 @@ constexpr int kMaxLayers = 8;
 struct MadeArgs {
   int64_t K, N, D, P, L, levels, steps, Hall;
   int64_t H[kMaxLayers], off[kMaxLayers + 2];
-  const void* W[kMaxLayers];
-  const void* B[kMaxLayers];
+  const void* W[kMaxLayers];  // Wt_l (K, H_{l-1}, H_l)
   const void* wo;
   const void* dw;
 };
@@ -47,7 +46,6 @@ __global__ void made_kernel(MadeArgs a, const int64_t* __restrict__ position, in
                             const bool* __restrict__ gmask, const int64_t* __restrict__ counts, T temp) {
   const int64_t n = blockIdx.x;
   const int64_t K = a.K, N = a.N, D = a.D, P = a.P, L = a.L, DP = D * P, Hall = a.Hall;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   __shared__ T s_x;
   const int64_t t0 = position[0];
   for (int64_t t = t0; t < t0 + a.steps; ++t) {
@@ -124,37 +122,41 @@ __global__ void made_kernel(MadeArgs a, const int64_t* __restrict__ position, in
     for (int64_t k = 0; k < K; ++k) {
       T* ac = acc + (k * N + n) * DP;
       T* h = hidden + (k * N + n) * Hall;
-      if (a.dw) {
-        const T* dw = static_cast<const T*>(a.dw) + (k * D + t) * DP;
-        for (int64_t c = c0 + threadIdx.x; c < DP; c += blockDim.x) ac[c] += xv * dw[c];
+      if (xv != T(0)) {
+        if (a.dw) {
+          const T* dw = static_cast<const T*>(a.dw) + (k * D + t) * DP;
+          for (int64_t c = c0 + threadIdx.x; c < DP; c += blockDim.x) ac[c] += xv * dw[c];
+        }
+        const int64_t a1 = counts[(k * L) * (D + 1) + t];
+        const T* w1 = static_cast<const T*>(a.W[0]) + (k * D + t) * a.H[0];
+        for (int64_t u = a1 + threadIdx.x; u < a.H[0]; u += blockDim.x) h[a.off[1] + u] += xv * w1[u];
       }
+      __syncthreads();
       for (int64_t l = 0; l < L; ++l) {
         const int64_t* cnt = counts + (k * L + l) * (D + 1);
         const int64_t u0 = cnt[t], u1 = cnt[t + 1];
         if (u0 == u1) continue;
-        const int64_t seen = l == 0 ? t + 1 : counts[(k * L + l - 1) * (D + 1) + t + 1];
-        const int64_t Hin = l == 0 ? D : a.H[l - 1];
-        const T* W = static_cast<const T*>(a.W[l]) + k * a.H[l] * Hin;
-        const T* B = static_cast<const T*>(a.B[l]) + k * a.H[l];
-        for (int64_t u = u0 + warp; u < u1; u += warps) {
-          const T* w = W + u * Hin;
-          T s = 0;
-          for (int64_t j = lane; j < seen; j += 32) s += w[j] * h[a.off[l] + j];
-          for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
-          if (lane == 0) {
-            const T v = B[u] + s;
-            h[a.off[l + 1] + u] = v > T(0) ? v : T(0);
+        T* hl = h + a.off[l + 1];
+        for (int64_t u = u0 + threadIdx.x; u < u1; u += blockDim.x) hl[u] = hl[u] > T(0) ? hl[u] : T(0);
+        __syncthreads();
+        if (l < L - 1) {
+          const int64_t a2 = counts[(k * L + l + 1) * (D + 1) + t], Hn = a.H[l + 1];
+          const T* w = static_cast<const T*>(a.W[l + 1]) + k * a.H[l] * Hn;
+          T* hn = h + a.off[l + 2];
+          for (int64_t v = a2 + threadIdx.x; v < Hn; v += blockDim.x) {
+            T sum = hn[v];
+            for (int64_t u = u0; u < u1; ++u) sum += hl[u] * w[u * Hn + v];
+            hn[v] = sum;
+          }
+        } else {
+          const T* wo = static_cast<const T*>(a.wo) + k * a.H[l] * DP;
+          for (int64_t c = c0 + threadIdx.x; c < DP; c += blockDim.x) {
+            T sum = ac[c];
+            for (int64_t u = u0; u < u1; ++u) sum += hl[u] * wo[u * DP + c];
+            ac[c] = sum;
           }
         }
         __syncthreads();
-        if (l == L - 1) {
-          const T* wo = static_cast<const T*>(a.wo) + k * a.H[l] * DP;
-          for (int64_t c = c0 + threadIdx.x; c < DP; c += blockDim.x) {
-            T s = ac[c];
-            for (int64_t u = u0; u < u1; ++u) s += h[a.off[l + 1] + u] * wo[u * DP + c];
-            ac[c] = s;
-          }
-        }
       }
     }
     __syncthreads();
@@ -176,12 +178,11 @@ void made_sample_steps_cuda(at::Tensor codes, at::Tensor hidden, at::Tensor acc,
   a.K = s.K; a.N = s.N; a.D = s.D; a.P = s.P; a.L = s.L; a.levels = s.levels; a.steps = s.steps; a.Hall = s.Hall;
   for (int64_t l = 0; l < s.L; ++l) {
     a.H[l] = s.H[l];
-    a.W[l] = pack[2 * l].data_ptr();
-    a.B[l] = pack[2 * l + 1].data_ptr();
+    a.W[l] = pack[l].data_ptr();
   }
   for (size_t i = 0; i < s.off.size(); ++i) a.off[i] = s.off[i];
-  a.wo = pack[2 * s.L].data_ptr();
-  a.dw = s.direct ? pack[2 * s.L + 1].data_ptr() : nullptr;
+  a.wo = pack[s.L].data_ptr();
+  a.dw = s.direct ? pack[s.L + 1].data_ptr() : nullptr;
   const int64_t* gv = s.given ? given->data_ptr<int64_t>() : nullptr;
   const bool* gm = s.given ? given_mask->data_ptr<bool>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();

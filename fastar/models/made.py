@@ -262,8 +262,8 @@ class MADE(FlatModel):
         return Sequence(n=n, steps=self.in_features, head=head, forward=forward, slots=order.cpu(), shape=shape)
 
     def pack(self, ks, order, dtype=None):
-        """The degree-bucket sampler's (counts, pack, config, output bias (K, D P)) for mask sets ks
-        (:func:`fastar.ops.made.pack_made`)."""
+        """The degree-bucket sampler's (counts, pack, config, output biases (K, D P), hidden biases (K, sum H))
+        for mask sets ks (:func:`fastar.ops.made.pack_made`)."""
         dtype = dtype or self.out.weight.dtype
         # Packed once per weights: a repeated sample() of an unchanged model reuses the pack.
         key = (tuple(ks), dtype, str(self.out.weight.device), order.tolist(),
@@ -288,13 +288,13 @@ class MADE(FlatModel):
             wo.append((self.out.weight.detach() * mo).to(dtype))
             if self.direct is not None:
                 wd.append((self.direct.weight.detach() * md).to(dtype))
-        counts, pack, config = _made.pack_made([torch.stack(w) for w in ws], bs, torch.stack(wo),
-                                               torch.stack(wd) if wd else None, [torch.stack(d) for d in degs],
-                                               order, self.levels)
+        counts, pack, config, hid_b = _made.pack_made([torch.stack(w) for w in ws], bs, torch.stack(wo),
+                                                      torch.stack(wd) if wd else None,
+                                                      [torch.stack(d) for d in degs], order, self.levels)
         out_b = self.out.bias.detach().to(dtype)[order.to(self.out.bias.device).repeat_interleave(self.P) * self.P
                                                  + torch.arange(self.P, device=order.device).repeat(
                                                      self.in_features)]
-        return counts, pack, config, out_b.expand(len(ks), -1).contiguous()
+        return counts, pack, config, out_b.expand(len(ks), -1).contiguous(), hid_b
 
     def allocate_inference_cache(self, run, fused=None):
         ks, order = self._sampling_components()
@@ -311,12 +311,12 @@ class _DegreeBuckets(InferenceCache):
 
     def __init__(self, model, run, ks, order, fused=True):
         super().__init__(run)
-        counts, pack, config, out_b = model.pack(ks, order, run.acc)
+        counts, pack, config, out_b, hid_b = model.pack(ks, order, run.acc)
         dev = run.device
         self.counts, self.pack, self.config = counts.to(dev), [p.to(dev) for p in pack], config
         self.cnt = counts.tolist()
         self.order = order.to(dev)
-        self.state = _made.MadeState(run.seq.n, self.counts, self.pack, config, out_b.to(dev), run.acc, dev)
+        self.state = _made.MadeState(run.seq.n, self.counts, config, out_b, hid_b, run.acc, dev)
         self.levels = model.levels
         self.draws = fused
         if fused:

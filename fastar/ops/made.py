@@ -3,16 +3,17 @@
 A MADE hidden unit of degree m depends only on the inputs at steps < m (step order = the mask's
 ordering), so once the value of step t is drawn every unit of degree t + 1, in every layer (in layer
 order), is final and never changes; the output of step r needs only last-layer units of degree <= r.
-The sampler therefore computes each hidden unit exactly once and accumulates each output's
-pre-activation as the units become final: a whole sample costs about one masked forward pass
-(only the unmasked multiply-adds, about half a dense pass) instead of the D passes of the naive
-sampler.
+The sampler therefore computes each hidden unit exactly once, pushing every value into the
+pre-activations of the units above that see it as soon as it is known, and accumulates each output's
+pre-activation as the last layer's units become final: a whole sample costs one masked forward pass at
+most (only the unmasked multiply-adds, about half a dense pass, and none for a value that is zero: a
+0 pixel or a ReLU that is off) instead of the D passes of the naive sampler.
 
-Everything is laid out in *step order*, the hidden units of each layer sorted by degree, so that
-what a unit sees is a prefix of the layer below and what it feeds is a suffix of the outputs
-(:func:`pack_made` builds this from a model's masked weights). With K mask components sharing one
-ordering (an ensemble), the step's distribution is the ensemble's mixture conditional: component k
-weighted by its likelihood of the values drawn so far, ``log w_k = sum_{s<t} log p_k(x_s | x_<s)``.
+Everything is laid out in *step order*, the hidden units of each layer sorted by degree, so that the
+units a value feeds are a suffix of the layer above (:func:`pack_made` builds this from a model's masked
+weights). With K mask components sharing one ordering (an ensemble), the step's distribution is the
+ensemble's mixture conditional: component k weighted by its likelihood of the values drawn so far,
+``log w_k = sum_{s<t} log p_k(x_s | x_<s)``.
 
 ``made_sample_steps(codes, hidden, acc, logw, position, params, noise, given, given_mask, counts, pack,
 config, temperature)`` runs ``num_steps`` steps from ``t = position[0]``; per step t:
@@ -23,23 +24,28 @@ config, temperature)`` runs ``num_steps`` steps from ``t = position[0]``; per st
 2. the draw: :func:`fastar.ops.categorical_sample`'s rule on the uniform ``noise[t]`` (a Bernoulli
    logit is drawn as the categories (0, logit)); where ``given_mask[:, t]``, ``given[:, t]`` instead;
    written to ``codes[:, t]``; K > 1: ``w_k += log p_k(x_t)``;
-3. ``v = x_t / (levels - 1)`` is written to ``hidden[k, :, t]``; with direct connections
-   ``acc[k, :, (t+1) P:] += v * direct_t[k, t, (t+1) P:]``;
-4. every layer l in order: its units of degree t + 1, ``u in [c_l[t], c_l[t+1])``, are
-   ``relu(b_l[k, u] + W_l[k, u, :c_{l-1}[t+1]] . h_{l-1}[:c_{l-1}[t+1]])`` (layer 0 = the inputs,
-   ``c_0[m] = m``); the last layer's new units add ``h[u] * out_wt[k, u, (t+1) P:]`` to ``acc``;
+3. ``v = x_t / (levels - 1)`` is written to ``hidden[k, :, t]`` and pushed: into the outputs of later
+   steps (direct connections) ``acc[k, :, (t+1) P:] += v * direct_t[k, t, (t+1) P:]``, and into layer 1's
+   units of degree >= t + 1, ``u in [c_1[t], H_1)``: ``pre_1[u] += v * Wt_1[k, t, u]``;
+4. every layer l in order: its units of degree t + 1, ``u in [c_l[t], c_l[t+1])``, are complete:
+   ``h = relu(pre_l[u])`` replaces the pre-activation, and is pushed into layer l + 1's units of degree
+   >= t + 1 (``pre_{l+1}[u'] += h * Wt_{l+1}[k, u, u']``, ``u' in [c_{l+1}[t], H_{l+1})``), or, from the
+   last layer, into the outputs ``acc[k, :, (t+1) P:] += h * out_wt[k, u, (t+1) P:]``;
 
-then ``position += num_steps``. Start from ``acc[k] = output bias``, ``hidden = 0``, ``logw = 0``.
+then ``position += num_steps``. ``hidden`` holds, per layer, a unit's pre-activation until its degree's
+step, its ReLU output after. Start (:class:`MadeState`): ``acc[k] = output bias``, ``hidden`` = [zeros |
+the hidden biases], ``logw = 0``.
 
 Layouts (dt = float32 or float64, all contiguous): codes, given (N, D) int64 and given_mask (N, D)
 bool, in step order; hidden (K, N, D + sum H_l): [inputs | layer 1 | ... | layer L]; acc (K, N, D P);
 logw (K, N); position (1,) int64; params (N, P); noise (T, N) uniforms in [0, 1) (T >= the last step
 run); counts (K, L, D + 1) int64, ``counts[k, l, m]`` = the number of layer l's units of degree <= m;
-pack ``[W_1, b_1, ..., W_L, b_L, out_wt, direct_t?]`` with W_l (K, H_l, H_{l-1}) (H_0 = D), b_l (K, H_l),
-out_wt (K, H_L, D P), direct_t (K, D, D P); config ``[levels, num_steps, direct, H_1, ..., H_L]``.
+pack ``[Wt_1, ..., Wt_L, out_wt, direct_t?]`` with Wt_l (K, H_{l-1}, H_l) (H_0 = D; the transposed,
+masked weight: row = a unit below, or an input step), out_wt (K, H_L, D P), direct_t (K, D, D P);
+config ``[levels, num_steps, direct, H_1, ..., H_L]``.
 
-Kernels: CPU (one C++ loop over the steps, OpenMP over the batch) and CUDA (one launch, a thread
-block per example), float32 and float64; PyTorch twin :func:`made_sample_steps_ref`. Not
+Kernels: CPU (one C++ loop over the steps, OpenMP over blocks of the batch) and CUDA (one launch, a
+thread block per example), float32 and float64; PyTorch twin :func:`made_sample_steps_ref`. Not
 differentiable: it is a sampler (there is no gradient to take; train with the masked forward).
 """
 from __future__ import annotations
@@ -58,25 +64,25 @@ KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32, 
 
 
 def pack_made(weights, biases, out_w, direct_w, degrees, order, levels):
-    """The op's (counts, pack, config) from K mask components sharing one ordering.
+    """The op's (counts, pack, config, hidden biases (K, sum H)) from K mask components sharing one ordering.
 
     weights[l]: (K, H_l, H_{l-1}) masked weights in the model's natural layout (layer 0's columns are the
     natural input dimensions); biases[l]: (K, H_l); out_w: (K, D P, H_L) masked, rows natural dimension
     major, level minor; direct_w: (K, D P, D) masked or None; degrees[l]: (K, H_l) int64 hidden degrees
     in [1, D]; order: (D,) the natural dimension drawn at each step; levels: 2 (one logit) or more.
     """
-    K = weights[0].shape[0]
     D = order.numel()
     P = 1 if levels == 2 else levels
     order = order.to(weights[0].device)
     out_rows = (order[:, None] * P + torch.arange(P, device=order.device)[None]).flatten()   # step-major rows
-    pack, counts = [], []
+    pack, counts, hid_b = [], [], []
     prev_perm = None
     for l, (w, b, deg) in enumerate(zip(weights, biases, degrees)):
         perm = deg.argsort(dim=1, stable=True)                                     # (K, H) units by degree
         w = torch.gather(w, 1, perm[:, :, None].expand(-1, -1, w.shape[2]))
         w = w[:, :, order] if l == 0 else torch.gather(w, 2, prev_perm[:, None, :].expand(-1, w.shape[1], -1))
-        pack += [w.contiguous(), torch.gather(b, 1, perm).contiguous()]
+        pack.append(w.transpose(1, 2).contiguous())
+        hid_b.append(torch.gather(b, 1, perm))
         sd = torch.gather(deg, 1, perm)
         m = torch.arange(D + 1, device=deg.device)
         counts.append((sd[:, None, :] <= m[None, :, None]).sum(2))           # (K, D + 1)
@@ -89,20 +95,22 @@ def pack_made(weights, biases, out_w, direct_w, degrees, order, levels):
         dw = direct_w[:, out_rows][:, :, order]                               # (K, D P, D)
         pack.append(dw.transpose(1, 2).contiguous())
     config = [int(levels), 1, int(direct)] + [int(w.shape[1]) for w in weights]
-    return torch.stack(counts, 1).to(torch.int64).contiguous(), pack, config
+    return torch.stack(counts, 1).to(torch.int64).contiguous(), pack, config, torch.cat(hid_b, 1).contiguous()
 
 
 class MadeState:
-    """The sampler's state for one run: what the op mutates, allocated from a pack."""
+    """The sampler's state for one run, what the op mutates: codes, hidden = [zeros | hidden biases],
+    acc = the output biases, logw = 0, params."""
 
-    def __init__(self, n, counts, pack, config, out_b, dtype, device):
+    def __init__(self, n, counts, config, out_b, hid_b, dtype, device):
         levels, _, direct, *H = config
         K, L, D1 = counts.shape
         D = D1 - 1
         P = 1 if levels == 2 else levels
         self.codes = torch.zeros(n, D, dtype=torch.int64, device=device)
         self.hidden = torch.zeros(K, n, D + sum(H), dtype=dtype, device=device)
-        self.acc = out_b.to(dtype)[:, None, :].expand(K, n, D * P).contiguous()
+        self.hidden[:, :, D:] = hid_b.to(device, dtype)[:, None, :]
+        self.acc = out_b.to(device, dtype)[:, None, :].expand(K, n, D * P).contiguous()
         self.logw = torch.zeros(K, n, dtype=dtype, device=device)
         self.params = torch.zeros(n, P, dtype=dtype, device=device)
 
@@ -121,8 +129,8 @@ def _check(op, codes, hidden, acc, logw, position, params, noise, given, given_m
     D = D1 - 1
     P = 1 if levels == 2 else levels
     N = codes.shape[0] if isinstance(codes, torch.Tensor) and codes.dim() == 2 else -1
-    if len(pack) != 2 * L + 1 + direct:
-        raise ValueError(f"{op}: pack must hold {2 * L + 1 + direct} tensors (W, b per layer, out_wt"
+    if len(pack) != L + 1 + direct:
+        raise ValueError(f"{op}: pack must hold {L + 1 + direct} tensors (Wt per layer, out_wt"
                          f"{', direct_t' if direct else ''}), got {len(pack)}")
     dt = pack[0].dtype
     if dt not in (torch.float32, torch.float64):
@@ -130,12 +138,11 @@ def _check(op, codes, hidden, acc, logw, position, params, noise, given, given_m
     want = {}
     prev = D
     for l in range(L):
-        want[f"W_{l + 1}"] = (pack[2 * l], (K, H[l], prev))
-        want[f"b_{l + 1}"] = (pack[2 * l + 1], (K, H[l]))
+        want[f"Wt_{l + 1}"] = (pack[l], (K, prev, H[l]))
         prev = H[l]
-    want["out_wt"] = (pack[2 * L], (K, H[-1], D * P))
+    want["out_wt"] = (pack[L], (K, H[-1], D * P))
     if direct:
-        want["direct_t"] = (pack[2 * L + 1], (K, D, D * P))
+        want["direct_t"] = (pack[L + 1], (K, D, D * P))
     want.update(hidden=(hidden, (K, N, D + sum(H))), acc=(acc, (K, N, D * P)), logw=(logw, (K, N)),
                 params=(params, (N, P)))
     for name, (t, shape) in want.items():
@@ -200,21 +207,24 @@ def made_step_update(codes, hidden, acc, logw, v, t, counts, pack, config):
     hidden[:, :, t] = xv
     c0 = (t + 1) * P
     if direct:
-        acc[:, :, c0:] += xv[None, :, None] * pack[2 * L + 1][:, t, c0:][:, None, :]
-    off = D
-    for l in range(L):
-        for k in range(K):
+        acc[:, :, c0:] += xv[None, :, None] * pack[L + 1][:, t, c0:][:, None, :]
+    offs = [D]
+    for h in H:
+        offs.append(offs[-1] + h)
+    for k in range(K):
+        a1 = cnt[k][0][t]
+        hidden[k, :, offs[0] + a1:offs[1]] += xv[:, None] * pack[0][k, t, a1:][None, :]
+        for l in range(L):
             a, b = cnt[k][l][t], cnt[k][l][t + 1]
             if a == b:
                 continue
-            seen = t + 1 if l == 0 else cnt[k][l - 1][t + 1]
-            prev_off = 0 if l == 0 else off - H[l - 1]
-            w, bias = pack[2 * l][k, a:b, :seen], pack[2 * l + 1][k, a:b]
-            h = torch.relu(torch.addmm(bias, hidden[k, :, prev_off:prev_off + seen], w.t()))   # (N, b - a)
-            hidden[k, :, off + a:off + b] = h
-            if l == L - 1:
-                acc[k, :, c0:] += h @ pack[2 * L][k, a:b, c0:]
-        off += H[l]
+            h = torch.relu(hidden[k, :, offs[l] + a:offs[l] + b])                  # complete now
+            hidden[k, :, offs[l] + a:offs[l] + b] = h
+            if l < L - 1:
+                a2 = cnt[k][l + 1][t]
+                hidden[k, :, offs[l + 1] + a2:offs[l + 2]] += h @ pack[l + 1][k, a:b, a2:]
+            else:
+                acc[k, :, c0:] += h @ pack[L][k, a:b, c0:]
 
 
 def _ref_impl(codes, hidden, acc, logw, position, params, noise, given, given_mask, counts, pack, config,

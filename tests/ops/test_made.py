@@ -32,8 +32,8 @@ def _args(cfg, device, dtype=torch.float64, n=5, given=False, seed=0):
         m = MADE(**cfg).to(device, dtype).eval()
     ks = list(range(m.num_masks))
     order = m.orders[0]
-    counts, pack, config, out_b = m.pack(ks, order, dtype)
-    st = mo.MadeState(n, counts, pack, config, out_b, dtype, torch.device(device))
+    counts, pack, config, out_b, hid_b = m.pack(ks, order, dtype)
+    st = mo.MadeState(n, counts, config, out_b, hid_b, dtype, torch.device(device))
     D = m.in_features
     g = torch.Generator().manual_seed(seed + 1)
     noise = torch.rand(D, n, generator=g, dtype=dtype).to(device)
