@@ -316,16 +316,28 @@ class _DegreeBuckets(InferenceCache):
         self.counts, self.pack, self.config = counts.to(dev), [p.to(dev) for p in pack], config
         self.cnt = counts.tolist()
         self.order = order.to(dev)
-        self.state = _made.MadeState(run.seq.n, self.counts, config, out_b, hid_b, run.acc, dev)
+        self._init = (out_b, hid_b)
+        self._state = None
         self.levels = model.levels
         self.draws = fused
         if fused:
-            self.params = self.state.params
-            self.noise = run.noise[:, :, 0].contiguous()
-            self.given = self.given_mask = None
-            if run.given_mask is not None:
-                self.given = run.given_values[:, self.order].contiguous()
-                self.given_mask = run.given_mask[:, self.order].contiguous()
+            self.params = torch.zeros(run.seq.n, 1 if model.levels == 2 else model.levels, dtype=run.acc, device=dev)
+
+    @property
+    def state(self):
+        # Allocated (and the given values gathered) on the first step, under the engine's thread choice for
+        # the steps (on a loaded CPU, torch's fills on all threads cost more than the whole sample).
+        if self._state is None:
+            run = self.run
+            self._state = _made.MadeState(run.seq.n, self.counts, self.config, *self._init, run.acc, run.device)
+            if self.draws:
+                self._state.params = self.params
+                self.noise = run.noise[:, :, 0].contiguous()
+                self.given = self.given_mask = None
+                if run.given_mask is not None:
+                    self.given = run.given_values[:, self.order].contiguous()
+                    self.given_mask = run.given_mask[:, self.order].contiguous()
+        return self._state
 
     def plan(self, t):
         return "chunk", self.run.seq.steps
