@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -16,6 +17,8 @@
 
 namespace fastar {
 namespace {
+
+constexpr int64_t kRows = 64;
 
 template <typename T>
 inline T log_sigmoid(T x) {
@@ -198,8 +201,12 @@ void made_sample_steps_cpu(at::Tensor codes, at::Tensor hidden, at::Tensor acc, 
     // Examples are independent: one block per thread, no barrier between steps. One step at a time
     // (recording) is too little work to share.
     const int64_t grain = s.steps <= 1 ? s.N : 8;
+    // Within a thread, sub-blocks of kRows examples run all their steps in turn: their state (hidden, acc)
+    // stays in L2 while every step's weight rows are reused across the sub-block's examples.
     at::parallel_for(0, s.N, grain, [&](int64_t n0, int64_t n1) {
-      run_block<T>(s, n0, n1, t0, static_cast<T>(temperature), cd, hd, ac, lw, pr, nz, gv, gm, cn, W, wo, dw);
+      for (int64_t b0 = n0; b0 < n1; b0 += kRows)
+        run_block<T>(s, b0, std::min(n1, b0 + kRows), t0, static_cast<T>(temperature), cd, hd, ac, lw, pr, nz, gv,
+                     gm, cn, W, wo, dw);
     });
   });
   position.add_(s.steps);
