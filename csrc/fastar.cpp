@@ -110,7 +110,8 @@ TORCH_LIBRARY(fastar, m) {
   // num_steps steps of a MADE (K mask components sharing one ordering) from t = position[0], each
   // hidden unit computed once, when its degree's inputs are drawn; the draw from noise[t] inside
   // (given values kept); codes, hidden, acc, logw, params mutated, position += num_steps.
-  // pack: [W_1, b_1, ..., W_L, b_L, out_wt, direct_t?]; config: [levels, num_steps, direct, H_1..H_L].
+  // pack: [Wt_1, ..., Wt_L, out_wt, direct_t?] (transposed masked weights, units sorted by degree);
+  // config: [levels, num_steps, direct, H_1..H_L].
   m.def(
       "made_sample_steps(Tensor(a!) codes, Tensor(b!) hidden, Tensor(c!) acc, Tensor(d!) logw, "
       "Tensor(e!) position, Tensor(f!) params, Tensor noise, Tensor? given, Tensor? given_mask, Tensor counts, "

@@ -101,23 +101,26 @@ class MADE(FlatModel):
                     o.to(torch.int64).sort().values, torch.arange(D)):
                 raise ValueError(f"{name}: order must be a permutation of 0 .. {D - 1} (the dimension drawn at each "
                                  f"step), got {order!r}")
-            orders = o.to(torch.int64).expand(num_masks, D).clone()
-        else:
-            orders = torch.stack([torch.arange(D) if natural_ordering else torch.randperm(D, generator=g)
-                                  for _ in range(num_masks)])
+            orders = o.to("cpu", torch.int64).expand(num_masks, D).clone()
+        else:   # the mask sets are drawn on the CPU from their own generator (also for a model built on meta)
+            orders = torch.stack([torch.arange(D, device="cpu") if natural_ordering
+                                  else torch.randperm(D, generator=g, device="cpu") for _ in range(num_masks)])
         self.register_buffer("orders", orders)
         top = max(D - 1, 1)
         for l, h in enumerate(hidden_sizes):
             if connectivity == "fixed":
-                deg = (1 + torch.arange(h) * top // h).clamp(max=top).expand(num_masks, h).clone()
+                deg = (1 + torch.arange(h, device="cpu") * top // h).clamp(max=top).expand(num_masks, h).clone()
             else:
-                lo = torch.ones(num_masks, dtype=torch.int64) if l == 0 else getattr(self, f"degrees_{l - 1}").min(1).values
-                deg = torch.stack([torch.randint(int(lo[k]), top + 1, (h,), generator=g) for k in range(num_masks)])
+                lo = (torch.ones(num_masks, dtype=torch.int64, device="cpu") if l == 0
+                      else getattr(self, f"degrees_{l - 1}").min(1).values)
+                deg = torch.stack([torch.randint(int(lo[k]), top + 1, (h,), generator=g, device="cpu")
+                                   for k in range(num_masks)])
             self.register_buffer(f"degrees_{l}", deg)
-        self.register_buffer("mask_index", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("mask_index", torch.zeros((), dtype=torch.int64, device="cpu"))
         self._single = None
         self._applied = None
-        self._apply_masks(0)
+        if self.out.weight.device.type != "meta":     # a meta build (a size check) has no values to mask
+            self._apply_masks(0)
 
     # ---- masks -----------------------------------------------------------------------------
 
@@ -368,9 +371,9 @@ def _config(data: dict) -> dict:
 register(ModelSpec(
     name="made", cls=MADE, kind="image", datasets=("binarized_mnist", "mnist", "digits"), default_config=_config,
     writer="png", demo=dict(data="binarized_mnist", batch_size=100, lr=1e-3),
-    tiny=(dict(config=dict(in_features=6, hidden_sizes=[15], shape=(1, 2, 3)), shape=(2, 3)),
-          dict(config=dict(in_features=5, hidden_sizes=[7, 6], num_masks=2, connectivity="agnostic",
+    tiny=(dict(config=dict(in_features=5, hidden_sizes=[7, 6], num_masks=2, connectivity="agnostic",
                            natural_ordering=True, direct=True, seed=3), shape=(5,)),
+          dict(config=dict(in_features=6, hidden_sizes=[15], shape=(1, 2, 3)), shape=(2, 3)),
           dict(config=dict(in_features=4, hidden_sizes=[6], levels=3, direct=True, seed=1), shape=(4,)),
           dict(config=dict(in_features=5, hidden_sizes=[4, 4, 4], levels=3, num_masks=3, connectivity="agnostic",
                            natural_ordering=True, seed=2), shape=(5,))),

@@ -208,8 +208,8 @@ def _rnade_config(data: dict) -> dict:
 register(ModelSpec(
     name="nade", cls=NADE, kind="image", datasets=("binarized_mnist", "mnist", "digits"), default_config=_nade_config,
     writer="png", demo=dict(data="binarized_mnist", batch_size=100, lr=1e-3),
-    tiny=(dict(config=dict(in_features=6, hidden=5, shape=(1, 2, 3)), shape=(2, 3)),
-          dict(config=dict(in_features=9, hidden=3), shape=(9,))),
+    tiny=(dict(config=dict(in_features=9, hidden=3), shape=(9,)),
+          dict(config=dict(in_features=6, hidden=5, shape=(1, 2, 3)), shape=(2, 3))),
     description="NADE: shared hidden weights, every conditional in O(DH) with a running sum"))
 register(ModelSpec(
     name="rnade", cls=RNADE, kind="vector", datasets=("wine", "diabetes", "digits_real"), default_config=_rnade_config,
