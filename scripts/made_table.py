@@ -83,7 +83,7 @@ def summary(out: str, dest: str):
              "of epochs; ours are short runs on a tenth of the data, so they are not comparable one to one. "
              "Nats per image, last epoch (no selection on the held-out split).",
              "",
-             "Papers (full MNIST): MADE 88.04 and 86.64 nats (its best single- and many-mask results), NADE "
+             "Papers (full MNIST): MADE 88.04 and 86.64 nats (two of the MADE paper's configurations), NADE "
              "about 88.3, FVSBN about 97.5.",
              "",
              "| run | config | epochs | held-out nats | train nats (last epoch) | minutes |",
