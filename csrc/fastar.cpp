@@ -123,6 +123,17 @@ TORCH_LIBRARY(fastar, m) {
       "pixelcnnpp_ul_step(Tensor(a!)[] maps, Tensor[] weights, int[] program, int i, int j, Tensor(b!) out) "
       "-> ()");
 
+  // ---- MADE's degree-bucket sampler (fastar/ops/made.py; layouts in csrc/made.h) ----
+  // num_steps steps of a MADE (K mask components sharing one ordering) from t = position[0], each
+  // hidden unit computed once, when its degree's inputs are drawn; the draw from noise[t] inside
+  // (given values kept); codes, hidden, acc, logw, params mutated, position += num_steps.
+  // pack: [Wt_1, ..., Wt_L, out_wt, direct_t?] (transposed masked weights, units sorted by degree);
+  // config: [levels, num_steps, direct, H_1..H_L].
+  m.def(
+      "made_sample_steps(Tensor(a!) codes, Tensor(b!) hidden, Tensor(c!) acc, Tensor(d!) logw, "
+      "Tensor(e!) position, Tensor(f!) params, Tensor noise, Tensor? given, Tensor? given_mask, Tensor counts, "
+      "Tensor[] pack, int[] config, float temperature) -> ()");
+
   // ---- diagnostics ----
   // The CPU WaveNet step's stage profile (csrc/cpu/wavenet.cpp): no tensor argument, so its one
   // kernel registers as CompositeImplicitAutograd, the kernel an op with an empty dispatch key set runs.

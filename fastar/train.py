@@ -284,7 +284,9 @@ def _loader(cfg: TrainConfig, ds, rank: int, world: int):
     """(loader, sampler, number of training examples) over this rank's shard."""
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-    x = ds.train[:cfg.limit] if cfg.limit else ds.train
+    probs = getattr(ds, "train_probs", None)
+    src = ds.train if probs is None else probs          # stochastic binarisation: bits drawn per batch below
+    x = src[:cfg.limit] if cfg.limit else src
     y = (ds.train_labels[:cfg.limit] if cfg.limit else ds.train_labels) if ds.train_labels is not None else None
     tensors = TensorDataset(x) if y is None else TensorDataset(x, y)
     sampler = DistributedSampler(tensors, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
@@ -293,7 +295,26 @@ def _loader(cfg: TrainConfig, ds, rank: int, world: int):
     if len(loader) == 0:
         raise ValueError(f"batch size {cfg.batch_size} x {world} process(es) is larger than the {len(x)} "
                          "training examples")
+    if probs is not None:
+        loader = _FreshBits(loader, sampler, cfg.seed, rank)
     return loader, sampler, len(x)
+
+
+class _FreshBits:
+    """Batches of pixel probabilities -> fresh binary images, a generator seeded by (seed, epoch, rank):
+    new bits every epoch, the same bits when a run is resumed."""
+
+    def __init__(self, loader, sampler, seed: int, rank: int):
+        self.loader, self.sampler, self.seed, self.rank = loader, sampler, seed, rank
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.sampler.epoch) * 4099 + self.rank)
+        for batch in self.loader:
+            p = batch[0]
+            yield ((torch.rand(p.shape, generator=g) < p).to(torch.int64), *batch[1:])
 
 
 class _Log:

@@ -315,6 +315,33 @@ def _scan_dtypes():
         ((torch.float32, 1e-4, 1e-3),)
 
 
+@case("made_sample_steps", ("made_sample_steps",))
+def _made():
+    import warnings
+
+    import torch
+    import fastar
+    from fastar.models import MADE
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = MADE(7, [6, 9], levels=3, num_masks=2, natural_ordering=True, connectivity="agnostic",
+                     direct=True).to(DEV, torch.float64).eval()
+    prefix = torch.randint(0, 3, (4, 7), device=DEV)
+    mask = torch.rand(4, 7, device=DEV) < 0.3
+
+    def draw():
+        return model.sample(4, None, generator=torch.Generator().manual_seed(1), prefix=prefix, mask=mask,
+                            progress=False)
+
+    with _kernel():
+        got = draw()
+    with fastar.backend("reference"):
+        ref = draw()
+    if not torch.equal(got, ref):
+        raise AssertionError(f"kernel and reference samples differ at {(got != ref).sum().item()} values")
+
+
 @case("skew_unskew", ("skew", "unskew"))
 def _skew_unskew():
     import torch

@@ -10,7 +10,8 @@ import torch
 
 
 def parse_model_args(items) -> dict:
-    """['layers=4', 'channels=16'] -> {'layers': 4, 'channels': 16} (ints, floats, true/false/none, else str)."""
+    """['layers=4', 'channels=16'] -> {'layers': 4, 'channels': 16} (ints, floats, true/false/none, comma-separated
+    ints as a list ('hidden_sizes=500,500'), else str)."""
     out = {}
     for it in items or []:
         if "=" not in it:
@@ -21,6 +22,8 @@ def parse_model_args(items) -> dict:
             val = low == "true"
         elif low == "none":
             val = None
+        elif "," in v and all(p.strip().lstrip("-").isdigit() for p in v.split(",")):
+            val = [int(p) for p in v.split(",")]
         else:
             try:
                 val = int(v)

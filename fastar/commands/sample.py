@@ -45,9 +45,10 @@ def run(args) -> int:
     path = resolve_checkpoint(args.checkpoint)
     ckpt = checkpoint.load_checkpoint(path)
     name, w = ckpt["model"], writer_of(ckpt["model"])
-    if os.path.splitext(args.out)[1].lower() != w.ext:
-        raise ValueError(f"{path} holds an {registry.model_kind(name)} model ({name}); --out must end in {w.ext}, "
-                         f"got {args.out}")
+    exts = getattr(w, "exts", (w.ext,))
+    if os.path.splitext(args.out)[1].lower() not in exts:
+        raise ValueError(f"{path} holds an {registry.model_kind(name)} model ({name}); --out must end in "
+                         f"{' or '.join(exts)}, got {args.out}")
     model, ckpt = checkpoint.load_model(ckpt, device=device)
     gen = seeded(args.seed, device)
     x, dt = timed(lambda: draw(model, ckpt, args.n, args.method, gen, temperature=args.temperature,

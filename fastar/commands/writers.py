@@ -155,10 +155,12 @@ class WavClips:
 
 
 class NpyArray:
-    """Real-valued vectors (the ``vector`` kind): draws (n, D) values, written as one ``.npy`` array.
+    """Real-valued vectors (the ``vector`` kind): draws (n, D) values, written as one ``.npy`` array, or as
+    CSV (one row per draw, full float precision) when the path ends in ``.csv``.
     ``--prefix FILE.npy``: a (D,) or (n, D) array whose NaN entries are drawn and the rest given."""
 
     ext = ".npy"
+    exts = (".npy", ".csv")
     unit = "values"
     demo_n = 16
     cached_label, naive_label, speedup_label = "cached sampler", "naive sampler", "cached sampler"
@@ -191,9 +193,13 @@ class NpyArray:
     def write(self, x, path, info: dict, demo=False) -> str:
         import numpy as np
 
+        a = x.detach().cpu().numpy()
         with _writing(path):
             os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
-            np.save(str(path), x.detach().cpu().numpy())
+            if str(path).lower().endswith(".csv"):
+                np.savetxt(str(path), a.reshape(len(a), -1), delimiter=",", fmt="%.17g")
+            else:
+                np.save(str(path), a)
         return str(path)
 
     def demo_write(self, model, ckpt: dict, fast, path, ds, per_class=None, seed=0, progress=True):

@@ -33,6 +33,7 @@ class Dataset:
     test_labels: torch.Tensor | None = None
     num_classes: int | None = None
     sample_rate: int | None = None
+    train_probs: torch.Tensor | None = None   # stochastic binarisation: fresh training bits per batch
 
     def info(self) -> dict:
         """What a checkpoint records about the data (enough to sample without loading it)."""
@@ -147,6 +148,22 @@ DATASETS: dict[str, DataSource] = {
     "speech": DataSource("audio", _speech, "the alsa-utils speech WAVs, mu-law 256"),
     "patch_codes": DataSource("image", _patch_codes, "k-means codes (512) of the patches' 4x4 tiles, 8x8 a patch"),
 }
+
+
+def _tables():
+    from fastar.data import tables
+
+    DATASETS.update({
+        "binarized_mnist": DataSource("image", tables.binarized_mnist, "the 5,000 MNIST digits, stochastically "
+                                      "binarised (fresh training bits every epoch)"),
+        "wine": DataSource("vector", tables.wine, "scikit-learn's wine table, 178 x 13, standardised"),
+        "diabetes": DataSource("vector", tables.diabetes, "scikit-learn's diabetes table, 442 x 10, standardised"),
+        "digits_real": DataSource("vector", tables.digits_real, "the 8x8 digits dequantised to real values, "
+                                  "1,797 x 64, standardised"),
+    })
+
+
+_tables()
 
 
 def _source(name: str) -> DataSource:

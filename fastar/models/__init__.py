@@ -10,6 +10,8 @@ from fastar.models.fvsbn import FVSBN
 from fastar.models.pixelrnn import PixelRNN
 from fastar.models.pixelcnnpp import PixelCNNpp
 from fastar.models.pixelsnail import PixelSNAIL
+from fastar.models.made import MADE
+from fastar.models.nade import NADE, RNADE
 
-__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "PixelRNN", "PixelCNNpp", "PixelSNAIL", "SPECS", "ModelSpec",
-           "register"]
+__all__ = ["WaveNet", "PixelCNN", "GatedPixelCNN", "FVSBN", "PixelRNN", "PixelCNNpp", "PixelSNAIL", "MADE", "NADE",
+           "RNADE", "SPECS", "ModelSpec", "register"]

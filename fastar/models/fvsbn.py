@@ -104,7 +104,8 @@ def _config(data: dict) -> dict:
 
 
 register(ModelSpec(
-    name="fvsbn", cls=FVSBN, kind="image", datasets=("mnist", "digits"), default_config=_config, writer="png",
+    name="fvsbn", cls=FVSBN, kind="image", datasets=("mnist", "digits", "binarized_mnist"), default_config=_config,
+    writer="png",
     demo=dict(data="mnist", batch_size=64, lr=1e-2),
     tiny=(dict(config=dict(in_channels=1, height=2, width=3), shape=(2, 3)),
           dict(config=dict(in_channels=3, height=1, width=2), shape=(1, 2))),

@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module`` layers built on fastar ops."""
 from fastar.nn.masked_conv import MaskedConv2d
+from fastar.nn.masked_linear import MaskedLinear
 from fastar.nn.causal_conv import CausalConv1d
 from fastar.nn.gated import GatedMaskedConv2d
 from fastar.nn.shifted import (NIN, DownRightShiftedConv2d, DownRightShiftedConvTranspose2d, DownShiftedConv2d,
@@ -11,6 +12,6 @@ from fastar.nn.heads import (Bernoulli, Categorical, Categorical256, Discretized
 
 __all__ = ["MaskedConv2d", "CausalConv1d", "GatedMaskedConv2d", "DiscretizedMixLogistic", "Categorical256",
            "Head", "Bernoulli", "Categorical", "LogisticMixture", "GaussianMixture",
-           "RowLSTM", "DiagonalLSTM", "DiagonalBiLSTM", "CausalSelfAttention2d",
+           "RowLSTM", "DiagonalLSTM", "DiagonalBiLSTM", "CausalSelfAttention2d", "MaskedLinear",
            "DownShiftedConv2d", "DownRightShiftedConv2d", "DownShiftedConvTranspose2d",
            "DownRightShiftedConvTranspose2d", "NIN", "GatedResnet", "concat_elu"]

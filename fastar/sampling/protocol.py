@@ -29,7 +29,7 @@ step's parameters the engine asks for one step at a time. Examples:
 - LSTM state along a row or diagonal (PixelRNN): key "row" / "diag" at a row / diagonal start;
 - key/value caches (PixelSNAIL): "step", the cache appends K/V at ``run.t``;
 - multi-resolution caches updated every ``stride`` steps (PixelCNN++): key ``t % period``;
-- no cache (MADE/NADE with no incremental path): :class:`ForwardCache`, one full pass per step.
+- no cache (a model with no incremental path): :class:`ForwardCache`, one full pass per step.
 """
 from __future__ import annotations
 
