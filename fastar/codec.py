@@ -48,7 +48,7 @@ import zlib
 import numpy as np
 import torch
 
-__all__ = ["encode", "decode", "score", "best_labels", "nll_bits", "header", "FORMAT_VERSION", "MAX_SUPPORT",
+__all__ = ["encode", "decode", "check", "score", "best_labels", "nll_bits", "header", "FORMAT_VERSION", "MAX_SUPPORT",
            "PRECISION"]
 
 FORMAT_VERSION = 1
@@ -520,11 +520,10 @@ def _parse(data):
     return info, dict(hashes=hashes, kind=kind, hi=hi, cond=cond, start=r.pos, data=data)
 
 
-def decode(model, data: bytes, *, with_cond: bool = False, progress: bool = False):
-    """The x that :func:`encode` compressed, exactly (on the model's device, in the layout ``sample``
-    returns); with ``with_cond``, ``(x, cond)``. ValueError for a truncated, corrupt or foreign
-    file, for a file written with another model, and for one written under another dtype, device,
-    backend or build (see the module docstring)."""
+def check(model, data: bytes):
+    """ValueError unless ``data`` is a whole codec file written with this model in this environment
+    (the header's hashes and the checksum); the decoder's first step, also for finding the model of
+    a file. Returns the parsed header."""
     info, p = _parse(data)
     data = p["data"]
     env = _environment(model)
@@ -539,6 +538,16 @@ def decode(model, data: bytes, *, with_cond: bool = False, progress: bool = Fals
     if zlib.crc32(body, zlib.crc32(mhash + ehash)) != struct.unpack("<I", data[-4:])[0]:
         raise ValueError("fastar codec: checksum mismatch: the file is corrupt or truncated (or was written with "
                          "another model or environment)")
+    return info, p
+
+
+def decode(model, data: bytes, *, with_cond: bool = False, progress: bool = False):
+    """The x that :func:`encode` compressed, exactly (on the model's device, in the layout ``sample``
+    returns); with ``with_cond``, ``(x, cond)``. ValueError for a truncated, corrupt or foreign
+    file, for a file written with another model, and for one written under another dtype, device,
+    backend or build (see the module docstring)."""
+    info, p = check(model, data)
+    body = p["data"][:-4]
     payload = body[p["start"]:]
     payload += b"\0" * (-len(payload) % 4)
     words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
