@@ -22,12 +22,12 @@ The file (format 1), all integers little-endian or LEB128 varints::
 
     byte 0      0xF0 | format version
     byte 1      (model hash & 0xF) << 4 | (environment hash & 0xF)   (a quick, named refusal)
-    byte 2      flags: cond kind (2 bits), chunk == n (1 bit)
-    varints     n, [chunk], ndim, shape..., cond header (labels: their maximum; other: serialised)
+    byte 2      flags: cond kind (2 bits), chunk == n (1 bit), ndim (3 bits)
+    varints     n, [chunk], shape..., cond header (labels: their maximum; other: serialised)
     payload     the ANS words, little-endian, less up to 3 trailing zero bytes
     4 bytes     CRC-32 over the full model and environment hashes, the header and the payload
 
-So a one-digit file costs about 12 bytes beyond the ANS stream (itself about 3 bytes over the
+So a one-digit file costs 12 bytes beyond the ANS stream (itself about 3 bytes over the
 information). Class labels (int64 (n,) conds) are coded in the stream at log2(max + 1) bits each;
 any other conditioning is stored raw in the header. A truncated, corrupted or foreign file, the
 wrong model, or another environment is one :class:`ValueError`, before any decoding starts; and
@@ -154,14 +154,17 @@ def _get_cond(r: _Reader):
 
 def _model_hash(model) -> bytes:
     """SHA-256 of what the model computes with: its class, its module tree (every layer's
-    configuration, as ``repr`` shows it) and every parameter and buffer (names, dtypes, shapes, bits)."""
+    configuration, as ``repr`` shows it) and every parameter and buffer (names, shapes, values; the
+    floats as float64, so the same weights in another dtype hash alike: the dtype is the
+    environment's)."""
     h = hashlib.sha256()
     h.update(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}\n".encode())
     for name, t in model.state_dict().items():
-        a = t.detach().cpu().contiguous()
-        h.update(f"{name}|{a.dtype}|{list(a.shape)}\n".encode())
+        a = t.detach().cpu()
+        a = (a.double() if a.is_floating_point() else a.to(torch.int64)).contiguous()
+        h.update(f"{name}|{list(a.shape)}\n".encode())
         if a.numel():
-            h.update(a.view(torch.uint8).numpy().tobytes() if a.dtype != torch.bool else a.numpy().tobytes())
+            h.update(a.numpy().tobytes())
     return h.digest()
 
 
@@ -214,8 +217,10 @@ class _Support:
 
     def __init__(self, head, acc):
         name = type(head).__name__
+        vdt = head.value_dtype(acc)
         try:
-            sup = head.support(torch.float64)
+            # in the value dtype itself when it is a float: bin centres with the sampler's bits
+            sup = head.support(vdt if vdt.is_floating_point else torch.float64)
         except NotImplementedError:
             raise ValueError(f"fastar codec: the model's head ({name}) is continuous (no finite support): it has no "
                              "discrete probabilities to code with") from None
@@ -230,7 +235,7 @@ class _Support:
         if self.k < 2:
             raise ValueError(f"fastar codec: {name}'s support has {self.k} value(s); nothing to code")
         self.head = head
-        self.vdt = head.value_dtype(acc)
+        self.vdt = vdt
         self.values = sup.to(self.vdt)                      # (K, V)
         self.sorted = head.values == 1 and bool((self.values[1:, 0] > self.values[:-1, 0]).all())
 
@@ -302,26 +307,24 @@ def best_labels(model, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return _class_nll(model, x, k, batch).argmin(1)
 
 
-@torch.no_grad()
 def _class_nll(model, x, k, batch=256):
     dev, _ = _params_device(model)
-    was = model.training
-    model.eval()
-    try:
+
+    def work():
         out = []
         for a in range(0, x.shape[0], batch):
             xb = x[a:a + batch].to(dev)
             out.append(torch.stack([model.nll(xb, torch.full((xb.shape[0],), c, dtype=torch.int64, device=dev))
                                     for c in range(k)], 1).double().cpu())
         return torch.cat(out)
-    finally:
-        model.train(was)
+
+    return _coded(model, work)
 
 
-@torch.no_grad()
 def score(model, x: torch.Tensor, cond=None, batch: int = 256) -> torch.Tensor:
     """Bits per dimension of each example, (N,) float64: the model's exact NLL in bits over the
-    values an example holds. A class-conditional model given no labels scores the uniform mixture
+    values an example holds (the teacher-forced forward pass, on one pinned CPU thread, so a score
+    does not depend on the thread count). A class-conditional model given no labels scores the uniform mixture
     over its classes, -log2(mean_c p(x | c)) / D."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"score: x must be a batch (N, ...) tensor, got "
@@ -333,15 +336,12 @@ def score(model, x: torch.Tensor, cond=None, batch: int = 256) -> torch.Tensor:
         mix = -(torch.logsumexp(-nll, 1) - math.log(k))
         return mix / (D * math.log(2.0))
     dev, _ = _params_device(model)
-    was = model.training
-    model.eval()
-    try:
-        out = []
-        for a in range(0, x.shape[0], batch):
-            out.append(model.nll(x[a:a + batch].to(dev), _slice_cond(cond, x.shape[0], a, a + batch)).double().cpu())
-        return torch.cat(out) / (D * math.log(2.0))
-    finally:
-        model.train(was)
+
+    def work():
+        return torch.cat([model.nll(x[a:a + batch].to(dev), _slice_cond(cond, x.shape[0], a, a + batch)).double().cpu()
+                          for a in range(0, x.shape[0], batch)])
+
+    return _coded(model, work) / (D * math.log(2.0))
 
 
 def nll_bits(model, x: torch.Tensor, cond=None) -> float:
@@ -447,11 +447,13 @@ def encode(model, x: torch.Tensor, cond=None, *, chunk: int | None = None, progr
 
     head = bytearray([MAGIC | FORMAT_VERSION, ((mhash[0] & 0xF) << 4) | (ehash[0] & 0xF)])
     kind = _COND_NONE if cond is None else _COND_LABELS if labels else _COND_RAW
-    head.append(kind | (4 if chunk == n else 0))
+    if len(shape) > 7:
+        raise ValueError(f"encode: examples of at most 7 dimensions, got shape {list(shape)}")
+    head.append(kind | (4 if chunk == n else 0) | (len(shape) << 3))
     head += _varint(n)
     if chunk != n:
         head += _varint(chunk)
-    head += bytes([len(shape)]) + b"".join(_varint(s) for s in shape)
+    head += b"".join(_varint(s) for s in shape)
     if kind == _COND_LABELS:
         hi = int(cond.max())
         head += _varint(hi)
@@ -502,11 +504,11 @@ def _parse(data):
     hashes = r.byte()
     flags = r.byte()
     kind = flags & 3
-    if kind == 3 or flags & ~7:
+    if kind == 3 or flags & 0xC0:
         raise ValueError("fastar codec: the header's flags are malformed (corrupt file?)")
     n = r.varint()
     chunk = n if flags & 4 else r.varint()
-    ndim = r.byte()
+    ndim = (flags >> 3) & 7
     shape = tuple(r.varint() for _ in range(ndim))
     hi, cond = None, None
     if kind == _COND_LABELS:

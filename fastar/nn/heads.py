@@ -325,8 +325,9 @@ class DiscretizedMixLogistic(Head):
         return -discretized_mix_logistic_nll(x, p, self.k, num_bits=self.num_bits, reduction="none").reshape(-1)
 
     def support(self, dtype=torch.float64):
-        bins = 2 ** self.num_bits
-        centres = torch.arange(bins, dtype=dtype) * (2.0 / (bins - 1)) - 1.0
+        bins = 2 ** self.num_bits - 1
+        # (2 i - bins) / bins: one rounding of exact integers, the bits the sampler's centres have
+        centres = (torch.arange(bins + 1, dtype=dtype) * 2.0 - bins) / bins
         if self.channels == 1:
             return centres.unsqueeze(1)
         return torch.tensor(list(itertools.product(centres.tolist(), repeat=self.channels)), dtype=dtype)
