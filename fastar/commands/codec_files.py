@@ -97,11 +97,20 @@ def read_inputs(paths, model, ckpt, quantize=False) -> tuple[torch.Tensor, list[
             if a.dtype.kind not in "iub":
                 raise ValueError(f"{p}: a .npy input must hold integer codes, got dtype {a.dtype}")
             t = torch.from_numpy(a.astype(np.int64))
-            one = t.dim() == len(shape) or (kind == "image" and t.dim() == 2 and shape[0] == 1)
+            if kind == "image":
+                # (H, W) or (C, H, W): one image; (N, H, W) for a one-channel model, (N, C, H, W): a batch
+                if t.dim() == 2 and shape[0] == 1:
+                    t = t.unsqueeze(0)
+                one = t.dim() == 3 and t.shape[0] == shape[0]
+                if t.dim() == 3 and not one and shape[0] == 1:
+                    t = t.unsqueeze(1)
+            else:
+                one = t.dim() == len(shape)
             if one:
                 t = t.unsqueeze(0)
-            if kind == "image" and t.dim() == 3 and shape[0] == 1:
-                t = t.unsqueeze(1)
+            if t.dim() != len(shape) + 1:
+                raise ValueError(f"{p}: a .npy input holds one example of {len(shape)} dimensions or a batch of "
+                                 f"them, got shape {list(a.shape)}")
             xs.extend(t)
             names.extend([p] if one else [f"{p}[{i}]" for i in range(t.shape[0])])
         elif ext == ".png" and kind == "image":
@@ -112,7 +121,7 @@ def read_inputs(paths, model, ckpt, quantize=False) -> tuple[torch.Tensor, list[
             names.append(p)
         else:
             want = {"image": ".png or .npy", "audio": ".wav or .npy"}.get(kind, ".npy")
-            raise ValueError(f"{p}: a {kind} model reads {want} inputs")
+            raise ValueError(f"{p}: a model of {kind} data reads {want} inputs")
     if not xs:
         raise ValueError("no inputs given")
     first = tuple(xs[0].shape)

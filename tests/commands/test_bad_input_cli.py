@@ -182,6 +182,15 @@ ROWS = [
     ("ckpt-truncated", sample("truncated"), "not a readable fastar checkpoint: its archive is damaged"),
     ("ckpt-resume-no-config", ["train", "gated_pixelcnn", "--data", "digits", "--out", "{run_no_config}",
                                "--resume", "--no-progress"], "no 'config' entry"),
+    # --- the codec's commands: missing and foreign inputs, foreign and empty compressed files
+    ("compress-missing-input", ["compress", "{img}", "{tmp}/none.png", "-o", "{tmp}/c.fz", "--no-progress"],
+     "input not found: "),
+    ("compress-text-input", ["compress", "{img}", "{text}", "-o", "{tmp}/c.fz", "--no-progress"],
+     "a model of image data reads .png or .npy inputs"),
+    ("compress-class-unconditional", ["compress", "{wav}", "{tmp}/none.npy", "-o", "{tmp}/c.fz"], "input not found"),
+    ("decompress-foreign", ["decompress", "{text}", "-o", "{tmp}/d", "--no-progress"], "not a fastar codec file"),
+    ("decompress-empty", ["decompress", "{empty}", "-o", "{tmp}/d", "--no-progress"], "truncated"),
+    ("score-missing-input", ["score", "{img}", "{tmp}/none.png", "--no-progress"], "input not found: "),
 ]
 
 
