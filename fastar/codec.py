@@ -28,7 +28,8 @@ The file (format 1), all integers little-endian or LEB128 varints::
     4 bytes     CRC-32 over the full model and environment hashes, the header and the payload
 
 So a one-digit file costs 12 bytes beyond the ANS stream (itself about 3 bytes over the
-information). Class labels (int64 (n,) conds) are coded in the stream at log2(max + 1) bits each;
+information). Class labels (int64 (n,) conds) are coded in the stream at log2(max + 1) bits each
+(the maximum is in the header, so a single example's label costs no stream bits);
 any other conditioning is stored raw in the header. A truncated, corrupted or foreign file, the
 wrong model, or another environment is one :class:`ValueError`, before any decoding starts; and
 after decoding the ANS coder must be back at its empty start state (a decoder whose probabilities
@@ -346,9 +347,10 @@ def score(model, x: torch.Tensor, cond=None, batch: int = 256) -> torch.Tensor:
 
 def nll_bits(model, x: torch.Tensor, cond=None) -> float:
     """What :func:`encode` should cost, in bits: the model's NLL of x given cond (the teacher-forced
-    forward pass) plus log2(max + 1) bits for each class label it stores in the stream."""
+    forward pass) plus log2(max + 1) bits for each class label it stores in the stream (none for a
+    single example: its label is the header's maximum)."""
     bits = float(score(model, x, cond).sum()) * math.prod(x.shape[1:])
-    if _is_labels(cond, x.shape[0]):
+    if _is_labels(cond, x.shape[0]) and x.shape[0] > 1:
         bits += x.shape[0] * math.log2(int(cond.max()) + 1)
     return bits
 
@@ -396,6 +398,9 @@ def _encode_chunk(model, x, cond, shape, coder, progress, desc):
     sup = _Support(seq.head, run.acc)
     steps = run.given_values[:, run.slot_table.flatten()].view(n, seq.steps, -1)          # (N, T, V)
     idx = sup.index(steps)                                                             # (N, T)
+    # the run the decoder will have: no given values (they would choose another cache for some models)
+    run.given_values = run.given_mask = None
+    run.values.zero_()
     sup_vals = sup.values.to(run.device)
     freqs = np.empty((seq.steps, n, sup.k), dtype=np.float64)
 
@@ -403,7 +408,7 @@ def _encode_chunk(model, x, cond, shape, coder, progress, desc):
         freqs[t] = _freqs(seq.head, params)
         return sup_vals.index_select(0, idx[:, t])
 
-    back = sampling.drive(model, run, supply, progress=progress, desc=desc)
+    back = sampling.drive(model, run, supply, progress=progress, fused=None, desc=desc)
     if not torch.equal(back.to(x.device).to(x.dtype), x):
         raise ValueError("fastar codec: x is not exactly representable by the model's values (its values map to "
                          "other bins and would not decode to the same x)")
@@ -466,7 +471,7 @@ def encode(model, x: torch.Tensor, cond=None, *, chunk: int | None = None, progr
         for i, (a, b) in reversed(list(enumerate(parts))):       # a stack: the last chunk goes in first
             _encode_chunk(model, x[a:b], _slice_cond(cond, n, a, b), shape, coder, progress,
                           f"encoding {i + 1}/{len(parts)}" if len(parts) > 1 else "encoding")
-        if kind == _COND_LABELS and hi > 0:
+        if kind == _COND_LABELS and hi > 0 and n > 1:        # one label is the stored maximum itself
             coder.encode_reverse(cond.cpu().numpy().astype(np.int32), _uniform(hi + 1))
         return coder.get_compressed()
 
@@ -564,7 +569,7 @@ def decode(model, data: bytes, *, with_cond: bool = False, progress: bool = Fals
         cond = p["cond"]
         if p["kind"] == _COND_LABELS:
             hi = p["hi"]
-            cond = torch.zeros(n, dtype=torch.int64) if hi == 0 else \
+            cond = torch.full((n,), hi, dtype=torch.int64) if hi == 0 or n == 1 else \
                 torch.from_numpy(np.asarray(coder.decode(_uniform(hi + 1), n), dtype=np.int64))
         dev, _ = _params_device(model)
         cond_dev = _to(cond, dev)
@@ -584,7 +589,7 @@ def decode(model, data: bytes, *, with_cond: bool = False, progress: bool = Fals
                 return sup_vals.index_select(0, torch.from_numpy(s).to(sup_vals.device))
 
             try:
-                outs.append(sampling.drive(model, run, supply, progress=progress,
+                outs.append(sampling.drive(model, run, supply, progress=progress, fused=None,
                                            desc=f"decoding {i + 1}/{len(parts)}" if len(parts) > 1 else "decoding"))
             except ValueError:
                 raise

@@ -268,21 +268,25 @@ def cached_sample(model, run: GenerationRun, progress: bool = False, cuda_graphs
 
 
 @torch.no_grad()
-def drive(model, run: GenerationRun, supply, progress: bool = False, desc: str | None = None):
+def drive(model, run: GenerationRun, supply, progress: bool = False, desc: str | None = None,
+          fused: bool | None = False):
     """The cached decode loop with every step's values supplied by the caller instead of drawn: the
     seam of the codec (its encoder supplies the data, teacher-forced; its decoder supplies what the
     entropy coder decodes from each step's parameters). For each step t, ``supply(t, params (N, P))``
     returns the step's values (N, V) in the head's value dtype; they are written at the step's slots
     and fed back to the cache. Returns what ``sample`` returns.
 
-    Always the per-op path (``fused=False``: ``step`` / ``update``), one step a call, eager, on
-    the host step index, with no thread switching (pin the count around the call, e.g.
+    The path: the per-op ``step`` / ``update`` (``fused=False``), or (``fused=None``) the model's
+    default cache when it is per-op or a fused cache that ``reads_values`` (run one step a call, its
+    draw overwritten by the supplied values before the next step reads them). Eager, one step a call,
+    on the host step index, with no thread switching (pin the count around the call, e.g.
     :func:`fastar.threads.pinned`): two loops that are supplied the same values compute the same
     parameters bit for bit on one machine, build, thread count, dtype and device, and that is the
-    property the codec's encoder and decoder rest on. The run's given values and uniforms are not
-    read."""
-    cache = _allocate(model, run, False)
-    if cache.draws:
+    property the codec's encoder and decoder rest on. The run's given values are not read."""
+    cache = _allocate(model, run, fused)
+    if cache.draws and not cache.reads_values:
+        cache = _allocate(model, run, False)
+    if cache.draws and not cache.reads_values:
         raise ValueError(f"{type(model).__name__}'s inference cache has no per-op path (fused=False still draws "
                          "inside), so its step parameters cannot be read one step at a time")
     T = run.seq.steps
@@ -290,11 +294,16 @@ def drive(model, run: GenerationRun, supply, progress: bool = False, desc: str |
     try:
         for t in range(T):
             key, _ = cache.plan(t)
-            params = cache.step(key, t)
+            if cache.draws:
+                cache.advance(key, t, 1)            # draws into run.values[:, slots[t]] and moves run.t
+                params = cache.params
+            else:
+                params = cache.step(key, t)
             v = supply(t, params).to(run.values.dtype)
             run.values.index_copy_(1, run.slot_table[t], v)
-            cache.update(key, t, v)
-            run.t.add_(1)
+            if not cache.draws:
+                cache.update(key, t, v)
+                run.t.add_(1)
             bar.update()
     finally:
         bar.close()
