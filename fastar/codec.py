@@ -268,14 +268,14 @@ class _Support:
 def _freqs(head, params: torch.Tensor) -> np.ndarray:
     """A step's (N, P) parameters -> (N, K) integer frequencies (float64 holding integers) out of
     2**PRECISION, every one >= 1. The same tensor in gives the same bits out (the CPU thread count is
-    pinned around every caller)."""
-    lp = head.support_log_probs(params).to(torch.float64).cpu()
-    if not bool(torch.isfinite(lp.max(1).values).all()) or bool(torch.isnan(lp).any()):
+    pinned around every caller, and numpy's float64 exp and sums run the same way on the same shape)."""
+    lp = head.support_log_probs(params).detach().to("cpu", torch.float64).numpy()
+    top = lp.max(1, keepdims=True)
+    if not np.isfinite(top).all() or np.isnan(lp).any():
         raise ValueError("fastar codec: the model gives non-finite probabilities at a step (NaN or no mass)")
-    k = lp.shape[1]
-    p = torch.softmax(lp, 1)
-    f = torch.floor(p * float((1 << PRECISION) - k)) + 1.0
-    return f.numpy()
+    p = np.exp(lp - top)
+    p /= p.sum(1, keepdims=True)
+    return np.floor(p * float((1 << PRECISION) - lp.shape[1])) + 1.0
 
 
 def _slice_cond(cond, n, a, b):

@@ -367,3 +367,20 @@ def test_scores_held_out_digits_below_flipped_and_foreign_digits(prnn, digits):
     # the mixture score is a proper likelihood: at most log2(K)/D bits/dim above the true-label score
     true = codec.score(prnn, x, digits[1][::50][:10])
     assert bool((held - true <= math.log2(10) / 784 + 1e-9).all())
+
+
+def test_heads_the_codec_cannot_code_say_what_is_missing():
+    """A three-channel discretized logistic mixture draws R, G, B jointly (2**24 joint values a step, too many
+    for one symbol) and exposes no per-channel conditionals: refused with the reason. A one-channel mixture
+    is coded over its bins (the WaveNet mixture config above round-trips)."""
+    from fastar.nn.heads import DiscretizedMixLogistic, GaussianMixture
+
+    with pytest.raises(ValueError, match="jointly.*conditional"):
+        codec._Support(DiscretizedMixLogistic(2, channels=3), torch.float32)
+    with pytest.raises(ValueError, match="continuous"):
+        codec._Support(GaussianMixture(2), torch.float32)
+    one = codec._Support(DiscretizedMixLogistic(2, channels=1, num_bits=3), torch.float32)
+    assert one.k == 8 and one.values.dtype == torch.float32
+    p = torch.randn(4, 6, dtype=torch.float64)
+    lp = DiscretizedMixLogistic(2, channels=1, num_bits=3).support_log_probs(p)
+    torch.testing.assert_close(lp.exp().sum(1), torch.ones(4, dtype=torch.float64))
