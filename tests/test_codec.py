@@ -384,3 +384,27 @@ def test_heads_the_codec_cannot_code_say_what_is_missing():
     p = torch.randn(4, 6, dtype=torch.float64)
     lp = DiscretizedMixLogistic(2, channels=1, num_bits=3).support_log_probs(p)
     torch.testing.assert_close(lp.exp().sum(1), torch.ones(4, dtype=torch.float64))
+
+
+def test_bench_coders_round_trip_and_auroc():
+    """The bench's standard coders give back what they were given (so its sizes are of lossless files)."""
+    import shutil
+
+    import numpy as np
+
+    from fastar.bench import codec as bench
+
+    rng = np.random.default_rng(0)
+    bits = rng.random((28, 28)) < 0.2
+    assert np.array_equal(bench._png_decode(bench._png1(bits)) > 0, bits)
+    grey = bench._webp_decode(bench._webp(bits.astype(np.uint8) * 255, "L"))     # WebP holds grey as RGB
+    assert np.array_equal(grey[..., 0] > 0, bits) and (grey == grey[..., :1]).all()
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(bench._png_decode(bench._png(rgb, "RGB")), rgb)
+    assert np.array_equal(bench._webp_decode(bench._webp(rgb, "RGB")), rgb)
+    if shutil.which("pbmtojbg") and shutil.which("jbgtopbm"):
+        assert bench._jbig_decode(bench._jbig(bits, "pbmtojbg"), "jbgtopbm") == bench._pbm(bits)
+    for enc, dec in bench._GENERAL.values():
+        assert dec(enc(b"fastar" * 9)) == b"fastar" * 9
+    assert bench.auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4])) == 1.0
+    assert bench.auroc(torch.tensor([0.1, 0.3]), torch.tensor([0.2, 0.3])) == 0.625
