@@ -403,7 +403,9 @@ def test_bench_coders_round_trip_and_auroc():
     assert np.array_equal(bench._png_decode(bench._png(rgb, "RGB")), rgb)
     assert np.array_equal(bench._webp_decode(bench._webp(rgb, "RGB")), rgb)
     if shutil.which("pbmtojbg") and shutil.which("jbgtopbm"):
-        assert bench._jbig_decode(bench._jbig(bits, "pbmtojbg"), "jbgtopbm") == bench._pbm(bits)
+        raster = np.packbits(bits.astype(np.uint8), axis=1).tobytes()      # jbgtopbm pads its header otherwise
+        back = bench._jbig_decode(bench._jbig(bits, "pbmtojbg"), "jbgtopbm")
+        assert back.startswith(b"P4") and back.endswith(raster) and len(back) < len(raster) + 32
     for enc, dec in bench._GENERAL.values():
         assert dec(enc(b"fastar" * 9)) == b"fastar" * 9
     assert bench.auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4])) == 1.0
