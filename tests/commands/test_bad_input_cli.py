@@ -187,7 +187,7 @@ ROWS = [
      "input not found: "),
     ("compress-text-input", ["compress", "{img}", "{text}", "-o", "{tmp}/c.fz", "--no-progress"],
      "a model of image data reads .png or .npy inputs"),
-    ("compress-class-unconditional", ["compress", "{wav}", "{tmp}/none.npy", "-o", "{tmp}/c.fz"], "input not found"),
+    ("compress-missing-npy-audio", ["compress", "{wav}", "{tmp}/none.npy", "-o", "{tmp}/c.fz"], "input not found"),
     ("decompress-foreign", ["decompress", "{text}", "-o", "{tmp}/d", "--no-progress"], "not a fastar codec file"),
     ("decompress-empty", ["decompress", "{empty}", "-o", "{tmp}/d", "--no-progress"], "truncated"),
     ("score-missing-input", ["score", "{img}", "{tmp}/none.png", "--no-progress"], "input not found: "),
