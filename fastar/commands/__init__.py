@@ -8,8 +8,8 @@ as one line with exit status 2; out-of-range counts and seeds are refused by the
 of :mod:`fastar.commands.common` (argparse's one line, also exit status 2). Every such case is a
 row of ``tests/commands/test_bad_input_cli.py``.
 """
-from fastar.commands import bench, check, demo, info, sample, train
+from fastar.commands import bench, check, compress, decompress, demo, info, sample, score, train
 
-COMMANDS = (info, check, bench, demo, train, sample)
+COMMANDS = (info, check, bench, demo, train, sample, compress, decompress, score)
 
 __all__ = ["COMMANDS"]

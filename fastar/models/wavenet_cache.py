@@ -43,6 +43,7 @@ def _prime_length(run) -> int:
 
 class WaveNetFusedCache(InferenceCache):
     draws = True
+    reads_values = True     # a step reads the previous sample from run.values (the queues hold layer inputs)
 
     def __init__(self, model, run):
         super().__init__(run)

@@ -12,7 +12,10 @@ component) and how many uniforms its draw consumes (``uniforms``, U). Per step:
 * ``support() -> (K, V)`` every value a discrete step can take (exhaustive checks on tiny
   domains); continuous heads offer ``quadrature(params, m)`` instead, a grid that integrates
   their density (the contract suite checks each conditional integrates to one);
-* ``check_values(x, what)``: given values (a prefix, a prime) outside the support are a clear error.
+* ``check_values(x, what)``: given values (a prefix, a prime) outside the support are a clear error;
+* ``support_log_probs(params (N, P)) -> (N, K)``: the log-probability of every support value at once
+  (the codec's per-step distributions; a generic default over ``log_prob``, closed forms for
+  :class:`Bernoulli` and :class:`Categorical`).
 
 Over whole tensors (training): ``nll(x, params, reduction)`` with the layouts each class documents
 (images (B, P_total, H, W), audio (B, P, T), tables (B, P, D)), and ``sample(params, ...)``.
@@ -76,6 +79,16 @@ class Head(nn.Module):
     def support(self, dtype=torch.float64) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} is continuous: it has no finite support (see quadrature)")
 
+    def support_log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        """(N, K) log-probabilities (nats) of every value of ``support()`` (row k = support row k) under
+        each of the N steps' parameters: a discrete step's whole distribution at once (what an entropy
+        coder needs). This default evaluates ``log_prob`` on every (step, support value) pair; a head
+        with a closed form overrides it. Continuous heads have no finite support: NotImplementedError."""
+        sup = self.support(params.dtype).to(params.device)                         # (K, V)
+        n, k = params.shape[0], sup.shape[0]
+        vals = sup.to(self.value_dtype(params.dtype)).unsqueeze(0).expand(n, k, sup.shape[1]).reshape(n * k, -1)
+        return self.log_prob(params.repeat_interleave(k, 0), vals).view(n, k)
+
     def quadrature(self, params: torch.Tensor, m: int = 2001):
         raise NotImplementedError(f"{type(self).__name__} is discrete: enumerate support() instead")
 
@@ -134,6 +147,10 @@ class Bernoulli(_DiscreteCodes):
     def log_prob(self, params, values):
         return -F.binary_cross_entropy_with_logits(params[:, 0], values[:, 0].to(params.dtype), reduction="none")
 
+    def support_log_probs(self, params):
+        lg = params[:, 0]
+        return torch.stack([F.logsigmoid(-lg), F.logsigmoid(lg)], 1)
+
     def nll(self, x, logits, reduction="sum"):
         """x of the logits' shape (B, ...) in {0, 1}; nats summed per item."""
         per = F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none")
@@ -187,6 +204,9 @@ class Categorical(_DiscreteCodes):
 
     def log_prob(self, params, values):
         return -F.cross_entropy(params, values[:, 0], reduction="none")
+
+    def support_log_probs(self, params):
+        return torch.log_softmax(params, 1)
 
     def _split(self, name: str, logits: torch.Tensor) -> torch.Tensor:
         """(B, C * V, *S) -> (B, C, V, *S)."""
@@ -305,8 +325,9 @@ class DiscretizedMixLogistic(Head):
         return -discretized_mix_logistic_nll(x, p, self.k, num_bits=self.num_bits, reduction="none").reshape(-1)
 
     def support(self, dtype=torch.float64):
-        bins = 2 ** self.num_bits
-        centres = torch.arange(bins, dtype=dtype) * (2.0 / (bins - 1)) - 1.0
+        bins = 2 ** self.num_bits - 1
+        # (2 i - bins) / bins: one rounding of exact integers, the bits the sampler's centres have
+        centres = (torch.arange(bins + 1, dtype=dtype) * 2.0 - bins) / bins
         if self.channels == 1:
             return centres.unsqueeze(1)
         return torch.tensor(list(itertools.product(centres.tolist(), repeat=self.channels)), dtype=dtype)

@@ -26,7 +26,7 @@ import torch
 from fastar.sampling.protocol import ForwardCache, GenerationRun, Sequence
 from fastar.threads import StepThreads
 
-__all__ = ["sample", "prepare", "cached_sample", "naive_sample", "GraphRunner", "progress_bar"]
+__all__ = ["sample", "prepare", "cached_sample", "naive_sample", "drive", "GraphRunner", "progress_bar"]
 
 
 class _NoBar:
@@ -268,6 +268,49 @@ def cached_sample(model, run: GenerationRun, progress: bool = False, cuda_graphs
     bar.close()
     out = run.seq.finish_values(run.values)
     return (out, torch.stack(recs)) if recs is not None else out
+
+
+@torch.no_grad()
+def drive(model, run: GenerationRun, supply, progress: bool = False, desc: str | None = None,
+          fused: bool | None = False):
+    """The cached decode loop with every step's values supplied by the caller instead of drawn: the
+    seam of the codec (its encoder supplies the data, teacher-forced; its decoder supplies what the
+    entropy coder decodes from each step's parameters). For each step t, ``supply(t, params (N, P))``
+    returns the step's values (N, V) in the head's value dtype; they are written at the step's slots
+    and fed back to the cache. Returns what ``sample`` returns.
+
+    The path: the per-op ``step`` / ``update`` (``fused=False``), or (``fused=None``) the model's
+    default cache when it is per-op or a fused cache that ``reads_values`` (run one step a call, its
+    draw overwritten by the supplied values before the next step reads them). Eager, one step a call,
+    on the host step index, with no thread switching (pin the count around the call, e.g.
+    :func:`fastar.threads.pinned`): two loops that are supplied the same values compute the same
+    parameters bit for bit on one machine, build, thread count, dtype and device, and that is the
+    property the codec's encoder and decoder rest on. The run's given values are not read."""
+    cache = _allocate(model, run, fused)
+    if cache.draws and not cache.reads_values:
+        cache = _allocate(model, run, False)
+    if cache.draws and not cache.reads_values:
+        raise ValueError(f"{type(model).__name__}'s inference cache has no per-op path (fused=False still draws "
+                         "inside), so its step parameters cannot be read one step at a time")
+    T = run.seq.steps
+    bar = progress_bar(T, progress, desc or f"{type(model).__name__} steps")
+    try:
+        for t in range(T):
+            key, _ = cache.plan(t)
+            if cache.draws:
+                cache.advance(key, t, 1)            # draws into run.values[:, slots[t]] and moves run.t
+                params = cache.params
+            else:
+                params = cache.step(key, t)
+            v = supply(t, params).to(run.values.dtype)
+            run.values.index_copy_(1, run.slot_table[t], v)
+            if not cache.draws:
+                cache.update(key, t, v)
+                run.t.add_(1)
+            bar.update()
+    finally:
+        bar.close()
+    return run.seq.finish_values(run.values)
 
 
 @torch.no_grad()

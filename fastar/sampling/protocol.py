@@ -156,6 +156,11 @@ class InferenceCache:
 
     draws = False
     capturable = True       # every step reads its position from device tensors (CUDA graphs allowed)
+    # A fused cache whose ``advance(key, t, 1)`` reads every earlier value from ``run.values`` when the
+    # step starts (nothing it drew is kept elsewhere), so a value written into ``run.values`` after the
+    # call replaces the drawn one for every later step: what lets :func:`fastar.sampling.drive` run it
+    # with supplied values. Checked for every family that sets it (tests/test_codec.py).
+    reads_values = False
     params: torch.Tensor | None = None
 
     def __init__(self, run: GenerationRun):

@@ -205,6 +205,15 @@ ROWS = [
     ("check-device", ["check", "--device", "tpu"], "device must be 'cpu', 'cuda'"),
     ("ckpt-resume-no-config", ["train", "gated_pixelcnn", "--data", "digits", "--out", "{run_no_config}",
                                "--resume", "--no-progress"], "no 'config' entry"),
+    # --- the codec's commands: missing and foreign inputs, foreign and empty compressed files
+    ("compress-missing-input", ["compress", "{img}", "{tmp}/none.png", "-o", "{tmp}/c.fz", "--no-progress"],
+     "input not found: "),
+    ("compress-text-input", ["compress", "{img}", "{text}", "-o", "{tmp}/c.fz", "--no-progress"],
+     "a model of image data reads .png or .npy inputs"),
+    ("compress-missing-npy-audio", ["compress", "{wav}", "{tmp}/none.npy", "-o", "{tmp}/c.fz"], "input not found"),
+    ("decompress-foreign", ["decompress", "{text}", "-o", "{tmp}/d", "--no-progress"], "not a fastar codec file"),
+    ("decompress-empty", ["decompress", "{empty}", "-o", "{tmp}/d", "--no-progress"], "truncated"),
+    ("score-missing-input", ["score", "{img}", "{tmp}/none.png", "--no-progress"], "input not found: "),
 ]
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from fastar.models import SPECS, ModelSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GENERIC = ["fastar/cli.py", "fastar/train.py", "fastar/registry.py", "fastar/checkpoint.py",
+GENERIC = ["fastar/cli.py", "fastar/train.py", "fastar/registry.py", "fastar/checkpoint.py", "fastar/codec.py",
            "fastar/checkpoints/__init__.py", "fastar/data/sets.py", *sorted(glob.glob("fastar/commands/*.py", root_dir=ROOT))]
 
 
@@ -42,7 +42,7 @@ def test_the_old_door_is_gone():
     from fastar.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert list(sub.choices) == ["info", "bench", "demo", "train", "sample"]
+    assert list(sub.choices) == ["info", "bench", "demo", "train", "sample", "compress", "decompress", "score"]
 
 
 # ---------------------------------------------------------------------------- a family added in a test
