@@ -342,5 +342,5 @@ register(ModelSpec(
           dict(config=dict(in_channels=1, nr_resnet=1, nr_filters=4, nr_logistic_mix=2, dropout=0.0, num_bits=1),
                shape=(3, 4)),
           dict(config=dict(in_channels=1, nr_resnet=1, nr_filters=4, nr_logistic_mix=1, dropout=0.0, num_bits=1,
-                           num_classes=3), shape=(2, 3), cond=1)),
+                           num_classes=3), shape=(3, 4), cond=1)),
     description="PixelCNN++: down/down-right shifted streams over three resolutions, discretized logistic mixture"))

@@ -110,7 +110,9 @@ class MadeState:
         self.codes = torch.zeros(n, D, dtype=torch.int64, device=device)
         self.hidden = torch.zeros(K, n, D + sum(H), dtype=dtype, device=device)
         self.hidden[:, :, D:] = hid_b.to(device, dtype)[:, None, :]
-        self.acc = out_b.to(device, dtype)[:, None, :].expand(K, n, D * P).contiguous()
+        # A copy always: at n = 1 the expanded view is already contiguous, and .contiguous() would hand back the
+        # (cached) output biases themselves for the sampler to overwrite.
+        self.acc = out_b.to(device, dtype)[:, None, :].expand(K, n, D * P).clone(memory_format=torch.contiguous_format)
         self.logw = torch.zeros(K, n, dtype=dtype, device=device)
         self.params = torch.zeros(n, P, dtype=dtype, device=device)
 

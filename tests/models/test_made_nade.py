@@ -267,3 +267,20 @@ def test_rnade_and_nade_bad_input():
         n.nll(torch.full((1, 4), 3))
     with pytest.raises(ValueError, match="hidden"):
         NADE(4, 0)
+
+
+def test_a_batch_of_one_leaves_the_packed_weights_alone():
+    """At n = 1 the sampler's accumulator must be a copy of the cached output biases, not a view of them
+    (found by the codec's chunked round trip: a one-example sample corrupted every later one)."""
+    from fastar.models import SPECS
+
+    tiny = SPECS["made"].tiny[0]
+    torch.manual_seed(0)
+    a = SPECS["made"].cls(**tiny["config"]).double().eval()
+    torch.manual_seed(0)
+    b = SPECS["made"].cls(**tiny["config"]).double().eval()
+    for _ in range(2):
+        a.sample(1, tiny["shape"], generator=torch.Generator().manual_seed(1), progress=False)
+    got = a.sample(4, tiny["shape"], generator=torch.Generator().manual_seed(2), progress=False)
+    want = b.sample(4, tiny["shape"], generator=torch.Generator().manual_seed(2), progress=False)
+    assert torch.equal(got, want)
