@@ -279,8 +279,11 @@ def test_a_batch_of_one_leaves_the_packed_weights_alone():
     a = SPECS["made"].cls(**tiny["config"]).double().eval()
     torch.manual_seed(0)
     b = SPECS["made"].cls(**tiny["config"]).double().eval()
-    for _ in range(2):
-        a.sample(1, tiny["shape"], generator=torch.Generator().manual_seed(1), progress=False)
-    got = a.sample(4, tiny["shape"], generator=torch.Generator().manual_seed(2), progress=False)
-    want = b.sample(4, tiny["shape"], generator=torch.Generator().manual_seed(2), progress=False)
-    assert torch.equal(got, want)
+    for fused in (None, False):
+        for _ in range(2):
+            a.sample(1, tiny["shape"], generator=torch.Generator().manual_seed(1), progress=False, fused=fused)
+        got = a.sample(4, tiny["shape"], generator=torch.Generator().manual_seed(2), progress=False, fused=fused,
+                       return_params=True)
+        want = b.sample(4, tiny["shape"], generator=torch.Generator().manual_seed(2), progress=False, fused=fused,
+                        return_params=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
