@@ -423,6 +423,28 @@ def _case_pixelcnnpp_step(device, dtype, special, g):
     return fn, (m,)
 
 
+def _case_made_step(device, dtype, special, g):
+    """A tiny MADE (two hidden layers, direct connections, two masks sharing one ordering, 3 levels), drawn
+    in one fused call with the kernel and the twin."""
+    from fastar import sampling
+    from fastar.models import MADE
+
+    torch.manual_seed(0)
+    m = MADE(6, [9, 8], levels=3, num_masks=2, natural_ordering=True, connectivity="agnostic", direct=True,
+             seed=1).to(device, dtype)
+    m.eval()
+    if special:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(6.0)
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=g))
+
+    def fn(model):
+        return list(sampling.sample(model, 3, (6,), None, torch.Generator().manual_seed(seed), progress=False,
+                                    return_params=True, cuda_graphs=False, fused=True))
+    return fn, (m,)
+
+
 def _op_dtypes(module_attr):
     def get(device_type):
         mod, attr = module_attr
@@ -452,6 +474,7 @@ OP_CASES = {
     "gated_pixelcnn_step": (_model_case("gated_pixelcnn"),
                             _op_dtypes(("fastar.ops.gated_pixelcnn", "KERNEL_DTYPES")), ()),
     "pixelrnn_step": (_case_pixelrnn_step, _op_dtypes(("fastar.ops.pixelrnn", "KERNEL_DTYPES")), ()),
+    "made_sample_steps": (_case_made_step, _op_dtypes(("fastar.ops.made", "KERNEL_DTYPES")), ()),
     "pixelcnnpp_ul_step": (_case_pixelcnnpp_step, _op_dtypes(("fastar.ops.pixelcnnpp", "KERNEL_DTYPES")), ()),
 }
 

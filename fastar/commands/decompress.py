@@ -7,7 +7,7 @@ NAME = "decompress"
 def add_parser(sub) -> None:
     p = sub.add_parser(NAME, help="decode a `fastar compress` file into DIR (one PNG / WAV / .npy per input)")
     p.add_argument("file", metavar="FILE", help="a file written by `fastar compress`")
-    p.add_argument("-o", "--out", required=True, help="the folder to write into (made if missing)")
+    p.add_argument("-o", "--out", required=True, help="the folder to write into (created if missing)")
     p.add_argument("--checkpoint", default=None, help="the checkpoint the file was written with (default: the "
                                                       "shipped checkpoint that matches it)")
     p.add_argument("--format", choices=["png", "wav", "npy"], default=None,

@@ -42,7 +42,8 @@ def test_the_old_door_is_gone():
     from fastar.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert list(sub.choices) == ["info", "bench", "demo", "train", "sample", "compress", "decompress", "score"]
+    assert list(sub.choices) == ["info", "check", "bench", "demo", "train", "sample", "compress", "decompress",
+                                 "score"]
 
 
 # ---------------------------------------------------------------------------- a family added in a test
