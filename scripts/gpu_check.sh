@@ -223,7 +223,7 @@ export -f selfcheck
 TEST_EXPR=${FASTAR_GPU_CHECK_TEST_EXPR:-"(cuda and not cpu) or test_info_reports_compiled_kernels"}
 TEST_FILES=${FASTAR_GPU_CHECK_TEST_FILES:-"tests/ops/test_masked_conv.py tests/ops/test_masked_conv_at.py
   tests/ops/test_mixture.py tests/ops/test_pixel_step.py tests/ops/test_pixelrnn_step.py tests/ops/test_wavenet_step.py
-  tests/ops/test_lstm_scan.py
+  tests/ops/test_lstm_scan.py tests/ops/test_made.py tests/models/test_pixelsnail.py
   tests/ops/test_lstm_scan_cuda.py tests/sampling/test_sampling.py tests/models/test_contract.py
   tests/models/test_wavenet.py tests/package/test_backend.py"}
 export TEST_EXPR TEST_FILES

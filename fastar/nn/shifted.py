@@ -79,6 +79,15 @@ class _WeightNormed(nn.Module):
         shape[self.out_dim] = -1
         return v * (self.weight_g / v.pow(2).sum(dims).sqrt()).view(shape)
 
+    def _conv_args(self, in_channels, out_channels, kernel_size, stride):
+        """Check and keep the constructor's sizes (every layer here takes the same four)."""
+        name = type(self).__name__
+        self.in_channels = _positive(name, "in_channels", in_channels)
+        self.out_channels = _positive(name, "out_channels", out_channels)
+        self.kernel_size = _pair(kernel_size, name, "kernel_size")
+        self.stride = _pair(stride, name, "stride")
+        return self.kernel_size
+
     def _check_input(self, x, channels):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"{type(self).__name__}: x must be a map (N, {channels}, H, W), got shape "
@@ -90,12 +99,7 @@ class WeightNormConv2d(_WeightNormed):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=(2, 3), stride=1):
         super().__init__()
-        name = type(self).__name__
-        self.in_channels = _positive(name, "in_channels", in_channels)
-        self.out_channels = _positive(name, "out_channels", out_channels)
-        self.kernel_size = _pair(kernel_size, name, "kernel_size")
-        self.stride = _pair(stride, name, "stride")
-        kh, kw = self.kernel_size
+        kh, kw = self._conv_args(in_channels, out_channels, kernel_size, stride)
         self._init_weight((out_channels, in_channels, kh, kw), in_channels * kh * kw)
 
     def padding(self):
@@ -161,12 +165,7 @@ class _ShiftedConvTranspose2d(_WeightNormed):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=2):
         super().__init__()
-        name = type(self).__name__
-        self.in_channels = _positive(name, "in_channels", in_channels)
-        self.out_channels = _positive(name, "out_channels", out_channels)
-        self.kernel_size = _pair(kernel_size, name, "kernel_size")
-        self.stride = _pair(stride, name, "stride")
-        kh, kw = self.kernel_size
+        kh, kw = self._conv_args(in_channels, out_channels, kernel_size, stride)
         self._init_weight((in_channels, out_channels, kh, kw), out_channels * kh * kw)
 
     crop_left = 0
