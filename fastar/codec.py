@@ -213,15 +213,48 @@ def _params_device(model):
     return p.device, p.dtype
 
 
+def _nearest(sorted_vals: torch.Tensor, flat: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Indices of flat's values in the increasing sorted_vals (the nearest, as a continuous head's bin centres
+    may differ from the data's by a rounding; with ``exact`` every value must be there)."""
+    k = sorted_vals.shape[0]
+    idx = torch.searchsorted(sorted_vals, flat).clamp_(0, k - 1)
+    lo = (idx - 1).clamp(min=0)
+    near = torch.where((sorted_vals[lo] - flat).abs() <= (sorted_vals[idx] - flat).abs(), lo, idx)
+    if exact and not bool((sorted_vals[near] == flat).all()):
+        raise ValueError("fastar codec: x holds values outside the model's support")
+    return near
+
+
+def _has_value_conditionals(head) -> bool:
+    from fastar.nn.heads import Head
+
+    return type(head).value_log_probs is not Head.value_log_probs
+
+
 class _Support:
-    """A head's support as symbols: value rows <-> symbol indices."""
+    """A head's step as symbols. Joint: one symbol a step over ``support()`` (value rows <-> symbol
+    indices). Sequential (a head that draws V > 1 values jointly and gives their chain-rule factors,
+    ``value_log_probs``): V symbols a step, value j over ``value_support(j)``."""
 
     def __init__(self, head, acc):
         name = type(head).__name__
         vdt = head.value_dtype(acc)
+        fdt = vdt if vdt.is_floating_point else torch.float64     # float values: bin centres with the sampler's bits
+        self.head, self.vdt = head, vdt
+        self.sequential = head.values > 1 and _has_value_conditionals(head)
+        if self.sequential:
+            self.columns = []
+            for j in range(head.values):
+                col = head.value_support(j, fdt)
+                if col.dim() != 1 or not 2 <= col.shape[0] <= MAX_SUPPORT or not bool((col[1:] > col[:-1]).all()):
+                    raise ValueError(f"fastar codec: {name}.value_support({j}) must be an increasing (L,) tensor of "
+                                     f"2 to {MAX_SUPPORT} values, got shape {list(col.shape)}")
+                self.columns.append(col.to(vdt))
+            self.sizes = [c.shape[0] for c in self.columns]
+            self.k = sum(self.sizes)                          # distribution entries a step (the memory budget)
+            return
         try:
-            # in the value dtype itself when it is a float: bin centres with the sampler's bits
-            sup = head.support(vdt if vdt.is_floating_point else torch.float64)
+            sup = head.support(fdt)
         except NotImplementedError:
             raise ValueError(f"fastar codec: the model's head ({name}) is continuous (no finite support): it has no "
                              "discrete probabilities to code with") from None
@@ -231,29 +264,23 @@ class _Support:
         if self.k > MAX_SUPPORT:
             raise ValueError(
                 f"fastar codec: one step of {name} takes {self.k} joint values (its {head.values} values are drawn "
-                f"jointly), more than the coder's {MAX_SUPPORT} per symbol; coding it would need the head to give "
-                "each value's conditional given the step's earlier values, which it does not expose")
+                f"jointly), more than the coder's {MAX_SUPPORT} per symbol, and the head gives no per-value "
+                "conditionals (value_log_probs) to code them one at a time")
         if self.k < 2:
             raise ValueError(f"fastar codec: {name}'s support has {self.k} value(s); nothing to code")
-        self.head = head
-        self.vdt = vdt
         self.values = sup.to(self.vdt)                      # (K, V)
         self.sorted = head.values == 1 and bool((self.values[1:, 0] > self.values[:-1, 0]).all())
 
     def index(self, v: torch.Tensor) -> torch.Tensor:
-        """(N, T, V) values -> (N, T) int64 symbols; ValueError for a value outside the support."""
+        """(N, T, V) values -> symbols: (N, T) int64 (joint), (N, T, V) (sequential); ValueError for a value
+        outside the support."""
+        exact = self.head.discrete
+        if self.sequential:
+            return torch.stack([_nearest(c.to(v.device), v[..., j].contiguous(), exact)
+                                for j, c in enumerate(self.columns)], -1)
         sup = self.values.to(v.device)
         if self.sorted:
-            flat = v[..., 0].contiguous()
-            idx = torch.searchsorted(sup[:, 0].contiguous(), flat).clamp_(0, self.k - 1)
-            lo = (idx - 1).clamp(min=0)
-            # nearest bin (a continuous head's bin centres may differ from the data's by a rounding)
-            near = torch.where((sup[lo, 0] - flat).abs() <= (sup[idx, 0] - flat).abs(), lo, idx)
-            if not self.head.discrete:
-                return near
-            if not bool((sup[near, 0] == flat).all()):
-                raise ValueError("fastar codec: x holds values outside the model's support")
-            return near
+            return _nearest(sup[:, 0].contiguous(), v[..., 0].contiguous(), exact)
         n, t, V = v.shape
         out = torch.empty(n * t, dtype=torch.int64, device=v.device)
         flat = v.reshape(-1, V)
@@ -265,11 +292,11 @@ class _Support:
         return out.view(n, t)
 
 
-def _freqs(head, params: torch.Tensor) -> np.ndarray:
-    """A step's (N, P) parameters -> (N, K) integer frequencies (float64 holding integers) out of
-    2**PRECISION, every one >= 1. The same tensor in gives the same bits out (the CPU thread count is
-    pinned around every caller, and numpy's float64 exp and sums run the same way on the same shape)."""
-    lp = head.support_log_probs(params).detach().to("cpu", torch.float64).numpy()
+def _freqs(lp: torch.Tensor) -> np.ndarray:
+    """(N, K) log-probabilities of a step's values -> (N, K) integer frequencies (float64 holding integers)
+    out of 2**PRECISION, every one >= 1. The same tensor in gives the same bits out (the CPU thread count
+    is pinned around every caller, and numpy's float64 exp and sums run the same way on the same shape)."""
+    lp = lp.detach().to("cpu", torch.float64).numpy()
     top = lp.max(1, keepdims=True)
     if not np.isfinite(top).all() or np.isnan(lp).any():
         raise ValueError("fastar codec: the model gives non-finite probabilities at a step (NaN or no mass)")
@@ -397,23 +424,50 @@ def _encode_chunk(model, x, cond, shape, coder, progress, desc):
     seq = run.seq
     sup = _Support(seq.head, run.acc)
     steps = run.given_values[:, run.slot_table.flatten()].view(n, seq.steps, -1)          # (N, T, V)
-    idx = sup.index(steps)                                                             # (N, T)
+    idx = sup.index(steps)                                                             # (N, T[, V])
     # the run the decoder will have: no given values (they would choose another cache for some models)
     run.given_values = run.given_mask = None
     run.values.zero_()
-    sup_vals = sup.values.to(run.device)
-    freqs = np.empty((seq.steps, n, sup.k), dtype=np.float64)
+    head = seq.head
+    if sup.sequential:
+        cols = [c.to(run.device) for c in sup.columns]
+        same = len(set(sup.sizes)) == 1
+        freqs = np.empty((seq.steps, len(cols), n, sup.sizes[0]), dtype=np.float64) if same else \
+            [np.empty((seq.steps, n, L), dtype=np.float64) for L in sup.sizes]
 
-    def supply(t, params):
-        freqs[t] = _freqs(seq.head, params)
-        return sup_vals.index_select(0, idx[:, t])
+        def supply(t, params):
+            v = torch.stack([c.index_select(0, idx[:, t, j]) for j, c in enumerate(cols)], 1)   # (N, V)
+            for j in range(len(cols)):
+                f = _freqs(head.value_log_probs(params, j, v[:, :j]))
+                if same:
+                    freqs[t, j] = f
+                else:
+                    freqs[j][t] = f
+            return v
+    else:
+        sup_vals = sup.values.to(run.device)
+        freqs = np.empty((seq.steps, n, sup.k), dtype=np.float64)
+
+        def supply(t, params):
+            freqs[t] = _freqs(head.support_log_probs(params))
+            return sup_vals.index_select(0, idx[:, t])
 
     back = sampling.drive(model, run, supply, progress=progress, fused=None, desc=desc)
     if not torch.equal(back.to(x.device).to(x.dtype), x):
         raise ValueError("fastar codec: x is not exactly representable by the model's values (its values map to "
                          "other bins and would not decode to the same x)")
-    syms = idx.t().contiguous().view(-1).cpu().numpy().astype(np.int32)               # step-major
-    coder.encode_reverse(syms, _family(), freqs.reshape(-1, sup.k))
+    fam = _family()
+    if not sup.sequential:
+        syms = idx.t().contiguous().view(-1).cpu().numpy().astype(np.int32)               # step-major
+        coder.encode_reverse(syms, fam, freqs.reshape(-1, sup.k))
+        return
+    syms = idx.permute(1, 2, 0).contiguous().cpu().numpy().astype(np.int32)           # (T, V, N): decode order
+    if same:
+        coder.encode_reverse(syms.reshape(-1), fam, freqs.reshape(-1, sup.sizes[0]))
+        return
+    for t in reversed(range(seq.steps)):                      # a stack: the last symbol goes in first
+        for j in reversed(range(len(sup.sizes))):
+            coder.encode_reverse(syms[t, j], fam, freqs[j][t])
 
 
 def encode(model, x: torch.Tensor, cond=None, *, chunk: int | None = None, progress: bool = False) -> bytes:
@@ -579,14 +633,7 @@ def decode(model, data: bytes, *, with_cond: bool = False, progress: bool = Fals
             g = torch.Generator().manual_seed(0)
             run = sampling.prepare(model, b - a, shape, _slice_cond(cond_dev, n, a, b), g)
             seq = run.seq
-            sup = _Support(seq.head, run.acc)
-            sup_vals = sup.values.to(run.device)
-            fam = _family()
-
-            def supply(t, params, seq=seq, sup_vals=sup_vals, fam=fam):
-                f = _freqs(seq.head, params)
-                s = np.asarray(coder.decode(fam, f), dtype=np.int64)
-                return sup_vals.index_select(0, torch.from_numpy(s).to(sup_vals.device))
+            supply = _decoder_supply(_Support(seq.head, run.acc), coder, b - a, run.device)
 
             try:
                 outs.append(sampling.drive(model, run, supply, progress=progress, fused=None,
@@ -603,6 +650,27 @@ def decode(model, data: bytes, *, with_cond: bool = False, progress: bool = Fals
 
     x, cond = _coded(model, work)
     return (x, cond) if with_cond else x
+
+
+def _decoder_supply(sup, coder, n, device):
+    """The decoder's supply(t, params): each step's values decoded from the ANS stack, in the order the
+    encoder pushed them (joint: one symbol a step; sequential: value 0, then 1 given 0, ...)."""
+    head, fam = sup.head, _family()
+
+    def symbols(lp):
+        return torch.from_numpy(np.asarray(coder.decode(fam, _freqs(lp)), dtype=np.int64)).to(device)
+
+    if not sup.sequential:
+        sup_vals = sup.values.to(device)
+        return lambda t, params: sup_vals.index_select(0, symbols(head.support_log_probs(params)))
+    cols = [c.to(device) for c in sup.columns]
+
+    def supply(t, params):
+        v = torch.empty(n, len(cols), dtype=sup.vdt, device=device)
+        for j, c in enumerate(cols):
+            v[:, j] = c.index_select(0, symbols(head.value_log_probs(params, j, v[:, :j])))
+        return v
+    return supply
 
 
 def _to(cond, dev):

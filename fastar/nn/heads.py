@@ -15,7 +15,11 @@ component) and how many uniforms its draw consumes (``uniforms``, U). Per step:
 * ``check_values(x, what)``: given values (a prefix, a prime) outside the support are a clear error;
 * ``support_log_probs(params (N, P)) -> (N, K)``: the log-probability of every support value at once
   (the codec's per-step distributions; a generic default over ``log_prob``, closed forms for
-  :class:`Bernoulli` and :class:`Categorical`).
+  :class:`Bernoulli` and :class:`Categorical`);
+* ``value_support(j)`` / ``value_log_probs(params (N, P), j, prev (N, j)) -> (N, L)``: the chain-rule
+  factors of a step that draws V > 1 values jointly, value j's alphabet and its log-probabilities given
+  the step's earlier values (:class:`DiscretizedMixLogistic`: R, then G given R, then B given R and G),
+  so the codec codes V symbols of L values instead of one of L**V.
 
 Over whole tensors (training): ``nll(x, params, reduction)`` with the layouts each class documents
 (images (B, P_total, H, W), audio (B, P, T), tables (B, P, D)), and ``sample(params, ...)``.
@@ -34,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastar.ops.mixture import categorical_sample, discretized_mix_logistic_nll, sample_discretized_mix_logistic
+from fastar.ops.mixture import (categorical_sample, discretized_mix_logistic_nll, dml_value_log_probs,
+                                sample_discretized_mix_logistic)
 
 __all__ = ["Head", "Bernoulli", "Categorical", "Categorical256", "DiscretizedMixLogistic", "LogisticMixture",
            "GaussianMixture"]
@@ -88,6 +93,26 @@ class Head(nn.Module):
         n, k = params.shape[0], sup.shape[0]
         vals = sup.to(self.value_dtype(params.dtype)).unsqueeze(0).expand(n, k, sup.shape[1]).reshape(n * k, -1)
         return self.log_prob(params.repeat_interleave(k, 0), vals).view(n, k)
+
+    def value_support(self, j: int, dtype=torch.float64) -> torch.Tensor:
+        """(L,) every value that value j of a step can take, increasing: the alphabet of
+        :meth:`value_log_probs`. Default (one value a step): ``support()``'s column."""
+        if self.values != 1 or j != 0:
+            raise NotImplementedError(f"{type(self).__name__} draws its {self.values} values jointly and gives no "
+                                      "per-value alphabet")
+        return self.support(dtype)[:, 0]
+
+    def value_log_probs(self, params: torch.Tensor, j: int, prev: torch.Tensor) -> torch.Tensor:
+        """(N, L) log-probabilities (nats) of every value of ``value_support(j)`` for value j of each of
+        the N steps, given the step's earlier values ``prev`` (N, j): the chain-rule factors of a joint
+        step, so a coder can code V values of L each instead of L**V joint values. Summed over j at a
+        step's values they give ``log_prob``. Default (one value a step): ``support_log_probs``; a head
+        whose values are drawn jointly overrides it (:class:`DiscretizedMixLogistic`) or has none
+        (NotImplementedError)."""
+        if self.values != 1 or j != 0:
+            raise NotImplementedError(f"{type(self).__name__} draws its {self.values} values jointly and gives no "
+                                      "per-value conditionals")
+        return self.support_log_probs(params)
 
     def quadrature(self, params: torch.Tensor, m: int = 2001):
         raise NotImplementedError(f"{type(self).__name__} is discrete: enumerate support() instead")
@@ -331,6 +356,28 @@ class DiscretizedMixLogistic(Head):
         if self.channels == 1:
             return centres.unsqueeze(1)
         return torch.tensor(list(itertools.product(centres.tolist(), repeat=self.channels)), dtype=dtype)
+
+    def value_support(self, j, dtype=torch.float64):
+        """The 2**num_bits bin centres of colour j (every colour has the same ones)."""
+        if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < self.channels:
+            raise ValueError(f"{type(self).__name__}.value_support: j must be a colour index in [0, {self.channels}), "
+                             f"got {j!r}")
+        bins = 2 ** self.num_bits - 1
+        return (torch.arange(bins + 1, dtype=dtype) * 2.0 - bins) / bins
+
+    def value_log_probs(self, params, j, prev):
+        """Colour j's bins given the pixel's earlier colours (R, then G given R, then B given R and G): the
+        mixture weights are their posterior given those colours (:func:`fastar.ops.mixture.dml_value_log_probs`),
+        float64."""
+        name = type(self).__name__
+        if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < self.channels:
+            raise ValueError(f"{name}.value_log_probs: j must be a colour index in [0, {self.channels}), got {j!r}")
+        if params.dim() != 2 or params.shape[1] != self.params:
+            raise ValueError(f"{name}.value_log_probs: params must be (N, {self.params}), got {list(params.shape)}")
+        if prev.dim() != 2 or tuple(prev.shape) != (params.shape[0], j):
+            raise ValueError(f"{name}.value_log_probs: prev must be (N, j) = {[params.shape[0], j]} (the step's "
+                             f"earlier colours), got {list(prev.shape)}")
+        return dml_value_log_probs(params, self.k, self.channels, j, prev, self.num_bits)
 
     def check_values(self, x, what="values"):
         x = super().check_values(x, what)

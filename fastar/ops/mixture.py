@@ -91,7 +91,7 @@ from fastar.ops._common import (check_dim_arg, check_same_device, check_temperat
 
 __all__ = ["categorical_sample", "categorical_sample_ref", "discretized_mix_logistic_nll",
            "discretized_mix_logistic_nll_ref", "sample_discretized_mix_logistic",
-           "sample_discretized_mix_logistic_ref"]
+           "sample_discretized_mix_logistic_ref", "dml_value_log_probs"]
 
 CATEGORICAL_KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -328,6 +328,29 @@ def _dml_split_ref(p, k, c):
     return logits, means, log_scales, coeffs
 
 
+def _dml_bin_log_probs(x, means, log_scales, bins):
+    """log P(the bin centred at x) under logistics (means, exp(log_scales)) cut into ``bins + 1`` bins over
+    [-1, 1], broadcasting: openai/pixel-cnn's rule (the two edge bins open to -inf / +inf, a bin of mass
+    below MIN_BIN_MASS by its density at the centre). A non-finite mean gives NaN in every bin: it is no
+    distribution (the edge formulas alone would take the limit for one sign and give inf - inf for the
+    other). The kernels apply the same rules."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered + 1.0 / bins)
+    min_in = inv_stdv * (centered - 1.0 / bins)
+    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)                            # left edge bin, open to -inf
+    log_one_minus_cdf_min = -F.softplus(min_in)                             # right edge bin, open to +inf
+    mid_in = inv_stdv * centered
+    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
+    log_probs = torch.where(
+        x < -EDGE, log_cdf_plus,
+        torch.where(x > EDGE, log_one_minus_cdf_min,
+                    torch.where(cdf_delta > MIN_BIN_MASS, torch.log(cdf_delta.clamp(min=1e-12)),
+                                log_pdf_mid - math.log(bins / 2))))
+    return torch.where(torch.isfinite(means), log_probs, torch.full_like(log_probs, float("nan")))
+
+
 def _dml_nll_pixels_ref(x3, p3, k, c, num_bits):
     """Per-position NLL (B, N) in nats; x3 (B, C, N), p3 (B, P, N). The openai/pixel-cnn loss, line by line."""
     acc = _acc_dtype(p3.dtype)
@@ -339,25 +362,40 @@ def _dml_nll_pixels_ref(x3, p3, k, c, num_bits):
         m_g = means[:, 1] + coeffs[:, 0] * xk[:, 0]
         m_b = means[:, 2] + coeffs[:, 1] * xk[:, 0] + coeffs[:, 2] * xk[:, 1]
         means = torch.stack([means[:, 0], m_g, m_b], dim=1)
-    centered = xk - means                                                   # (B, C, K, N)
-    inv_stdv = torch.exp(-log_scales)
-    plus_in = inv_stdv * (centered + 1.0 / bins)
-    min_in = inv_stdv * (centered - 1.0 / bins)
-    cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
-    log_cdf_plus = plus_in - F.softplus(plus_in)                            # left edge bin, open to -inf
-    log_one_minus_cdf_min = -F.softplus(min_in)                             # right edge bin, open to +inf
-    mid_in = inv_stdv * centered
-    log_pdf_mid = mid_in - log_scales - 2.0 * F.softplus(mid_in)
-    log_probs = torch.where(
-        xk < -EDGE, log_cdf_plus,
-        torch.where(xk > EDGE, log_one_minus_cdf_min,
-                    torch.where(cdf_delta > MIN_BIN_MASS, torch.log(cdf_delta.clamp(min=1e-12)),
-                                log_pdf_mid - math.log(bins / 2))))
-    # A non-finite mean is no distribution: NaN in every bin (the edge-bin formulas alone would take
-    # the limit for one sign and give inf - inf for the other). The kernels apply the same rule.
-    log_probs = torch.where(torch.isfinite(means), log_probs, torch.full_like(log_probs, float("nan")))
+    log_probs = _dml_bin_log_probs(xk, means, log_scales, bins)            # (B, C, K, N)
     total = log_probs.sum(1) + torch.log_softmax(logits, dim=1)             # (B, K, N)
     return -torch.logsumexp(total, dim=1)
+
+
+def dml_value_log_probs(params, num_mixtures, channels, j, prev, num_bits=8):
+    """One pixel's colour j given its earlier colours: (N, 2**num_bits) log-probabilities (nats, float64) of
+    every bin of channel j, given ``prev`` (N, j), the values of channels 0..j-1 (bin centres), under the
+    per-pixel mixture parameters ``params`` (N, 3K or 10K) in the layout of
+    :func:`discretized_mix_logistic_nll`. The mixture weights are their posterior given the earlier
+    colours, so ``sum_j value_log_probs(j)`` at a pixel's colours is exactly the joint log-probability the
+    loss gives it (both use openai's per-bin rule, which leaks a little mass where a bin's mass is under
+    MIN_BIN_MASS: each conditional sums to one up to that leak). What an entropy coder needs to code R,
+    then G, then B instead of 2**(3 num_bits) joint values."""
+    k, c = num_mixtures, channels
+    p = params.to(torch.float64).unsqueeze(2)                               # (N, P, 1)
+    prev = prev.to(torch.float64)
+    bins = 2 ** num_bits - 1
+    logits, means, log_scales, coeffs = _dml_split_ref(p, k, c)
+    means, log_scales, logits = means[..., 0], log_scales[..., 0], logits[..., 0]     # (N, C, K), (N, K)
+
+    def mean(i):                                                            # (N, K): G's moves with R, B's with R, G
+        if i == 0:
+            return means[:, 0]
+        if i == 1:
+            return means[:, 1] + coeffs[:, 0, :, 0] * prev[:, :1]
+        return means[:, 2] + coeffs[:, 1, :, 0] * prev[:, :1] + coeffs[:, 2, :, 0] * prev[:, 1:2]
+
+    logw = torch.log_softmax(logits, 1)                                     # (N, K)
+    for i in range(j):
+        logw = logw + _dml_bin_log_probs(prev[:, i:i + 1], mean(i), log_scales[:, i], bins)
+    centres = (torch.arange(bins + 1, dtype=torch.float64, device=p.device) * 2.0 - bins) / bins
+    lp = _dml_bin_log_probs(centres, mean(j).unsqueeze(2), log_scales[:, j].unsqueeze(2), bins)   # (N, K, L)
+    return torch.logsumexp(logw.unsqueeze(2) + lp, 1) - torch.logsumexp(logw, 1, keepdim=True)
 
 
 def discretized_mix_logistic_nll_ref(x, params, num_mixtures, num_bits=8, reduction="sum"):

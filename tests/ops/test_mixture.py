@@ -712,3 +712,36 @@ def test_exp_rn_is_close_to_exp():
     e = M._exp_rn(x)
     torch.testing.assert_close(e[:-2], torch.exp(x[:-2]), rtol=1e-15, atol=0)
     assert e[-2] == 0 and e[-1] == 0 and torch.isnan(M._exp_rn(torch.tensor([float("nan")]))).all()
+
+
+@pytest.mark.parametrize("num_bits", [1, 2, 3])
+def test_value_log_probs_are_the_chain_rule_of_the_joint(num_bits):
+    """DiscretizedMixLogistic.value_log_probs (R, then G given R, then B given R and G, with the mixture
+    weights' posterior): summed over the colours at every joint value they equal the joint log_prob (the
+    loss's), and each conditional sums to one up to openai's leak (a bin of mass below MIN_BIN_MASS counts
+    its density at the centre instead: at most L * MIN_BIN_MASS off)."""
+    from fastar.nn.heads import DiscretizedMixLogistic
+
+    torch.manual_seed(num_bits)
+    h = DiscretizedMixLogistic(3, channels=3, num_bits=num_bits)
+    p = torch.randn(4, 30, dtype=torch.float64)
+    p[:, 3:12] *= 0.5                                             # means inside [-1, 1] mostly
+    sup = h.support()                                              # (L**3, 3)
+    L = 2 ** num_bits
+    col = h.value_support(1)
+    torch.testing.assert_close(col, sup[:L, 2])
+    total = torch.zeros(4, sup.shape[0], dtype=torch.float64)
+    for j in range(3):
+        prev = sup[:, :j]                                          # every joint value's earlier colours
+        lp = h.value_log_probs(p.repeat_interleave(sup.shape[0], 0), j, prev.repeat(4, 1)).view(4, sup.shape[0], L)
+        torch.testing.assert_close(lp.exp().sum(2), torch.ones(4, sup.shape[0], dtype=torch.float64), rtol=0,
+                                   atol=L * M.MIN_BIN_MASS)
+        pick = ((sup[:, j:j + 1] - col[None, :]).abs().argmin(1))   # the bin of colour j at each joint value
+        total += lp.gather(2, pick.view(1, -1, 1).expand(4, -1, 1)).squeeze(2)
+    torch.testing.assert_close(total, h.support_log_probs(p), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="prev must be"):
+        h.value_log_probs(p, 2, sup[:4, :1])
+    with pytest.raises(ValueError, match="colour index"):
+        h.value_log_probs(p, 3, sup[:4, :3])
+    with pytest.raises(NotImplementedError, match="jointly"):
+        super(DiscretizedMixLogistic, h).value_log_probs(p, 1, sup[:4, :1])
