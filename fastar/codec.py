@@ -2,12 +2,15 @@
 
 ``encode(model, x, cond=None) -> bytes`` and ``decode(model, data) -> x`` work for every model on
 the generation protocol (:mod:`fastar.sampling`) whose head is discrete over a finite support
-(``Bernoulli``, ``Categorical``, a one-channel ``DiscretizedMixLogistic`` / ``LogisticMixture``
-over its bins, a joint step whose support has at most :data:`MAX_SUPPORT` values), with no code
-for any family: the model states its :class:`~fastar.sampling.Sequence`, the engine's
-:func:`~fastar.sampling.drive` runs its cached per-op step loop, the head gives every step's
-whole distribution (``support_log_probs``), and ``constriction``'s ANS coder turns the
-distributions into bits.
+(``Bernoulli``, ``Categorical``, ``DiscretizedMixLogistic`` / ``LogisticMixture`` over their bins,
+any joint step whose support has at most :data:`MAX_SUPPORT` values or whose head gives its values'
+chain-rule factors), with no code for any family: the model states its
+:class:`~fastar.sampling.Sequence`, the engine's :func:`~fastar.sampling.drive` runs its cached step
+loop, the head gives every step's whole distribution (``support_log_probs``: one symbol a step), or,
+for a step of V values drawn jointly (PixelCNN++'s and PixelSNAIL's R, G, B: 2**24 joint values),
+each value's distribution given the step's earlier ones (``value_log_probs``: R, then G given R,
+then B given R and G, V symbols a step), and ``constriction``'s ANS coder turns the distributions
+into bits.
 
 Bit-exact by construction. The encoder runs the very step loop the decoder runs (teacher-forced:
 the data supplies every step's values, in the same batches), so both see the same parameters bit
