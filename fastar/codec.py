@@ -25,15 +25,18 @@ The file (format 1), all integers little-endian or LEB128 varints::
 
     byte 0      0xF0 | format version
     byte 1      (model hash & 0xF) << 4 | (environment hash & 0xF)   (a quick, named refusal)
-    byte 2      flags: cond kind (2 bits), chunk == n (1 bit), ndim (3 bits)
+    byte 2      flags: cond kind (2 bits), chunk == n (1 bit), ndim (3 bits), labels in runs (1 bit)
     varints     n, [chunk], shape..., cond header (labels: their maximum; other: serialised)
     payload     the ANS words, little-endian, less up to 3 trailing zero bytes
     4 bytes     CRC-32 over the full model and environment hashes, the header and the payload
 
 So a one-digit file costs 12 bytes beyond the ANS stream (itself about 3 bytes over the
-information). Class labels (int64 (n,) conds) are coded in the stream at log2(max + 1) bits each
-(the maximum is in the header, so a single example's label costs no stream bits);
-any other conditioning is stored raw in the header. A truncated, corrupted or foreign file, the
+information). Class labels (int64 (n,) conds) are coded in the stream, the cheaper of two ways
+(the flag says which): each label at log2(max + 1) bits, or, for labels that come in runs (a set
+grouped or sorted by class), the runs: their count, then each run's label (the first at
+log2(max + 1) bits, later ones at log2(max) as they differ from the one before) and length (uniform
+over what the later runs leave). The maximum is in the header, so a single example's label costs
+no stream bits. Any other conditioning is stored raw in the header. A truncated, corrupted or foreign file, the
 wrong model, or another environment is one :class:`ValueError`, before any decoding starts; and
 after decoding the ANS coder must be back at its empty start state (a decoder whose probabilities
 drifted ends elsewhere), another ValueError.
@@ -52,7 +55,7 @@ import zlib
 import numpy as np
 import torch
 
-__all__ = ["encode", "decode", "check", "score", "best_labels", "nll_bits", "header", "FORMAT_VERSION", "MAX_SUPPORT",
+__all__ = ["encode", "decode", "check", "score", "best_labels", "nll_bits", "label_bits", "header", "FORMAT_VERSION", "MAX_SUPPORT",
            "PRECISION"]
 
 FORMAT_VERSION = 1
@@ -377,12 +380,44 @@ def score(model, x: torch.Tensor, cond=None, batch: int = 256) -> torch.Tensor:
 
 def nll_bits(model, x: torch.Tensor, cond=None) -> float:
     """What :func:`encode` should cost, in bits: the model's NLL of x given cond (the teacher-forced
-    forward pass) plus log2(max + 1) bits for each class label it stores in the stream (none for a
-    single example: its label is the header's maximum)."""
+    forward pass) plus the bits of the class labels it stores in the stream (:func:`label_bits`)."""
     bits = float(score(model, x, cond).sum()) * math.prod(x.shape[1:])
-    if _is_labels(cond, x.shape[0]) and x.shape[0] > 1:
-        bits += x.shape[0] * math.log2(int(cond.max()) + 1)
+    if _is_labels(cond, x.shape[0]):
+        bits += label_bits(cond)
     return bits
+
+
+def _label_symbols(labels: np.ndarray, hi: int) -> tuple[bool, list[tuple[int, int]]]:
+    """The labels as the stream codes them: (in runs?, [(symbol, alphabet size), ...] in decoding
+    order), the cheaper of one uniform symbol per label and the run coding (module docstring)."""
+    n = len(labels)
+    if hi == 0 or n == 1:
+        return False, []
+    cut = np.flatnonzero(labels[1:] != labels[:-1]) + 1
+    starts = np.concatenate([[0], cut])
+    lengths = np.diff(np.concatenate([starts, [n]]))
+    vals = labels[starts]
+    runs = [(len(starts) - 1, n), (int(vals[0]), hi + 1)]
+    left = n
+    for r in range(len(starts)):
+        if r:
+            prev, v = int(vals[r - 1]), int(vals[r])
+            runs.append((v if v < prev else v - 1, hi))
+        if r < len(starts) - 1:                   # the last run's length is what is left
+            later = len(starts) - 1 - r
+            runs.append((int(lengths[r]) - 1, left - later))
+            left -= int(lengths[r])
+    cost = sum(math.log2(size) for _, size in runs)
+    if cost < n * math.log2(hi + 1):
+        return True, runs
+    return False, [(int(v), hi + 1) for v in labels]
+
+
+def label_bits(labels: torch.Tensor) -> float:
+    """The stream bits :func:`encode` spends on class labels (N,) int64: the cheaper of log2(max + 1)
+    bits each and their runs (none for one example or all zeros: the header's maximum says it)."""
+    a = labels.detach().cpu().numpy().astype(np.int64)
+    return sum(math.log2(size) for _, size in _label_symbols(a, int(a.max()))[1])
 
 
 # -------------------------------------------------------------------------------------- the coder
@@ -511,7 +546,9 @@ def encode(model, x: torch.Tensor, cond=None, *, chunk: int | None = None, progr
     kind = _COND_NONE if cond is None else _COND_LABELS if labels else _COND_RAW
     if len(shape) > 7:
         raise ValueError(f"encode: examples of at most 7 dimensions, got shape {list(shape)}")
-    head.append(kind | (4 if chunk == n else 0) | (len(shape) << 3))
+    in_runs, label_syms = _label_symbols(cond.cpu().numpy().astype(np.int64), int(cond.max())) \
+        if kind == _COND_LABELS else (False, [])
+    head.append(kind | (4 if chunk == n else 0) | (len(shape) << 3) | (0x40 if in_runs else 0))
     head += _varint(n)
     if chunk != n:
         head += _varint(chunk)
@@ -528,8 +565,11 @@ def encode(model, x: torch.Tensor, cond=None, *, chunk: int | None = None, progr
         for i, (a, b) in reversed(list(enumerate(parts))):       # a stack: the last chunk goes in first
             _encode_chunk(model, x[a:b], _slice_cond(cond, n, a, b), shape, coder, progress,
                           f"encoding {i + 1}/{len(parts)}" if len(parts) > 1 else "encoding")
-        if kind == _COND_LABELS and hi > 0 and n > 1:        # one label is the stored maximum itself
-            coder.encode_reverse(cond.cpu().numpy().astype(np.int32), _uniform(hi + 1))
+        if label_syms and not in_runs:                       # one uniform symbol per label
+            coder.encode_reverse(np.asarray([v for v, _ in label_syms], dtype=np.int32), _uniform(hi + 1))
+        for v, size in reversed(label_syms if in_runs else []):
+            if size > 1:
+                coder.encode_reverse(np.asarray([v], dtype=np.int32), _uniform(size))
         return coder.get_compressed()
 
     words = _coded(model, work)
@@ -566,7 +606,7 @@ def _parse(data):
     hashes = r.byte()
     flags = r.byte()
     kind = flags & 3
-    if kind == 3 or flags & 0xC0:
+    if kind == 3 or flags & 0x80 or (flags & 0x40 and kind != _COND_LABELS):
         raise ValueError("fastar codec: the header's flags are malformed (corrupt file?)")
     n = r.varint()
     chunk = n if flags & 4 else r.varint()
@@ -581,7 +621,7 @@ def _parse(data):
         raise ValueError("fastar codec: the header's sizes are malformed (corrupt file?)")
     info = dict(format=version, n=n, chunk=chunk, shape=shape, cond={0: None, 1: "labels", 2: "stored"}[kind],
                 header_bytes=r.pos + 4, payload_bytes=len(data) - 4 - r.pos, bytes=len(data))
-    return info, dict(hashes=hashes, kind=kind, hi=hi, cond=cond, start=r.pos, data=data)
+    return info, dict(hashes=hashes, kind=kind, hi=hi, cond=cond, start=r.pos, data=data, runs=bool(flags & 0x40))
 
 
 def check(model, data: bytes):
@@ -625,9 +665,7 @@ def decode(model, data: bytes, *, with_cond: bool = False, progress: bool = Fals
             raise ValueError(f"fastar codec: the payload is not an ANS stream ({e})") from None
         cond = p["cond"]
         if p["kind"] == _COND_LABELS:
-            hi = p["hi"]
-            cond = torch.full((n,), hi, dtype=torch.int64) if hi == 0 or n == 1 else \
-                torch.from_numpy(np.asarray(coder.decode(_uniform(hi + 1), n), dtype=np.int64))
+            cond = _decode_labels(coder, n, p["hi"], p["runs"])
         dev, _ = _params_device(model)
         cond_dev = _to(cond, dev)
         outs = []
@@ -653,6 +691,34 @@ def decode(model, data: bytes, *, with_cond: bool = False, progress: bool = Fals
 
     x, cond = _coded(model, work)
     return (x, cond) if with_cond else x
+
+
+def _decode_labels(coder, n, hi, runs):
+    """The labels :func:`encode` pushed last (see _label_symbols), (n,) int64."""
+    if hi == 0 or n == 1:
+        if runs:
+            raise ValueError("fastar codec: the header's flags are malformed (corrupt file?)")
+        return torch.full((n,), hi, dtype=torch.int64)
+    if not runs:
+        return torch.from_numpy(np.asarray(coder.decode(_uniform(hi + 1), n), dtype=np.int64))
+
+    def get(size):
+        return int(np.asarray(coder.decode(_uniform(size), 1))[0]) if size > 1 else 0
+
+    count = get(n) + 1
+    out, left, prev = [], n, None
+    for r in range(count):
+        v = get(hi + 1) if r == 0 else get(hi)
+        if r:
+            v = v if v < prev else v + 1
+        later = count - 1 - r
+        length = get(left - later) + 1 if later else left
+        if not 1 <= length <= left or v > hi:
+            raise ValueError("fastar codec: the stored labels are malformed (corrupt file?)")
+        out += [v] * length
+        left -= length
+        prev = v
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def _decoder_supply(sup, coder, n, device):

@@ -144,6 +144,39 @@ def test_pixelrnn_all_500_held_out_digits_in_one_file(prnn, digits):
     _within_bound(prnn, x, y, data)
 
 
+@pytest.mark.parametrize("labels", [
+    [0, 0, 0, 1, 1, 2, 2, 2, 2, 0],          # runs: cheaper coded as runs
+    [2, 0, 1, 2, 1, 0, 0, 2, 1, 2],          # no runs: one symbol each
+    [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],          # one run of a non-zero label
+    [0, 1, 0, 1, 0, 1, 0, 1, 0, 1],          # two classes alternating: runs (every label and length implied)
+    [1, 0],
+    [0] * 9 + [2]])
+def test_labels_are_coded_the_cheaper_way_and_round_trip(labels):
+    """Class labels cost the cheaper of log2(max + 1) bits each and their run coding (a set sorted or
+    grouped by class pays a few bits a run, not a few bits a label); both decode to the labels, and the
+    file stays within the NLL bound that counts them."""
+    model = SPECS["gated_pixelcnn"].cls(**SPECS["gated_pixelcnn"].tiny[1]["config"]).double().eval()
+    y = torch.tensor(labels, dtype=torch.int64)
+    x = model.sample(len(y), (2, 2), cond=y, generator=torch.Generator().manual_seed(0), progress=False)
+    data = codec.encode(model, x, y)
+    back, c = codec.decode(model, data, with_cond=True)
+    assert torch.equal(back, x) and torch.equal(c, y)
+    _within_bound(model, x, y, data)
+    runs = bool(data[2] & 0x40)
+    uniform = len(y) * math.log2(int(y.max()) + 1)
+    assert codec.label_bits(y) <= uniform
+    assert runs == (codec.label_bits(y) < uniform)
+    assert runs == (labels in ([0, 0, 0, 1, 1, 2, 2, 2, 2, 0], [1] * 10, [0, 1] * 5, [0] * 9 + [2]))
+
+
+def test_sorted_labels_cost_far_less_than_shuffled(prnn, digits):
+    """The held-out digits come sorted by class: 10 runs, a few bytes in all; shuffled, log2(10) bits each."""
+    y = digits[1]
+    assert codec.label_bits(y) < 20 * 8
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    assert codec.label_bits(y[perm]) == pytest.approx(len(y) * math.log2(10))
+
+
 _CHILD = r"""
 import sys, torch
 from fastar import checkpoint, codec
