@@ -62,6 +62,9 @@ TORCH_LIBRARY(fastar, m) {
   // int64 indices (O, I) from logits (O, K, I) by inverse CDF on noise (O, I);
   // temperature 0 = argmax (noise unused), top_k 0 = no truncation.
   m.def("categorical_sample(Tensor logits, Tensor? noise, float temperature, int top_k) -> Tensor");
+  // log P(colour j's bins | the pixel's earlier colours prev (N, j)) (N, 2^num_bits) under the
+  // per-pixel mixture params (N, P): the chain-rule factors an entropy coder codes a pixel with.
+  m.def("dml_value_log_probs(Tensor params, Tensor prev, int num_mixtures, int j, int num_bits) -> Tensor");
 
   // ---- masked convolution at one position (cached sampling; fastar/ops/masked_conv_at.py) ----
   // Writes x_new (N, C_in, P) into x_cache (N, C_in, H, W) at the P positions

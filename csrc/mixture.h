@@ -293,6 +293,89 @@ FASTAR_UNROLL
   }
 }
 
+// One pixel's colour j given its earlier colours prev[0..j): the (2^bits) probabilities of colour j's
+// bins, sum_k w_k P(bin | k), with w the components' posterior given prev (softmax of the logits plus
+// each earlier colour's log-probability under the component, openai's per-bin rule). P(bin | k) from
+// the logistic CDF at the bins' edges (one exp an edge): the left edge bin is the CDF at its upper
+// edge, the right one the complement at its lower edge, an inner bin the CDF difference (of the
+// complements in the right tail), and a bin whose mass is not above min_mass the density at its centre
+// times the bin width (openai's fallback). Writes log p into out[0..L); NaN everywhere for a
+// non-finite mean or weight. w (K values) is scratch.
+template <typename T, typename scalar_t>
+FASTAR_HD void pixel_value_log_probs(const PixelParams<scalar_t>& pp, const T* prev, int64_t K, int C, int j,
+                                     int64_t L, const DmlConst<T>& k, T* w, T* out) {
+  const int S = C == 3 ? 3 : 2;
+  auto mean = [&](int c, int64_t q) {
+    T m = pp.template at<T>(K + c * S * K + q);
+    if (c == 1) m = m + mtanh(pp.template at<T>(K + 2 * K + q)) * prev[0];
+    if (c == 2)
+      m = m + mtanh(pp.template at<T>(K + 3 * K + 2 * K + q)) * prev[0] +
+          mtanh(pp.template at<T>(K + 6 * K + 2 * K + q)) * prev[1];
+    return m;
+  };
+  const T lse = logits_lse<T>(pp, K);
+  T mx = -INFINITY;
+  for (int64_t q = 0; q < K; ++q) {
+    T s = pp.template at<T>(q) - lse;
+    for (int c = 0; c < j; ++c)
+      s += logistic_bin_logp<T, false>(prev[c], mean(c, q), clamp_below(pp.template at<T>(K + c * S * K + K + q),
+                                                                         k.ls_min), k, nullptr, nullptr);
+    w[q] = s;
+    mx = s > mx ? s : mx;
+  }
+  T tot = 0;
+  for (int64_t q = 0; q < K; ++q) {
+    w[q] = mx == -INFINITY ? T(0) : mexp(w[q] - mx);
+    tot += w[q];
+  }
+  bool bad = !(tot > T(0)) || !(tot - tot == T(0));
+  for (int64_t b = 0; b < L; ++b) out[b] = T(0);
+  const T bins = static_cast<T>(L - 1), half_bins = bins / T(2);
+  for (int64_t q = 0; q < K && !bad; ++q) {
+    const T m = mean(j, q);
+    if (!(m - m == T(0))) {
+      bad = true;
+      break;
+    }
+    const T wq = w[q] / tot;
+    if (wq == T(0)) continue;
+    const T ls = clamp_below(pp.template at<T>(K + j * S * K + K + q), k.ls_min);
+    const T inv = mexp(-ls);
+    // the CDF and its complement at an edge from one exp of -|z|
+    auto cdfs = [&](int64_t e, T& z, T& cdf, T& ccdf) {
+      z = inv * ((T(2) * static_cast<T>(e) - bins - T(1)) / bins - m);
+      const T a = mexp(-(z < T(0) ? -z : z)), d = T(1) + a;
+      cdf = z >= T(0) ? T(1) / d : a / d;
+      ccdf = z >= T(0) ? a / d : T(1) / d;
+    };
+    T z_lo, c_lo, cc_lo;
+    cdfs(0, z_lo, c_lo, cc_lo);
+    for (int64_t b = 0; b < L; ++b) {
+      T z_hi, c_hi, cc_hi;
+      cdfs(b + 1, z_hi, c_hi, cc_hi);
+      const T centre = (T(2) * static_cast<T>(b) - bins) / bins;
+      T mass;
+      if (centre < -k.edge) {
+        mass = c_hi;
+      } else if (centre > k.edge) {
+        mass = cc_lo;
+      } else {
+        mass = z_lo > T(0) ? cc_lo - cc_hi : c_hi - c_lo;
+        if (!(mass > k.min_mass)) {
+          const T mid = inv * (centre - m);
+          const T a = mexp(-(mid < T(0) ? -mid : mid)), d = T(1) + a;
+          mass = inv * a / (d * d) / half_bins;
+        }
+      }
+      out[b] += wq * mass;
+      z_lo = z_hi;
+      c_lo = c_hi;
+      cc_lo = cc_hi;
+    }
+  }
+  for (int64_t b = 0; b < L; ++b) out[b] = bad ? (T(0) * INFINITY) : mlog(out[b]);
+}
+
 // ---- argument checks (the same sentences on every backend) ----
 inline int dml_channels(const char* op, int64_t P, int64_t K) {
   TORCH_CHECK(K >= 1, op, ": num_mixtures must be at least 1, got ", K);
@@ -343,6 +426,25 @@ inline int check_dml_sample(const char* op, const at::Tensor& params, const at::
               acc_type_of(params.scalar_type()), " for ", params.scalar_type(), " params, got ", noise.scalar_type());
   TORCH_CHECK(noise.device() == params.device(), op, ": noise and params must be on one device, got noise on ",
               noise.device(), " and params on ", params.device());
+  return C;
+}
+
+// params (N, P) and prev (N, j) (acc dtype of params) of dml_value_log_probs; returns C.
+inline int check_dml_value(const char* op, const at::Tensor& params, const at::Tensor& prev, int64_t K, int64_t j,
+                           int64_t num_bits) {
+  TORCH_CHECK(params.dim() == 2, op, ": params must be 2-D (N, P), got shape ", params.sizes());
+  TORCH_CHECK(at::isFloatingType(params.scalar_type()), op, ": params must be a floating-point tensor, got ",
+              params.scalar_type());
+  check_num_bits(op, num_bits);
+  const int C = dml_channels(op, params.size(1), K);
+  TORCH_CHECK(j >= 0 && j < C, op, ": j must be a colour index in [0, ", C, "), got ", j);
+  TORCH_CHECK(prev.dim() == 2 && prev.size(0) == params.size(0) && prev.size(1) == j, op,
+              ": prev must have shape [", params.size(0), ", ", j, "] (the pixel's earlier colours), got ",
+              prev.sizes());
+  TORCH_CHECK(prev.scalar_type() == acc_type_of(params.scalar_type()), op, ": prev must be ",
+              acc_type_of(params.scalar_type()), " for ", params.scalar_type(), " params, got ", prev.scalar_type());
+  TORCH_CHECK(prev.device() == params.device(), op, ": prev and params must be on one device, got prev on ",
+              prev.device(), " and params on ", params.device());
   return C;
 }
 

@@ -290,6 +290,20 @@ def _case_dml_sample(device, dtype, special, g):
     return fn, (p, noise)
 
 
+def _case_dml_value(device, dtype, special, g):
+    """Colour 2 given colours 0 and 1 (the codec's step), as probabilities (a far tail may be -inf in
+    one and a tiny log in the other)."""
+    from fastar.ops import dml_value_log_probs
+
+    p = _poke(_randn(g, 5, 20, dtype=dtype, device=device), special, (30.0, -30.0, 12.0))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    prev = ((torch.randint(0, 256, (5, 2), generator=g).double() * 2 - 255) / 255).to(device, acc)
+
+    def fn(p, prev):
+        return [dml_value_log_probs(p, prev, 2, 2, 8).exp()]
+    return fn, (p, prev)
+
+
 def _case_causal_conv1d_update(device, dtype, special, g):
     from fastar.ops import causal_conv1d_update
 
@@ -464,6 +478,7 @@ OP_CASES = {
                                      ("discretized_mix_logistic_nll_backward",)),
     "sample_discretized_mix_logistic": (_case_dml_sample, _op_dtypes(("fastar.ops.mixture", "DML_KERNEL_DTYPES")),
                                         ()),
+    "dml_value_log_probs": (_case_dml_value, _op_dtypes(("fastar.ops.mixture", "VALUE_KERNEL_DTYPES")), ()),
     "causal_conv1d_update": (_case_causal_conv1d_update, _op_dtypes(("fastar.ops.wavenet", "KERNEL_DTYPES")), ()),
     "skew": (_case_skew, _op_dtypes(("fastar.ops.lstm_scan", "SKEW_DTYPES")), ("unskew",)),
     "diagonal_lstm_scan": (_case_diagonal, _op_dtypes(("fastar.ops.lstm_scan", "KERNEL_DTYPES")),

@@ -231,6 +231,36 @@ at::Tensor categorical_sample_cpu(const at::Tensor& logits, const c10::optional<
   return out;
 }
 
+// One row a task (rows are independent, and a row's sums run in a fixed order: the same bits on any
+// thread count, which the codec's encoder and decoder rely on).
+at::Tensor dml_value_log_probs_cpu(const at::Tensor& params, const at::Tensor& prev, int64_t K, int64_t j,
+                                   int64_t num_bits) {
+  const char* op = "dml_value_log_probs";
+  const int C = check_dml_value(op, params, prev, K, j, num_bits);
+  check_cpu_dtype(op, params, "params");
+  const int64_t N = params.size(0), P = params.size(1);
+  const int64_t L = int64_t(1) << num_bits;
+  auto out = at::empty({N, L}, prev.options());
+  if (N == 0) return out;
+  const auto pc = params.contiguous();
+  const auto vc = prev.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "dml_value_log_probs_cpu", [&] {
+    using T = scalar_t;
+    const auto k = dml_const<T>(num_bits);
+    const T* pp = pc.data_ptr<T>();
+    const T* vp = vc.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<T> w(K);
+      for (int64_t n = n0; n < n1; ++n) {
+        const PixelParams<T> px{pp + n * P, 1};
+        pixel_value_log_probs<T, T>(px, vp + n * j, K, C, static_cast<int>(j), L, k, w.data(), o + n * L);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastar, CPU, m) {
@@ -238,6 +268,7 @@ TORCH_LIBRARY_IMPL(fastar, CPU, m) {
   m.impl("discretized_mix_logistic_nll_backward", &dml_nll_backward_cpu);
   m.impl("sample_discretized_mix_logistic", &dml_sample_cpu);
   m.impl("categorical_sample", &categorical_sample_cpu);
+  m.impl("dml_value_log_probs", &dml_value_log_probs_cpu);
 }
 
 }  // namespace fastar

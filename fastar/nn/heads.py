@@ -367,8 +367,8 @@ class DiscretizedMixLogistic(Head):
 
     def value_log_probs(self, params, j, prev):
         """Colour j's bins given the pixel's earlier colours (R, then G given R, then B given R and G): the
-        mixture weights are their posterior given those colours (:func:`fastar.ops.mixture.dml_value_log_probs`),
-        float64."""
+        mixture weights are their posterior given those colours (:func:`fastar.ops.dml_value_log_probs`, in
+        the params' accumulation dtype)."""
         name = type(self).__name__
         if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < self.channels:
             raise ValueError(f"{name}.value_log_probs: j must be a colour index in [0, {self.channels}), got {j!r}")
@@ -377,7 +377,8 @@ class DiscretizedMixLogistic(Head):
         if prev.dim() != 2 or tuple(prev.shape) != (params.shape[0], j):
             raise ValueError(f"{name}.value_log_probs: prev must be (N, j) = {[params.shape[0], j]} (the step's "
                              f"earlier colours), got {list(prev.shape)}")
-        return dml_value_log_probs(params, self.k, self.channels, j, prev, self.num_bits)
+        acc = torch.float64 if params.dtype == torch.float64 else torch.float32
+        return dml_value_log_probs(params, prev.to(acc), self.k, j, self.num_bits)
 
     def check_values(self, x, what="values"):
         x = super().check_values(x, what)

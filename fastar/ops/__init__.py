@@ -2,8 +2,8 @@
 from fastar.ops.masked_conv import masked_conv2d, masked_conv2d_ref
 from fastar.ops.masked_conv_at import masked_conv2d_at, masked_conv2d_at_ref
 from fastar.ops.mixture import (categorical_sample, categorical_sample_ref, discretized_mix_logistic_nll,
-                                discretized_mix_logistic_nll_ref, sample_discretized_mix_logistic,
-                                sample_discretized_mix_logistic_ref)
+                                discretized_mix_logistic_nll_ref, dml_value_log_probs, dml_value_log_probs_ref,
+                                sample_discretized_mix_logistic, sample_discretized_mix_logistic_ref)
 from fastar.ops.wavenet import (WaveNetWeights, causal_conv1d_update, causal_conv1d_update_ref, wavenet_step,
                                 wavenet_step_packed, wavenet_step_ref)
 from fastar.ops.lstm_scan import (diagonal_lstm_scan, diagonal_lstm_scan_ref, row_lstm_scan, row_lstm_scan_ref, skew,
@@ -17,6 +17,7 @@ __all__ = ["masked_conv2d", "masked_conv2d_ref", "masked_conv2d_at", "masked_con
            "categorical_sample", "categorical_sample_ref",
            "discretized_mix_logistic_nll", "discretized_mix_logistic_nll_ref",
            "sample_discretized_mix_logistic", "sample_discretized_mix_logistic_ref",
+           "dml_value_log_probs", "dml_value_log_probs_ref",
            "causal_conv1d_update", "causal_conv1d_update_ref", "wavenet_step", "wavenet_step_ref",
            "gated_pixelcnn_step", "gated_pixelcnn_step_ref", "WaveNetWeights", "wavenet_step_packed",
            "GatedPixelStepPack", "gated_pixelcnn_step_packed",

@@ -91,13 +91,14 @@ from fastar.ops._common import (check_dim_arg, check_same_device, check_temperat
 
 __all__ = ["categorical_sample", "categorical_sample_ref", "discretized_mix_logistic_nll",
            "discretized_mix_logistic_nll_ref", "sample_discretized_mix_logistic",
-           "sample_discretized_mix_logistic_ref", "dml_value_log_probs"]
+           "sample_discretized_mix_logistic_ref", "dml_value_log_probs", "dml_value_log_probs_ref"]
 
 CATEGORICAL_KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 DML_KERNEL_DTYPES = CATEGORICAL_KERNEL_DTYPES
+VALUE_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64)}     # dml_value_log_probs: a CPU kernel only
 
 # The paper code's constants (openai/pixel-cnn nn.py).
 LOG_SCALE_MIN = -7.0
@@ -367,18 +368,43 @@ def _dml_nll_pixels_ref(x3, p3, k, c, num_bits):
     return -torch.logsumexp(total, dim=1)
 
 
-def dml_value_log_probs(params, num_mixtures, channels, j, prev, num_bits=8):
-    """One pixel's colour j given its earlier colours: (N, 2**num_bits) log-probabilities (nats, float64) of
-    every bin of channel j, given ``prev`` (N, j), the values of channels 0..j-1 (bin centres), under the
-    per-pixel mixture parameters ``params`` (N, 3K or 10K) in the layout of
-    :func:`discretized_mix_logistic_nll`. The mixture weights are their posterior given the earlier
-    colours, so ``sum_j value_log_probs(j)`` at a pixel's colours is exactly the joint log-probability the
-    loss gives it (both use openai's per-bin rule, which leaks a little mass where a bin's mass is under
-    MIN_BIN_MASS: each conditional sums to one up to that leak). What an entropy coder needs to code R,
-    then G, then B instead of 2**(3 num_bits) joint values."""
-    k, c = num_mixtures, channels
-    p = params.to(torch.float64).unsqueeze(2)                               # (N, P, 1)
-    prev = prev.to(torch.float64)
+def _check_dml_value(op, params, prev, num_mixtures, j, num_bits):
+    """The Python side's checks of dml_value_log_probs (csrc/mixture.h's check_dml_value is the kernel's);
+    returns the channel count."""
+    check_tensor(op, "params", params, dim=2, layout="(N, P)")
+    if not params.is_floating_point():
+        raise TypeError(f"{op}: params must be a floating-point tensor, got {params.dtype}")
+    _check_int(op, "num_mixtures", num_mixtures, 1)
+    _check_int(op, "num_bits", num_bits, 1, 16)
+    P = params.shape[1]
+    if P not in (3 * num_mixtures, 10 * num_mixtures):
+        raise ValueError(f"{op}: params has {P} channels, but num_mixtures={num_mixtures} needs 3K = "
+                         f"{3 * num_mixtures} (1 channel) or 10K = {10 * num_mixtures} (3 channels)")
+    c = 1 if P == 3 * num_mixtures else 3
+    if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < c:
+        raise ValueError(f"{op}: j must be a colour index in [0, {c}), got {j!r}")
+    check_tensor(op, "prev", prev)
+    if prev.dim() != 2 or tuple(prev.shape) != (params.shape[0], j):
+        raise ValueError(f"{op}: prev must have shape {[params.shape[0], j]} (the pixel's earlier colours), got "
+                         f"{list(prev.shape)}")
+    if prev.dtype != _acc_dtype(params.dtype):
+        raise TypeError(f"{op}: prev must be {_acc_dtype(params.dtype)} for {params.dtype} params, got {prev.dtype}")
+    check_same_device(op, params=params, prev=prev)
+    return c
+
+
+def dml_value_log_probs_ref(params, prev, num_mixtures, j, num_bits=8):
+    """Reference of :func:`dml_value_log_probs` in plain PyTorch (any device and dtype): the same formula,
+    bin masses from the logistic CDF at the bin edges, mixed in probability space."""
+    op = "dml_value_log_probs_ref"
+    c = _check_dml_value(op, params, prev, num_mixtures, j, num_bits)
+    return _dml_value_ref(params, prev, num_mixtures, c, j, num_bits)
+
+
+def _dml_value_ref(params, prev, k, c, j, num_bits):
+    acc = _acc_dtype(params.dtype)
+    p = params.to(acc).unsqueeze(2)                                         # (N, P, 1)
+    prev = prev.to(acc)
     bins = 2 ** num_bits - 1
     logits, means, log_scales, coeffs = _dml_split_ref(p, k, c)
     means, log_scales, logits = means[..., 0], log_scales[..., 0], logits[..., 0]     # (N, C, K), (N, K)
@@ -393,9 +419,47 @@ def dml_value_log_probs(params, num_mixtures, channels, j, prev, num_bits=8):
     logw = torch.log_softmax(logits, 1)                                     # (N, K)
     for i in range(j):
         logw = logw + _dml_bin_log_probs(prev[:, i:i + 1], mean(i), log_scales[:, i], bins)
-    centres = (torch.arange(bins + 1, dtype=torch.float64, device=p.device) * 2.0 - bins) / bins
-    lp = _dml_bin_log_probs(centres, mean(j).unsqueeze(2), log_scales[:, j].unsqueeze(2), bins)   # (N, K, L)
-    return torch.logsumexp(logw.unsqueeze(2) + lp, 1) - torch.logsumexp(logw, 1, keepdim=True)
+    m, ls = mean(j).unsqueeze(2), log_scales[:, j].unsqueeze(2)             # (N, K, 1)
+    inv = torch.exp(-ls)
+    idx = torch.arange(bins + 2, dtype=acc, device=p.device)
+    z = inv * ((idx * 2.0 - bins - 1.0) / bins - m)                        # (N, K, L + 1): bin i spans edges i, i + 1
+    cdf, ccdf = torch.sigmoid(z), torch.sigmoid(-z)
+    # the CDF difference, of the complements in the right tail (no cancellation near 1)
+    mass = torch.where(z[..., :-1] > 0, ccdf[..., :-1] - ccdf[..., 1:], cdf[..., 1:] - cdf[..., :-1])
+    centres = (idx[:-1] * 2.0 - bins) / bins
+    mid = inv * (centres - m)
+    a = torch.exp(-mid.abs())
+    pdf = inv * a / ((1.0 + a) * (1.0 + a)) / (bins / 2.0)                  # openai: the density at the centre
+    mass = torch.where(mass > MIN_BIN_MASS, mass, pdf)
+    mass = torch.where(centres < -EDGE, cdf[..., 1:], mass)                 # open to -inf: the CDF at the upper edge
+    mass = torch.where(centres > EDGE, ccdf[..., :-1], mass)                # open to +inf: 1 - the CDF at the lower edge
+    w = torch.softmax(logw, 1)                                              # the components' posterior
+    out = torch.log(torch.bmm(w.unsqueeze(1), mass).squeeze(1))             # (N, L)
+    bad = ~(torch.isfinite(m[..., 0]).all(1) & torch.isfinite(w).all(1))
+    return torch.where(bad.unsqueeze(1), torch.full_like(out, float("nan")), out)
+
+
+def dml_value_log_probs(params, prev, num_mixtures, j, num_bits=8):
+    """One pixel's colour j given its earlier colours, for an entropy coder: (N, 2**num_bits)
+    log-probabilities (nats) of every bin of channel j given ``prev`` (N, j), the values of channels
+    0..j-1 (bin centres, in the acc dtype of params: float64 for float64 params, else float32), under
+    per-pixel mixture parameters ``params`` (N, 3K or 10K) in the layout of
+    :func:`discretized_mix_logistic_nll`; returns the acc dtype.
+
+    The mixture weights are their posterior given the earlier colours (openai's per-bin rule for those),
+    and colour j's bin masses come from the logistic CDF at the 2**num_bits + 1 bin edges (the left
+    edge bin open to -inf, the right one to +inf, a bin of mass not above MIN_BIN_MASS by its density
+    at the centre, openai's fallback), so ``sum_j`` of them at a pixel's colours is the joint
+    log-probability the loss gives it up to rounding, and each conditional sums to one up to that
+    fallback's leak. What codes R, then G given R, then B given both instead of 2**(3 num_bits) joint
+    values. Rows are independent and each row's sums run in a fixed order: the compiled kernel gives
+    the same bits on any thread count. No gradient (a coding distribution; the reference,
+    :func:`dml_value_log_probs_ref`, is differentiable)."""
+    op = "dml_value_log_probs"
+    c = _check_dml_value(op, params, prev, num_mixtures, j, num_bits)
+    if _backend.use_kernel(op, params.device, params.dtype, VALUE_KERNEL_DTYPES):
+        return torch.ops.fastar.dml_value_log_probs(params.detach(), prev.detach(), num_mixtures, j, num_bits)
+    return _dml_value_ref(params, prev, num_mixtures, c, j, num_bits)
 
 
 def discretized_mix_logistic_nll_ref(x, params, num_mixtures, num_bits=8, reduction="sum"):
@@ -522,6 +586,11 @@ if _backend.has_ops("discretized_mix_logistic_nll", "discretized_mix_logistic_nl
         gx = x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)
         gp = params.new_empty(params.shape) if output_mask[1] else params.new_empty(0)
         return gx, gp
+
+    if _backend.has_ops("dml_value_log_probs"):
+        @torch.library.register_fake("fastar::dml_value_log_probs")
+        def _dml_value_fake(params, prev, num_mixtures, j, num_bits):
+            return prev.new_empty((params.shape[0], 2 ** num_bits))
 
     @torch.library.register_fake("fastar::sample_discretized_mix_logistic")
     def _dml_sample_fake(params, noise, num_mixtures, num_bits, temperature):

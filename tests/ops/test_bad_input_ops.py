@@ -55,6 +55,12 @@ def _nll(x=None, p=None, k=2, **kw):
     return lambda f: f(x, p, k, **kw)
 
 
+def _val(p=None, prev=None, k=2, j=1, num_bits=8):
+    p = torch.zeros(3, 20) if p is None else p
+    prev = torch.zeros(3, 1) if prev is None else prev
+    return lambda f: f(p, prev, k, j, num_bits)
+
+
 def _smp(p=None, k=2, **kw):
     p = torch.zeros(2, 20, 4, 4) if p is None else p
     return lambda f: f(p, k, **kw)
@@ -183,6 +189,13 @@ ROWS = [
     Row("sample_discretized_mix_logistic", "num_bits 0", _smp(num_bits=0), "num_bits must be"),
     Row("sample_discretized_mix_logistic", "int noise", _smp(noise=torch.zeros(2, 4, 4, 4, dtype=torch.int64)),
         "noise must be"),
+    # dml_value_log_probs
+    Row("dml_value_log_probs", "params 3-D", _val(p=torch.zeros(3, 20, 1)), "params must be 2-D"),
+    Row("dml_value_log_probs", "params for another K", _val(k=3), "needs 3K"),
+    Row("dml_value_log_probs", "j past the colours", _val(j=3, prev=torch.zeros(3, 3)), "colour index"),
+    Row("dml_value_log_probs", "prev shape", _val(prev=torch.zeros(3, 2)), "prev must have shape"),
+    Row("dml_value_log_probs", "prev dtype", _val(prev=torch.zeros(3, 1, dtype=torch.float64)), "prev must be"),
+    Row("dml_value_log_probs", "num_bits 17", _val(num_bits=17), "num_bits"),
     # causal_conv1d_update
     Row("causal_conv1d_update", "state shape", _upd(state=torch.zeros(2, 3, 3)), "state must have shape"),
     Row("causal_conv1d_update", "dilation 0", _upd(dilation=0), "dilation must be a positive int"),
