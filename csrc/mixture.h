@@ -293,28 +293,25 @@ FASTAR_UNROLL
   }
 }
 
-// One pixel's colour j given its earlier colours prev[0..j): the (2^bits) probabilities of colour j's
-// bins, sum_k w_k P(bin | k), with w the components' posterior given prev (softmax of the logits plus
-// each earlier colour's log-probability under the component, openai's per-bin rule). P(bin | k) from
-// the logistic CDF at the bins' edges (one exp an edge): the left edge bin is the CDF at its upper
-// edge, the right one the complement at its lower edge, an inner bin the CDF difference (of the
-// complements in the right tail), and a bin whose mass is not above min_mass the density at its centre
-// times the bin width (openai's fallback). Writes log p into out[0..L); NaN everywhere for a
-// non-finite mean or weight. w (K values) is scratch.
+// One pixel's colour j given its earlier colours prev[0..j) (dml_value_log_probs), part 1: the
+// components' posterior given prev, w[q] = softmax_q(logit_q + sum_{c<j} log P(prev_c | q)) (openai's
+// per-bin rule), and colour j's mean m[q] (moved by the earlier colours) and inverse scale inv[q].
+// Returns false for a non-finite mean of colour j or non-finite weights (no distribution).
 template <typename T, typename scalar_t>
-FASTAR_HD void pixel_value_log_probs(const PixelParams<scalar_t>& pp, const T* prev, int64_t K, int C, int j,
-                                     int64_t L, const DmlConst<T>& k, T* w, T* out) {
+FASTAR_HD bool pixel_value_prep(const PixelParams<scalar_t>& pp, const T* prev, int64_t K, int C, int j,
+                                const DmlConst<T>& k, T* w, T* m, T* inv) {
   const int S = C == 3 ? 3 : 2;
   auto mean = [&](int c, int64_t q) {
-    T m = pp.template at<T>(K + c * S * K + q);
-    if (c == 1) m = m + mtanh(pp.template at<T>(K + 2 * K + q)) * prev[0];
+    T mc = pp.template at<T>(K + c * S * K + q);
+    if (c == 1) mc = mc + mtanh(pp.template at<T>(K + 2 * K + q)) * prev[0];
     if (c == 2)
-      m = m + mtanh(pp.template at<T>(K + 3 * K + 2 * K + q)) * prev[0] +
-          mtanh(pp.template at<T>(K + 6 * K + 2 * K + q)) * prev[1];
-    return m;
+      mc = mc + mtanh(pp.template at<T>(K + 3 * K + 2 * K + q)) * prev[0] +
+           mtanh(pp.template at<T>(K + 6 * K + 2 * K + q)) * prev[1];
+    return mc;
   };
   const T lse = logits_lse<T>(pp, K);
   T mx = -INFINITY;
+  bool ok = true;
   for (int64_t q = 0; q < K; ++q) {
     T s = pp.template at<T>(q) - lse;
     for (int c = 0; c < j; ++c)
@@ -322,58 +319,44 @@ FASTAR_HD void pixel_value_log_probs(const PixelParams<scalar_t>& pp, const T* p
                                                                          k.ls_min), k, nullptr, nullptr);
     w[q] = s;
     mx = s > mx ? s : mx;
+    m[q] = mean(j, q);
+    inv[q] = mexp(-clamp_below(pp.template at<T>(K + j * S * K + K + q), k.ls_min));
+    ok = ok && (m[q] - m[q] == T(0));
   }
   T tot = 0;
   for (int64_t q = 0; q < K; ++q) {
     w[q] = mx == -INFINITY ? T(0) : mexp(w[q] - mx);
     tot += w[q];
   }
-  bool bad = !(tot > T(0)) || !(tot - tot == T(0));
-  for (int64_t b = 0; b < L; ++b) out[b] = T(0);
-  const T bins = static_cast<T>(L - 1), half_bins = bins / T(2);
-  for (int64_t q = 0; q < K && !bad; ++q) {
-    const T m = mean(j, q);
-    if (!(m - m == T(0))) {
-      bad = true;
-      break;
-    }
-    const T wq = w[q] / tot;
-    if (wq == T(0)) continue;
-    const T ls = clamp_below(pp.template at<T>(K + j * S * K + K + q), k.ls_min);
-    const T inv = mexp(-ls);
-    // the CDF and its complement at an edge from one exp of -|z|
-    auto cdfs = [&](int64_t e, T& z, T& cdf, T& ccdf) {
-      z = inv * ((T(2) * static_cast<T>(e) - bins - T(1)) / bins - m);
-      const T a = mexp(-(z < T(0) ? -z : z)), d = T(1) + a;
-      cdf = z >= T(0) ? T(1) / d : a / d;
-      ccdf = z >= T(0) ? a / d : T(1) / d;
-    };
-    T z_lo, c_lo, cc_lo;
-    cdfs(0, z_lo, c_lo, cc_lo);
-    for (int64_t b = 0; b < L; ++b) {
-      T z_hi, c_hi, cc_hi;
-      cdfs(b + 1, z_hi, c_hi, cc_hi);
-      const T centre = (T(2) * static_cast<T>(b) - bins) / bins;
-      T mass;
-      if (centre < -k.edge) {
-        mass = c_hi;
-      } else if (centre > k.edge) {
-        mass = cc_lo;
-      } else {
-        mass = z_lo > T(0) ? cc_lo - cc_hi : c_hi - c_lo;
-        if (!(mass > k.min_mass)) {
-          const T mid = inv * (centre - m);
-          const T a = mexp(-(mid < T(0) ? -mid : mid)), d = T(1) + a;
-          mass = inv * a / (d * d) / half_bins;
-        }
-      }
-      out[b] += wq * mass;
-      z_lo = z_hi;
-      c_lo = c_hi;
-      cc_lo = cc_hi;
-    }
+  for (int64_t q = 0; q < K; ++q) w[q] = w[q] / tot;
+  return ok && tot > T(0) && tot - tot == T(0);
+}
+
+// Part 2, one component: acc[b] += wq * P(bin b | mean m, inverse scale inv) for the L bins, from the
+// logistic CDF at the bin edges (edge[e], e = 0..L; one exp an edge): the left edge bin (centre below
+// -edge) is the CDF at its upper edge, the right one the complement at its lower edge, an inner bin the
+// CDF difference (of the complements in the right tail), and a bin whose mass is not above min_mass
+// the density at its centre times the bin width (openai's fallback). cdf and ccdf: L + 1 scratch values.
+template <typename T>
+FASTAR_HD void component_bins(T wq, T m, T inv, int64_t L, const T* edge, const T* centre, const DmlConst<T>& k,
+                              T inv_half_bins, T* cdf, T* ccdf, T* acc) {
+  for (int64_t e = 0; e <= L; ++e) {
+    const T z = inv * (edge[e] - m);
+    const T a = mexp(-(z < T(0) ? -z : z)), r = T(1) / (T(1) + a);
+    cdf[e] = z >= T(0) ? r : a * r;
+    ccdf[e] = z >= T(0) ? a * r : r;
   }
-  for (int64_t b = 0; b < L; ++b) out[b] = bad ? (T(0) * INFINITY) : mlog(out[b]);
+  for (int64_t b = 0; b < L; ++b) {
+    const T z_lo = inv * (edge[b] - m);
+    T mass = z_lo > T(0) ? ccdf[b] - ccdf[b + 1] : cdf[b + 1] - cdf[b];
+    const T mid = inv * (centre[b] - m);
+    const T a = mexp(-(mid < T(0) ? -mid : mid)), d = T(1) + a;
+    const T pdf = inv * a / (d * d) * inv_half_bins;
+    mass = mass > k.min_mass ? mass : pdf;
+    mass = centre[b] < -k.edge ? cdf[b + 1] : mass;
+    mass = centre[b] > k.edge ? ccdf[b] : mass;
+    acc[b] += wq * mass;
+  }
 }
 
 // ---- argument checks (the same sentences on every backend) ----

@@ -231,8 +231,20 @@ at::Tensor categorical_sample_cpu(const at::Tensor& logits, const c10::optional<
   return out;
 }
 
+// A component's bins: float32 on the vectorised loops of mixture_vec.h, float64 on mixture.h's.
+void value_bins(float wq, float m, float inv, int64_t L, const float* edge, const float* centre,
+                const DmlConst<float>& k, float inv_half_bins, float* cdf, float* ccdf, float* row) {
+  mixvec::value_bins_f32(wq, m, inv, L, edge, centre, k.edge, k.min_mass, inv_half_bins, cdf, ccdf, row);
+}
+void value_bins(double wq, double m, double inv, int64_t L, const double* edge, const double* centre,
+                const DmlConst<double>& k, double inv_half_bins, double* cdf, double* ccdf, double* row) {
+  component_bins<double>(wq, m, inv, L, edge, centre, k, inv_half_bins, cdf, ccdf, row);
+}
+
 // One row a task (rows are independent, and a row's sums run in a fixed order: the same bits on any
-// thread count, which the codec's encoder and decoder rely on).
+// thread count, which the codec's encoder and decoder rely on). Per row: the posterior (scalar), then
+// each component's bin masses added into the row's output (float32: the vectorised loops of
+// mixture_vec.h), then the log.
 at::Tensor dml_value_log_probs_cpu(const at::Tensor& params, const at::Tensor& prev, int64_t K, int64_t j,
                                    int64_t num_bits) {
   const char* op = "dml_value_log_probs";
@@ -247,14 +259,27 @@ at::Tensor dml_value_log_probs_cpu(const at::Tensor& params, const at::Tensor& p
   AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "dml_value_log_probs_cpu", [&] {
     using T = scalar_t;
     const auto k = dml_const<T>(num_bits);
+    const T bins = static_cast<T>(L - 1), inv_half_bins = T(2) / bins;
+    std::vector<T> edge(L + 1), centre(L);
+    for (int64_t e = 0; e <= L; ++e) edge[e] = (T(2) * static_cast<T>(e) - bins - T(1)) / bins;
+    for (int64_t b = 0; b < L; ++b) centre[b] = (T(2) * static_cast<T>(b) - bins) / bins;
     const T* pp = pc.data_ptr<T>();
     const T* vp = vc.data_ptr<T>();
     T* o = out.data_ptr<T>();
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-      std::vector<T> w(K);
+      std::vector<T> w(K), m(K), inv(K), cdf(L + 1), ccdf(L + 1);
       for (int64_t n = n0; n < n1; ++n) {
         const PixelParams<T> px{pp + n * P, 1};
-        pixel_value_log_probs<T, T>(px, vp + n * j, K, C, static_cast<int>(j), L, k, w.data(), o + n * L);
+        T* row = o + n * L;
+        const bool ok = pixel_value_prep<T, T>(px, vp + n * j, K, C, static_cast<int>(j), k, w.data(), m.data(),
+                                               inv.data());
+        std::fill(row, row + L, T(0));
+        for (int64_t q = 0; ok && q < K; ++q) {
+          if (w[q] == T(0)) continue;
+          value_bins(w[q], m[q], inv[q], L, edge.data(), centre.data(), k, inv_half_bins, cdf.data(), ccdf.data(),
+                     row);
+        }
+        for (int64_t b = 0; b < L; ++b) row[b] = ok ? mlog(row[b]) : std::numeric_limits<T>::quiet_NaN();
       }
     });
   });

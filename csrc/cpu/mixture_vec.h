@@ -579,6 +579,30 @@ TileJob make_job(const at::Tensor& pc, const at::Tensor& xc, int64_t K, int C, i
 }
 
 
+// dml_value_log_probs in float32: mix::component_bins with the vectorised exp, compiled three times
+// like the tiles above (the loops vectorise over edges and bins); the posterior is scalar (K values).
+FASTAR_CLONES void value_bins_f32(float wq, float m, float inv, int64_t L, const float* edge, const float* centre,
+                                  float edge_lim, float min_mass, float inv_half_bins, float* cdf, float* ccdf,
+                                  float* acc) {
+  for (int64_t e = 0; e <= L; ++e) {
+    const float z = inv * (edge[e] - m);
+    const float a = vexp(-(z < 0.f ? -z : z)), r = 1.f / (1.f + a);
+    cdf[e] = z >= 0.f ? r : a * r;
+    ccdf[e] = z >= 0.f ? a * r : r;
+  }
+  for (int64_t b = 0; b < L; ++b) {
+    const float z_lo = inv * (edge[b] - m);
+    float mass = z_lo > 0.f ? ccdf[b] - ccdf[b + 1] : cdf[b + 1] - cdf[b];
+    const float mid = inv * (centre[b] - m);
+    const float a = vexp(-(mid < 0.f ? -mid : mid)), d = 1.f + a;
+    const float pdf = inv * a / (d * d) * inv_half_bins;
+    mass = mass > min_mass ? mass : pdf;
+    mass = centre[b] < -edge_lim ? cdf[b + 1] : mass;
+    mass = centre[b] > edge_lim ? ccdf[b] : mass;
+    acc[b] += wq * mass;
+  }
+}
+
 }  // namespace mixvec
 }  // namespace fastar
 

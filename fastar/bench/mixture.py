@@ -11,8 +11,8 @@ import torch
 from fastar import _backend
 from fastar.bench.timing import peak_memory_bytes, time_fn
 from fastar.ops.mixture import (categorical_sample, categorical_sample_ref, discretized_mix_logistic_nll,
-                                discretized_mix_logistic_nll_ref, sample_discretized_mix_logistic,
-                                sample_discretized_mix_logistic_ref)
+                                discretized_mix_logistic_nll_ref, dml_value_log_probs, dml_value_log_probs_ref,
+                                sample_discretized_mix_logistic, sample_discretized_mix_logistic_ref)
 
 __all__ = ["FAMILY", "COLUMNS", "NOTES", "K", "LOSS_BATCHES", "CAT_ROWS", "loss_inputs", "run"]
 
@@ -29,7 +29,10 @@ NOTES = ("Images 32x32x3, K=10 mixtures (params (B, 100, 32, 32), float32). refe
          "(B*H*W, 256) logits; multinomial = torch.multinomial(torch.softmax(logits, -1), 1); plain_cdf = the "
          "inverse CDF a user writes (softmax, cumsum, searchsorted on the same uniforms). The categorical reference "
          "reproduces the kernels' one pick (csrc/common/categorical.h) op for op, with an emulated exp, so it is "
-         "slow: speedup_vs_best_pytorch divides by the fastest of reference, compiled, multinomial and plain_cdf.")
+         "slow: speedup_vs_best_pytorch divides by the fastest of reference, compiled, multinomial and plain_cdf. "
+         "dml_value_log_probs rows (CPU only): colour B given R and G of N pixels, K=10, 256 bins, float32, one "
+         "thread (what the codec runs per step).")
+VALUE_ROWS = (1, 16, 256)
 
 K = 10
 LOSS_BATCHES = (16, 64)
@@ -151,4 +154,36 @@ def run(device: str, quick: bool = False) -> list[dict]:
         rows.append(_row(case, "categorical_sample", ref_ms, comp_ms, ker_ms, mult_ms, plain_ms=plain_ms))
         print(f"  {case} categorical: ref {ref_ms:.2f} ms, multinomial {mult_ms:.2f} ms, plain cdf {plain_ms:.2f} ms, "
               f"kernel {ker_ms:.2f} ms", flush=True)
+    if cpu:
+        rows += _value_rows(repeat, quick)
+    return rows
+
+
+def _value_rows(repeat, quick):
+    kernel_val = _kernel(dml_value_log_probs)
+    compiled_val = None if quick else _try_compile(dml_value_log_probs_ref, "the dml_value_log_probs reference")
+    rows = []
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for n in (VALUE_ROWS[:2] if quick else VALUE_ROWS):
+            g = torch.Generator().manual_seed(4)
+            p = torch.randn(n, 10 * K, generator=g)
+            p[:, K:] *= 0.5
+            prev = ((torch.randint(0, 256, (n, 2), generator=g).float() * 2 - 255) / 255)
+            case = f"({n}, {10 * K}) params, colour 2"
+            with torch.no_grad():
+                ref_ms = _time_or_none(lambda: (lambda: dml_value_log_probs_ref(p, prev, K, 2, 8)), torch.device("cpu"),
+                                       repeat * 3, "value reference")
+                ker_ms = _time_or_none(lambda: (lambda: kernel_val(p, prev, K, 2, 8)), torch.device("cpu"), repeat * 3,
+                                       "value kernel")
+                comp_ms = None
+                if compiled_val is not None:
+                    comp_ms = _time_or_none(lambda: (lambda: compiled_val(p, prev, K, 2, 8)), torch.device("cpu"),
+                                            repeat * 3, "compiled value reference")
+            rows.append(_row(case, "dml_value_log_probs", ref_ms, comp_ms, ker_ms))
+            print(f"  {case} dml_value_log_probs: ref {ref_ms:.3f} ms, compiled {comp_ms}, kernel {ker_ms:.3f} ms",
+                  flush=True)
+    finally:
+        torch.set_num_threads(prev_threads)
     return rows
