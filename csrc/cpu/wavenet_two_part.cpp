@@ -15,12 +15,12 @@
 //     by each part after ONE barrier per layer (each part keeps its own copy of h);
 //   - skip partials stay per part until the head; the head's two matrices are split by
 //     columns (a barrier each), and both parts draw the same sample from the full logits.
+// L + 3 barriers per step. The arithmetic (and so every bit of the result) is the same
+// whether one thread runs both parts or two threads run one each.
 // Packing costs about as much as a few steps (measured on the 2-core Xeon: ~50 us for the
 // shipped speech WaveNet's 0.66 MB, against ~10 us a step), so a call of few steps (the codec
 // runs one step a call) reads the same matrices in place instead (gemv_rows: the very same
 // arithmetic, so every bit is the same packed or not, at any number of steps a call).
-// L + 3 barriers per step. The arithmetic (and so every bit of the result) is the same
-// whether one thread runs both parts or two threads run one each.
 #include <memory>
 
 #include "cpu/wavenet_internal.h"
