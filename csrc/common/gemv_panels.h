@@ -6,6 +6,7 @@
 //     16-column panels, streamed by AVX-512 (a panel walk is contiguous: the prefetchers follow
 //     it at twice the bandwidth of a 1 KB-strided row-major walk).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -20,6 +21,13 @@
 namespace fastar {
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// A 16-column group of a packed matrix read in place: source columns [col, col + n) (see gemv_rows).
+struct ColGroup {
+  int64_t col;
+  int64_t n;
+};
+
 
 // y[b*ldy + o] += sum_i x[b*ldx + i] * W[i*ldw + o] for b < nb, o in [o0, o1).
 template <typename T>
@@ -181,9 +189,90 @@ __attribute__((target("avx512f"))) inline void gemv_panels(const float* P, int64
   for (; o + 16 <= width; o += 16, P += K * 16)
     for (int64_t b = 0; b < nb; ++b) panel16(P, K, x + b * ldx, y + b * ldy + o);
 }
+
+// The same products read straight from the row-major matrix, with no packing: logical 16-column
+// group j of the packed form is source columns [col, col + n) of rows [r0, r0 + K) (n < 16 is a
+// range's last group: its missing columns read as the zeros the packing pads with). Every output
+// is the very arithmetic of panel64 / panel16 (the same accumulators, the same rows in the same
+// order, the same final adds), so a product gives the same bits packed or not: a caller may pack
+// when a matrix is reused enough to repay it and read it in place otherwise.
+__attribute__((target("avx512f"))) inline __m512 load_group(const float* row, const ColGroup& g) {
+  if (g.n >= 16) return _mm512_loadu_ps(row + g.col);
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << g.n) - 1u), row + g.col);
+}
+
+__attribute__((target("avx512f"))) inline void panel64_rows(const float* W, int64_t ldw, const ColGroup* gr, int64_t K,
+                                                          const float* x, float* y) {
+  __m512 a0 = _mm512_loadu_ps(y), a1 = _mm512_loadu_ps(y + 16), a2 = _mm512_loadu_ps(y + 32),
+         a3 = _mm512_loadu_ps(y + 48);
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 <= K; i += 2) {
+    const float* w = W + i * ldw;
+    const float* v = w + ldw;
+    const __m512 x0 = _mm512_set1_ps(x[i]), x1 = _mm512_set1_ps(x[i + 1]);
+    a0 = _mm512_fmadd_ps(x0, load_group(w, gr[0]), a0);
+    a1 = _mm512_fmadd_ps(x0, load_group(w, gr[1]), a1);
+    a2 = _mm512_fmadd_ps(x0, load_group(w, gr[2]), a2);
+    a3 = _mm512_fmadd_ps(x0, load_group(w, gr[3]), a3);
+    b0 = _mm512_fmadd_ps(x1, load_group(v, gr[0]), b0);
+    b1 = _mm512_fmadd_ps(x1, load_group(v, gr[1]), b1);
+    b2 = _mm512_fmadd_ps(x1, load_group(v, gr[2]), b2);
+    b3 = _mm512_fmadd_ps(x1, load_group(v, gr[3]), b3);
+  }
+  if (i < K) {
+    const float* w = W + i * ldw;
+    const __m512 x0 = _mm512_set1_ps(x[i]);
+    a0 = _mm512_fmadd_ps(x0, load_group(w, gr[0]), a0);
+    a1 = _mm512_fmadd_ps(x0, load_group(w, gr[1]), a1);
+    a2 = _mm512_fmadd_ps(x0, load_group(w, gr[2]), a2);
+    a3 = _mm512_fmadd_ps(x0, load_group(w, gr[3]), a3);
+  }
+  _mm512_storeu_ps(y, _mm512_add_ps(a0, b0));
+  _mm512_storeu_ps(y + 16, _mm512_add_ps(a1, b1));
+  _mm512_storeu_ps(y + 32, _mm512_add_ps(a2, b2));
+  _mm512_storeu_ps(y + 48, _mm512_add_ps(a3, b3));
+}
+
+__attribute__((target("avx512f"))) inline void panel16_rows(const float* W, int64_t ldw, const ColGroup& gr, int64_t K,
+                                                          const float* x, float* y) {
+  __m512 a = _mm512_loadu_ps(y), b = _mm512_setzero_ps(), c = _mm512_setzero_ps(), d = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 4 <= K; i += 4) {
+    const float* w = W + i * ldw;
+    a = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), load_group(w, gr), a);
+    b = _mm512_fmadd_ps(_mm512_set1_ps(x[i + 1]), load_group(w + ldw, gr), b);
+    c = _mm512_fmadd_ps(_mm512_set1_ps(x[i + 2]), load_group(w + 2 * ldw, gr), c);
+    d = _mm512_fmadd_ps(_mm512_set1_ps(x[i + 3]), load_group(w + 3 * ldw, gr), d);
+  }
+  for (; i < K; ++i) a = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), load_group(W + i * ldw, gr), a);
+  _mm512_storeu_ps(y, _mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+}
+
+// gemv_panels on the unpacked matrix: W points at row r0 of the source (leading dim ldw), groups
+// are the logical width / 16 column groups (panel_groups).
+__attribute__((target("avx512f"))) inline void gemv_rows(const float* W, int64_t ldw, const ColGroup* groups, int64_t K,
+                                                       int64_t width, const float* x, int64_t ldx, float* y,
+                                                       int64_t ldy, int64_t nb) {
+  int64_t o = 0;
+  for (; o + 64 <= width; o += 64)
+    for (int64_t b = 0; b < nb; ++b) panel64_rows(W, ldw, groups + o / 16, K, x + b * ldx, y + b * ldy + o);
+  for (; o + 16 <= width; o += 16)
+    for (int64_t b = 0; b < nb; ++b) panel16_rows(W, ldw, groups[o / 16], K, x + b * ldx, y + b * ldy + o);
+}
 #else
 inline void gemv_panels(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t) {}
+inline void gemv_rows(const float*, int64_t, const ColGroup*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                      int64_t) {}
 #endif
+
+// The 16-column groups of the packed form of the listed column ranges (pack_panels' layout).
+inline std::vector<ColGroup> panel_groups(const std::vector<std::pair<int64_t, int64_t>>& ranges) {
+  std::vector<ColGroup> out;
+  for (auto [c0, c1] : ranges)
+    for (int64_t c = c0; c < c1; c += 16) out.push_back({c, std::min<int64_t>(16, c1 - c)});
+  return out;
+}
 
 // Packs rows [r0, r0 + K) and the listed column ranges of a row-major matrix (leading dim ldw)
 // into panels: logical column c of the result is the c-th listed column, each range starting

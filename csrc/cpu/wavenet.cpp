@@ -27,6 +27,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "common/vec_math.h"
@@ -133,10 +135,30 @@ Prims<float> pick_prims<float>() {
 // ------------------------------------------------------------------------------------------
 // wavenet_step: checks and the choice of strategy
 
+// Whether the two-part path packs its weights for a call of num_steps steps (both give the same bits,
+// wavenet_two_part.cpp). Measured on the 2-core Xeon, the shipped speech WaveNet at batch 1, one
+// thread, us a step packed / in place: 1 step a call 67 / 20, 16 steps 13.5 / 12.0, 64 steps
+// 11.0 / 11.6, 256 steps 10.4 / 11.5: packing pays from a few tens of steps a call.
+// FASTAR_WAVENET_CPU_PACK=always|never forces it (for benchmarks and the bit-equality tests);
+// unset, empty or auto: by the step count.
+constexpr int64_t kPackMinSteps = 32;
+
+bool pack_weights(int64_t num_steps) {
+  const char* env = std::getenv("FASTAR_WAVENET_CPU_PACK");
+  if (env && *env && std::strcmp(env, "auto") != 0) {
+    if (std::strcmp(env, "always") == 0) return true;
+    if (std::strcmp(env, "never") == 0) return false;
+    TORCH_CHECK(false, "wavenet_step: FASTAR_WAVENET_CPU_PACK must be auto, always or never, got '", env, "'");
+  }
+  return num_steps >= kPackMinSteps;
+}
+
 template <typename T>
 void run_steps(StepArgs<T>& g, int64_t p0, int64_t num_steps) {
   const StepShape& s = *g.s;
   const int64_t threads = at::get_num_threads();
+  const bool pack = pack_weights(num_steps);  // read (and checked) on every path, used by the two-part one
+  (void)pack;
   // Only with OpenMP: its team threads run concurrently, which the spin barriers rely on
   // (a task pool could run both parts one after the other on one thread).
   const bool can_two = AT_PARALLEL_OPENMP && threads >= 2 && !at::in_parallel_region();
@@ -152,7 +174,7 @@ void run_steps(StepArgs<T>& g, int64_t p0, int64_t num_steps) {
   const bool two_threads = can_two && (small || split);
   if constexpr (std::is_same_v<T, float>) {
     if (small) {
-      run_small(g, p0, num_steps, two_threads);
+      run_small(g, p0, num_steps, two_threads, pack);
       return;
     }
   }

@@ -296,7 +296,9 @@ template <typename T>
 void run_blocked(StepArgs<T>& g, int64_t p0, int64_t num_steps);
 template <typename T>
 void run_split(StepArgs<T>& g, int64_t p0, int64_t num_steps);
-void run_small(StepArgs<float>& g, int64_t p0, int64_t num_steps, bool two_threads);
+// pack: pack the weights into panels first (worth it for a call of many steps), else read them in
+// place; the bits are the same either way.
+void run_small(StepArgs<float>& g, int64_t p0, int64_t num_steps, bool two_threads, bool pack);
 
 }  // namespace wavenet_cpu
 }  // namespace fastar

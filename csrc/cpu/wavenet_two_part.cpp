@@ -17,6 +17,10 @@
 //     columns (a barrier each), and both parts draw the same sample from the full logits.
 // L + 3 barriers per step. The arithmetic (and so every bit of the result) is the same
 // whether one thread runs both parts or two threads run one each.
+// Packing costs about as much as a few steps (measured on the 2-core Xeon: ~50 us for the
+// shipped speech WaveNet's 0.66 MB, against ~10 us a step), so a call of few steps (the codec
+// runs one step a call) reads the same matrices in place instead (gemv_rows: the very same
+// arithmetic, so every bit is the same packed or not, at any number of steps a call).
 #include <memory>
 
 #include "cpu/wavenet_internal.h"
@@ -32,6 +36,8 @@ struct SmallPlan {
   std::vector<int64_t> conv_off[2], rs_off[2];
   int64_t head1_off[2], head2_off[2], size[2];
   int64_t wconv[2], wrs, wh1[2], wh2[2];  // packed widths
+  // the same matrices read in place (gemv_rows): each one's 16-column groups, per part
+  std::vector<ColGroup> conv_groups[2], rs_groups, h1_groups[2], h2_groups[2];
 };
 
 SmallPlan plan_small(const StepShape& s) {
@@ -44,11 +50,15 @@ SmallPlan plan_small(const StepShape& s) {
     pl.rch[t] = Stepper<float>::part(s.R, t, pl.parts);
   }
   pl.wrs = round16(s.R + s.S);
+  pl.rs_groups = panel_groups({{0, s.R + s.S}});
   for (int64_t t = 0; t < pl.parts; ++t) {
     const auto [d0, d1] = pl.dch[t];
     pl.wconv[t] = 2 * round16(d1 - d0);
     pl.wh1[t] = round16(pl.sch[t].second - pl.sch[t].first);
     pl.wh2[t] = round16(pl.ach[t].second - pl.ach[t].first);
+    pl.conv_groups[t] = panel_groups({{d0, d1}, {s.D + d0, s.D + d1}});
+    pl.h1_groups[t] = panel_groups({pl.sch[t]});
+    pl.h2_groups[t] = panel_groups({pl.ach[t]});
     int64_t off = 0;
     for (int64_t l = 0; l < s.L; ++l) {
       pl.conv_off[t].push_back(off);
@@ -152,7 +162,10 @@ struct SmallPart {
         ab[w16 + c] = c < w ? bias[s.D + d0 + c] + (cv ? cv[s.D + d0 + c] : 0.f) : 0.f;
       }
     }
-    gemv_panels(buf + pl.conv_off[t][l], KR, wc, xcat.data(), KR, a.data(), wc, s.B);
+    if (buf)
+      gemv_panels(buf + pl.conv_off[t][l], KR, wc, xcat.data(), KR, a.data(), wc, s.B);
+    else
+      gemv_rows(g.conv_w + l * KR * D2, D2, pl.conv_groups[t].data(), KR, wc, xcat.data(), KR, a.data(), wc, s.B);
     const int64_t RS = s.R + s.S;
     const float* rb = g.rs_b + l * RS;
     for (int64_t b = 0; b < s.B; ++b) {
@@ -160,7 +173,11 @@ struct SmallPart {
       float* ob = out.data() + b * pl.wrs;
       for (int64_t c = 0; c < pl.wrs; ++c) ob[c] = (t == 0 && c < RS) ? rb[c] : 0.f;
     }
-    if (w > 0) gemv_panels(buf + pl.rs_off[t][l], w, pl.wrs, z.data(), w, out.data(), pl.wrs, s.B);
+    if (w > 0 && buf)
+      gemv_panels(buf + pl.rs_off[t][l], w, pl.wrs, z.data(), w, out.data(), pl.wrs, s.B);
+    else if (w > 0)
+      gemv_rows(g.rs_w + (l * s.D + d0) * RS, RS, pl.rs_groups.data(), w, pl.wrs, z.data(), w, out.data(), pl.wrs,
+                s.B);
     for (int64_t b = 0; b < s.B; ++b) {
       const float* ob = out.data() + b * pl.wrs;
       std::memcpy(hp.data() + (t * s.B + b) * s.R, ob, sizeof(float) * s.R);
@@ -201,7 +218,10 @@ struct SmallPart {
     const int64_t wh = pl.wh1[t];
     for (int64_t b = 0; b < s.B; ++b)
       for (int64_t c = 0; c < wh; ++c) y1[b * wh + c] = c0 + c < c1 ? g.o1_b[c0 + c] : 0.f;
-    gemv_panels(buf + pl.head1_off[t], s.S, wh, sfull.data(), s.S, y1.data(), wh, s.B);
+    if (buf)
+      gemv_panels(buf + pl.head1_off[t], s.S, wh, sfull.data(), s.S, y1.data(), wh, s.B);
+    else
+      gemv_rows(g.o1_w, s.S, pl.h1_groups[t].data(), s.S, wh, sfull.data(), s.S, y1.data(), wh, s.B);
     for (int64_t b = 0; b < s.B; ++b)
       for (int64_t c = c0; c < c1; ++c) {
         const float v = y1[b * wh + c - c0];
@@ -214,7 +234,10 @@ struct SmallPart {
     const int64_t wh = pl.wh2[t];
     for (int64_t b = 0; b < s.B; ++b)
       for (int64_t c = 0; c < wh; ++c) lg[b * wh + c] = c0 + c < c1 ? g.o2_b[c0 + c] : 0.f;
-    gemv_panels(buf + pl.head2_off[t], s.S, wh, sh.y1.data(), s.S, lg.data(), wh, s.B);
+    if (buf)
+      gemv_panels(buf + pl.head2_off[t], s.S, wh, sh.y1.data(), s.S, lg.data(), wh, s.B);
+    else
+      gemv_rows(g.o2_w, s.A, pl.h2_groups[t].data(), s.S, wh, sh.y1.data(), s.S, lg.data(), wh, s.B);
     for (int64_t b = 0; b < s.B; ++b)
       std::memcpy(g.logits + b * s.A + c0, lg.data() + b * wh, sizeof(float) * (c1 - c0));
   }
@@ -242,12 +265,15 @@ float* part_buffer(int64_t t, int64_t n) {
 
 // One part per thread for the whole call (one fork/join per call, not per stage).
 void run_part_threaded(StepArgs<float>& g, const SmallPlan& pl, SmallShared& sh, int64_t t, int64_t p0,
-                       int64_t num_steps) {
+                       int64_t num_steps, bool pack) {
   const StepShape& s = *g.s;
   StageClock clk(t);
   clk.start();
-  float* buf = part_buffer(t, pl.size[t]);  // packed by the thread that streams it: it starts in its L2
-  pack_part(g, pl, t, buf);
+  float* buf = nullptr;
+  if (pack) {
+    buf = part_buffer(t, pl.size[t]);  // packed by the thread that streams it: it starts in its L2
+    pack_part(g, pl, t, buf);
+  }
   SmallPart pt(g, pl, sh, t, buf);
   clk.mark(kProfPack);
   for (int64_t i = 0; i < num_steps; ++i) {
@@ -285,14 +311,17 @@ void run_part_threaded(StepArgs<float>& g, const SmallPlan& pl, SmallShared& sh,
 
 // One thread runs every part's stages in turn: the same arithmetic as the two-thread mode.
 void run_parts_sequential(StepArgs<float>& g, const SmallPlan& pl, SmallShared& sh, int64_t p0,
-                          int64_t num_steps) {
+                          int64_t num_steps, bool pack) {
   const StepShape& s = *g.s;
   StageClock clk(0);  // one thread: both parts' stages land in row 0
   clk.start();
   std::vector<std::unique_ptr<SmallPart>> parts;
   for (int64_t t = 0; t < pl.parts; ++t) {
-    float* buf = part_buffer(t, pl.size[t]);
-    pack_part(g, pl, t, buf);
+    float* buf = nullptr;
+    if (pack) {
+      buf = part_buffer(t, pl.size[t]);
+      pack_part(g, pl, t, buf);
+    }
     parts.push_back(std::make_unique<SmallPart>(g, pl, sh, t, buf));
   }
   clk.mark(kProfPack);
@@ -322,7 +351,7 @@ void run_parts_sequential(StepArgs<float>& g, const SmallPlan& pl, SmallShared& 
 
 }  // namespace
 
-void run_small(StepArgs<float>& g, int64_t p0, int64_t num_steps, bool two_threads) {
+void run_small(StepArgs<float>& g, int64_t p0, int64_t num_steps, bool two_threads, bool pack) {
   const StepShape& s = *g.s;
   const SmallPlan pl = plan_small(s);
   SmallShared sh;
@@ -331,14 +360,14 @@ void run_small(StepArgs<float>& g, int64_t p0, int64_t num_steps, bool two_threa
   sh.skp.assign(pl.parts * s.B * s.S, 0.f);
   sh.y1.assign(s.B * s.S, 0.f);
   if (!two_threads || pl.parts == 1) {
-    run_parts_sequential(g, pl, sh, p0, num_steps);
+    run_parts_sequential(g, pl, sh, p0, num_steps, pack);
     return;
   }
   at::parallel_for(0, 2, 1, [&](int64_t lo, int64_t hi) {
     if (hi - lo == 2)  // the runtime gave one thread both parts
-      run_parts_sequential(g, pl, sh, p0, num_steps);
+      run_parts_sequential(g, pl, sh, p0, num_steps, pack);
     else
-      run_part_threaded(g, pl, sh, lo, p0, num_steps);
+      run_part_threaded(g, pl, sh, lo, p0, num_steps, pack);
   });
 }
 

@@ -60,15 +60,31 @@ class WaveNetFusedCache(InferenceCache):
         self.cond = None if cond is None else cond.to(run.dtype).contiguous()
         self.num_prime = _prime_length(run)
         self.chunk = 64 if dev.type == "cuda" else 256
+        # The op's arguments change only by the step index, which the op reads from run.t: they are
+        # built and checked (_check_step, over the whole run's uniforms) here, once, and each advance
+        # calls the kernel (or, under the reference backend, its twin) directly. A one-step call (the
+        # codec's) would otherwise pay more for rebuilding and rechecking them than for the step; the
+        # kernel still parses its arguments every call (csrc/wavenet.h), so nothing unchecked reaches it.
+        kernel = _backend.use_kernel("wavenet_step", dev, run.dtype, _wn.STEP_KERNEL_DTYPES)
+        self._op = torch.ops.fastar.wavenet_step if kernel else _wn._step_impl
+        self._args = {}
+        _wn._check_step("wavenet_step" if kernel else "wavenet_step_ref",
+                        *self._op_args(max(1, run.seq.steps - int(run.t[0]))))
+
+    def _op_args(self, k):
+        args = self._args.get(k)
+        if args is None:
+            run = self.run
+            args = self._args[k] = _wn.wavenet_op_args(
+                run.values, self.queues, run.t, self.params, self.noise, self.cond, self.weights, self.num_prime,
+                run.temperature, self.model.start_arg, num_steps=k, **self.model.head_kwargs())
+        return args
 
     def plan(self, t):
         return "chunk", self.chunk
 
     def advance(self, key, t, k):
-        run = self.run
-        _wn.wavenet_step_packed(run.values, self.queues, run.t, self.params, self.noise, self.cond, self.weights,
-                                self.num_prime, run.temperature, self.model.start_arg, num_steps=k,
-                                **self.model.head_kwargs())
+        self._op(*self._op_args(k))
 
 
 class WaveNetQueueCache(InferenceCache):

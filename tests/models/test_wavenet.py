@@ -124,6 +124,32 @@ def test_fast_equals_naive_float32_and_the_reference_queue(kernel_size):
     assert torch.equal(res[0], res[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_cache_one_step_calls_equal_chunked_sampling_and_check_once(dtype):
+    # The fused cache builds and checks the op's arguments once per run; one-step advances (the codec's
+    # drive loop) must give the very bits of the chunked sampler, and a bad uniform anywhere in the run
+    # is refused when the cache is made, not first met in some later chunk.
+    from fastar import sampling
+    from fastar.models.wavenet_cache import WaveNetFusedCache
+
+    m = _tiny(dtype)
+    T = 300                                   # 256 + 44: two chunks when sampling
+    want = m.sample(2, (T,), generator=torch.Generator().manual_seed(4), progress=False)
+    run = sampling.prepare(m, 2, (T,), None, torch.Generator().manual_seed(4))
+    cache = m.allocate_inference_cache(run)
+    if not isinstance(cache, WaveNetFusedCache):
+        pytest.skip("wavenet_step's kernel is not built")
+    with torch.no_grad():
+        for t in range(T):
+            cache.advance("chunk", t, 1)
+    assert int(run.t[0]) == T
+    assert torch.equal(run.seq.finish_values(run.values), want)
+    bad = sampling.prepare(m, 2, (T,), None, torch.Generator().manual_seed(4))
+    bad.noise[T - 3, 1] = 1.0                 # not a uniform in [0, 1), in the run's last chunk
+    with pytest.raises(ValueError, match=r"must hold uniforms in \[0, 1\)"):
+        m.allocate_inference_cache(bad)
+
+
 def test_step_logits_equal_teacher_forced_forward(device):
     m = _tiny(torch.float32, **COND_CASES["local"]).to(device)
     _, lc = _cond_inputs("local", 4, 50, torch.float32, device=device)

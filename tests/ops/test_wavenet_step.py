@@ -513,6 +513,47 @@ def test_wavenet_step_small_batch_path_is_thread_count_invariant(batch, k):
     torch.testing.assert_close(runs[2]["queues"], ref["queues"], **tol(torch.float32, 10))
 
 
+@pytest.mark.parametrize("mixture", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_wavenet_step_small_batch_path_packed_or_in_place_same_bits(monkeypatch, batch, mixture):
+    # The two-part path packs its weights into panels for a call of many steps and reads them in place
+    # for a call of few (the codec's one step a call): the same arithmetic, so the same bits, whatever
+    # the steps per call and the thread count. FASTAR_WAVENET_CPU_PACK forces either; "auto" (the
+    # default) chooses by the step count, so 1-step calls, mid-size calls and one long call all agree.
+    requires_kernel("wavenet_step", "cpu")
+    T = 40
+    if mixture:
+        st, c, w, dil = _mix_case("cpu", torch.float32, K=16, B=batch, T=T, k=3, cond="local", seed=11, R=24,
+                                  D=40, S=72)
+        call = lambda s, n: _mcall(wavenet_step, s, c, w, dil, K=16, num_prime=3, num_steps=n)  # noqa: E731
+    else:
+        st, c, w, dil = _step_case("cpu", torch.float32, B=batch, T=T, L=5, k=3, R=24, D=40, S=72, A=100,
+                                   cond="local", seed=11)
+        call = lambda s, n: _call(wavenet_step, s, c, w, dil, num_prime=3, num_steps=n)  # noqa: E731
+    runs = {}
+    for mode, chunks in (("always", [T]), ("never", [T]), ("never", [1] * T), ("auto", [1] * 5 + [3, 32]),
+                         ("auto", [T])):
+        for threads in (1, 2):
+            s = _clone(st)
+            monkeypatch.setenv("FASTAR_WAVENET_CPU_PACK", mode)
+
+            def go():
+                with fastar.backend("kernel"):
+                    for n in chunks:
+                        call(s, n)
+
+            _with_threads(threads, go)
+            runs[(mode, len(chunks), threads)] = s
+    first = next(iter(runs.values()))
+    for key, s in runs.items():
+        for field in ("samples", "logits", "queues"):
+            assert torch.equal(s[field], first[field]), (key, field)
+    monkeypatch.setenv("FASTAR_WAVENET_CPU_PACK", "sometimes")
+    with pytest.raises(RuntimeError, match="FASTAR_WAVENET_CPU_PACK must be auto, always or never"):
+        with fastar.backend("kernel"):
+            call(_clone(st), 1)
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_wavenet_step_small_batch_path_mixture_head(batch):
     # the packed two-part path with the mixture head (A = 3K = 48 splits into two parts)
