@@ -276,6 +276,7 @@ class _Support:
             raise ValueError(f"fastar codec: {name}'s support has {self.k} value(s); nothing to code")
         self.values = sup.to(self.vdt)                      # (K, V)
         self.sorted = head.values == 1 and bool((self.values[1:, 0] > self.values[:-1, 0]).all())
+        self.codes = self.sorted and self.vdt == torch.int64 and torch.equal(self.values[:, 0], torch.arange(self.k))
 
     def index(self, v: torch.Tensor) -> torch.Tensor:
         """(N, T, V) values -> symbols: (N, T) int64 (joint), (N, T, V) (sequential); ValueError for a value
@@ -302,9 +303,10 @@ def _freqs(lp: torch.Tensor) -> np.ndarray:
     """(N, K) log-probabilities of a step's values -> (N, K) integer frequencies (float64 holding integers)
     out of 2**PRECISION, every one >= 1. The same tensor in gives the same bits out (the CPU thread count
     is pinned around every caller, and numpy's float64 exp and sums run the same way on the same shape)."""
-    lp = lp.detach().to("cpu", torch.float64).numpy()
-    top = lp.max(1, keepdims=True)
-    if not np.isfinite(top).all() or np.isnan(lp).any():
+    lp = lp.detach().cpu()
+    lp = (lp if lp.dtype in (torch.float32, torch.float64) else lp.double()).numpy().astype(np.float64, copy=False)
+    top = lp.max(1, keepdims=True)                             # NaN anywhere in a row makes its max NaN
+    if not np.isfinite(top).all():
         raise ValueError("fastar codec: the model gives non-finite probabilities at a step (NaN or no mass)")
     p = np.exp(lp - top)
     p /= p.sum(1, keepdims=True)
@@ -727,9 +729,12 @@ def _decoder_supply(sup, coder, n, device):
     head, fam = sup.head, _family()
 
     def symbols(lp):
-        return torch.from_numpy(np.asarray(coder.decode(fam, _freqs(lp)), dtype=np.int64)).to(device)
+        s = torch.from_numpy(np.asarray(coder.decode(fam, _freqs(lp)), dtype=np.int64))
+        return s if device.type == "cpu" else s.to(device)
 
     if not sup.sequential:
+        if sup.codes:                                   # the support is the codes 0..K-1 themselves
+            return lambda t, params: symbols(head.support_log_probs(params)).unsqueeze(1)
         sup_vals = sup.values.to(device)
         return lambda t, params: sup_vals.index_select(0, symbols(head.support_log_probs(params)))
     cols = [c.to(device) for c in sup.columns]
