@@ -28,8 +28,9 @@ per-op caches happened to agree), and torch's vectorised elementwise maths
 vector body and the scalar tail. Which ops a kind of step runs is recorded once, on its first call
 (a dispatch mode over that one call, on one thread); the protocol promises that equal plan keys do
 identical work, so one call stands for all of them. Today that makes the fused Gated PixelCNN pixel
-step, the fused PixelRNN sub-pixel step and the fused WaveNet chunk adaptive; the row steps (torch
-GEMMs, PixelRNN's row-start scans) and the per-op caches run on one thread.
+step, the fused PixelRNN sub-pixel step, PixelCNN++'s fused pixel step and the fused WaveNet chunk
+adaptive; the row steps (torch GEMMs and convolutions, PixelRNN's row-start scans) and the per-op
+caches run on one thread.
 
 Why one thread for the rest, and not the caller's count: a fixed rule keeps the bits, and one
 thread is the count that does not suffer when another process takes a core (measured on the 2-core
@@ -69,6 +70,7 @@ __all__ = ["StepThreads", "ThreadChoice", "choice_for", "policy", "pinned", "ste
 FUSED_NEUTRAL_OPS = frozenset({
     "fastar::gated_pixelcnn_step",       # batch rows over threads; a row's arithmetic is the same in any tile
     "fastar::pixelrnn_step",             # batch rows over threads; a row's arithmetic is the same in any tile
+    "fastar::pixelcnnpp_ul_step",        # batch rows over threads; a row's GEMV tiles sum in one order
     "fastar::wavenet_step",              # rows, or 16-column blocks of outputs; no sum is split
     "fastar::causal_conv1d_update",      # batch rows over threads
     "fastar::categorical_sample",        # positions over threads

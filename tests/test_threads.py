@@ -174,7 +174,38 @@ def _case_pixelrnn(dtype):
         assert _same_bits(a, b), kind
 
 
+def _pixelcnnpp_fused_walk(dtype, n_threads, classes, n=11):
+    """A whole image through PixelCNN++'s cache as the policy would run it: the row steps (torch convolutions)
+    at one thread, the pixel steps (one fused ul step and a copy) at n_threads; the engine's draw between."""
+    from fastar.models import PixelCNNpp
+    from fastar.models.pixelcnnpp_cache import MultiResolutionCache
+    from fastar.sampling.engine import _draw_step
+
+    torch.manual_seed(0)
+    model = PixelCNNpp(3, 1, 16, 3, dropout=0.0, num_classes=classes).to(dtype).eval()
+    cond = None if classes is None else torch.arange(n) % classes
+    run = sampling.prepare(model, n, (5, 6), cond, torch.Generator().manual_seed(2))
+    cache = MultiResolutionCache(model, run, fused=True)
+    recs = []
+    with torch.no_grad():
+        for t in range(run.seq.steps):
+            key, _ = cache.plan(t)
+            params = _at(1 if key == "row" else n_threads, lambda: cache.step(key, t))
+            recs.append(params.clone())
+            cache.update(key, t, _draw_step(run, params))
+            run.t.add_(1)
+    return run.values.clone(), torch.stack(recs), [m.clone() for m in cache.maps]
+
+
+def _case_pixelcnnpp(dtype):
+    requires_kernel("pixelcnnpp_ul_step", "cpu")
+    for classes in (None, 3):
+        a, b = (_pixelcnnpp_fused_walk(dtype, t, classes) for t in (1, N))
+        assert _same_bits(a, b), classes
+
+
 NEUTRAL_CASES = {
+    "fastar::pixelcnnpp_ul_step": _case_pixelcnnpp,
     "fastar::gated_pixelcnn_step": _case_gated,
     "fastar::pixelrnn_step": _case_pixelrnn,
     "fastar::wavenet_step": _case_wavenet,

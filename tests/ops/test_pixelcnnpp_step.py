@@ -117,18 +117,12 @@ def test_kernel_refuses_a_program_that_does_not_fit_its_tensors():
 
 @needs_kernel
 def test_kernel_bits_do_not_depend_on_the_thread_count():
-    """Batch rows are split over threads; each row's sums run in one order whatever rows share a tile."""
-    C, nr, nf, K, classes, H, W = (3, 1, 16, 2, None, 6, 6)
-    torch.manual_seed(0)
-    model = PixelCNNpp(C, nr, nf, K, dropout=0.0).eval()
-    outs = []
-    prev = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 1):
-            torch.set_num_threads(threads)
-            run = sampling.prepare(model, 7, (H, W), None, torch.Generator().manual_seed(1), record=True)
-            outs.append(sampling.cached_sample(model, run))
-    finally:
-        torch.set_num_threads(prev)
-    for x, p in outs[1:]:
-        assert torch.equal(x, outs[0][0]) and torch.equal(p, outs[0][1])
+    """Batch rows are split over threads; each row's sums run in one order whatever rows share a tile. The op
+    itself at one and at two threads over a whole image (the engine's policy would run a step on one thread
+    unless the op is known neutral, so sampling at two threads would not test it): tests/test_threads.py's
+    walk, float64 and float32."""
+    from tests.test_threads import _pixelcnnpp_fused_walk, _same_bits
+
+    for dtype in (torch.float64, torch.float32):
+        a, b = (_pixelcnnpp_fused_walk(dtype, t, None, n=7) for t in (1, 2))
+        assert _same_bits(a, b), dtype
