@@ -7,7 +7,7 @@ any joint step whose support has at most :data:`MAX_SUPPORT` values or whose hea
 chain-rule factors), with no code for any family: the model states its
 :class:`~fastar.sampling.Sequence`, the engine's :func:`~fastar.sampling.drive` runs its cached step
 loop, the head gives every step's whole distribution (``support_log_probs``: one symbol a step), or,
-for a step of V values drawn jointly (PixelCNN++'s and PixelSNAIL's R, G, B: 2**24 joint values),
+for a step of V values drawn jointly (a discretized logistic mixture's R, G, B: 2**24 joint values),
 each value's distribution given the step's earlier ones (``value_log_probs``: R, then G given R,
 then B given R and G, V symbols a step), and ``constriction``'s ANS coder turns the distributions
 into bits.
