@@ -112,6 +112,16 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# torch wraps every dispatch mode's __torch_dispatch__ so that dynamo never traces it (torch._disable_dynamo),
+# and that wrapper imports torch._dynamo on its first call: about 0.8 s on the 2-core box, paid by the first
+# sampling call of every process. The recorder only ever runs eagerly inside one decode step, never under
+# torch.compile, so it is marked as already disabled (the attribute the wrapper caches its result in). With
+# another torch that stores it elsewhere this does nothing and the first call just pays the import.
+_raw_dispatch = getattr(_OpRecorder.__dict__["__torch_dispatch__"], "__wrapped__", None)
+if _raw_dispatch is not None:
+    setattr(_raw_dispatch, "__dynamo_disable", _raw_dispatch)
+
+
 # ------------------------------------------------------------------------------------------ policy
 
 _ADAPTIVE, _ALL, _ONE = "adaptive", "all", "one"

@@ -276,6 +276,42 @@ def test_ops_that_call_a_blas_are_never_switched(dtype, record_property):
         record_property(f"{name} {dtype} same bits at 1 and {N} threads", _same_bits(a, b))
 
 
+_FRESH = r"""
+import sys, torch
+from fastar.models import SPECS
+from fastar.threads import StepThreads
+torch.set_num_threads(2)
+spec = SPECS["wavenet"]
+torch.manual_seed(0)
+m = spec.cls(**spec.tiny[0]["config"]).eval()
+seen = []
+real_after = StepThreads.after
+def after(self, token):
+    real_after(self, token)
+    seen.append(dict(self.kinds))
+StepThreads.after = after
+m.sample(2, spec.tiny[0]["shape"], progress=False)
+assert any(k for k in seen), "no kind of step was recorded"
+print("dynamo imported:", "torch._dynamo" in sys.modules)
+"""
+
+
+def test_recording_a_first_call_does_not_import_dynamo():
+    """The op recorder is a dispatch mode, whose wrapper would import torch._dynamo on a process's first
+    sampling call (about 0.8 s here): marked as already disabled, it records without the import."""
+    import subprocess
+    import sys
+
+    if fthreads._raw_dispatch is None:
+        pytest.skip("this torch does not wrap a dispatch mode's __torch_dispatch__ with _disable_dynamo")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "FASTAR_CPU_THREADS"}
+    env["PYTHONPATH"] = root
+    out = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dynamo imported: False" in out.stdout, out.stdout
+
+
 def test_the_policy_switches_only_what_it_knows():
     assert step_is_neutral({"fastar::gated_pixelcnn_step"})
     assert step_is_neutral({"fastar::wavenet_step", "aten::select", "aten::_local_scalar_dense", "aten::ge"})
