@@ -22,11 +22,10 @@ D steps) vs one forward pass (``model.nll``) on the same batch.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from fastar.bench.timing import sync, time_fn, time_interleaved
+from fastar.bench.timing import sync, time_fn, time_interleaved, timed
 from fastar.models import MADE, NADE
 
 FAMILY = "made"
@@ -90,14 +89,6 @@ def _on_threads(n, fn):
     return call
 
 
-def _timed(fn, dev):
-    sync(dev)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(dev)
-    return time.perf_counter() - t0, out
-
-
 def _sampling_rows(dev, quick):
     model = _made(dev).eval()
     threads = torch.get_num_threads()
@@ -124,7 +115,7 @@ def _sampling_rows(dev, quick):
         if quick or est > NAIVE_BUDGET_S * 1e3:
             ns, how, same = est, "extrapolated: D x forward", None
         else:
-            s, out_n = _timed(lambda: model.sample(n, None, generator=torch.Generator().manual_seed(0),
+            s, out_n = timed(lambda: model.sample(n, None, generator=torch.Generator().manual_seed(0),
                                                    method="naive", progress=False), dev)
             ns, how, same = s * 1e3, "full run", bool(torch.equal(out_n, out_c))
         note = (f"naive {how}" + ("" if same is None else f"; same images: {same}")
@@ -148,7 +139,7 @@ def _nade_rows(dev, quick):
         x = torch.randint(0, 2, (n, 1, 28, 28), device=dev)
         with torch.no_grad():
             fwd = time_fn(lambda: model.nll(x), dev, warmup=1, repeat=3 if quick else 7)["median_ms"]
-        ts = [_timed(lambda: model.sample(n, None, generator=torch.Generator().manual_seed(0), progress=False),
+        ts = [timed(lambda: model.sample(n, None, generator=torch.Generator().manual_seed(0), progress=False),
                      dev)[0] * 1e3 for _ in range(2 if quick else 5)]
         cs = statistics.median(ts)
         rows.append(dict(case=f"NADE 500 D=784 n={n}", what="sample vs forward", a_ms=fwd, b_ms=cs, ratio=cs / fwd,

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from fastar import sampling
-from fastar.bench.timing import sync
+from fastar.bench.timing import sampling_batches, sync, timed
 from fastar.models import PixelCNNpp
 
 FAMILY = "pixelcnnpp"
@@ -165,18 +165,6 @@ class PortPixelCNN(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 
-def _timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
-def _batches(device):
-    return (1, 16, 256) if device.type == "cuda" else (1, 16)
-
-
 def sampling_rows(device: str, quick: bool = False) -> list[dict]:
     """Naive vs cached sampling rows, in :mod:`fastar.bench.sampling`'s columns."""
     dev = torch.device(device)
@@ -186,7 +174,7 @@ def sampling_rows(device: str, quick: bool = False) -> list[dict]:
             continue
         torch.manual_seed(0)
         model = PixelCNNpp(3, nr, nf, k, dropout=0.0).to(dev).eval()
-        for n in _batches(dev):
+        for n in sampling_batches(dev):
             if quick and n > 1:
                 continue
 
@@ -194,14 +182,14 @@ def sampling_rows(device: str, quick: bool = False) -> list[dict]:
                 run = sampling.prepare(model, n, (SIZE, SIZE), generator=torch.Generator(dev).manual_seed(1))
                 return sampling.cached_sample(model, run)
 
-            cached_s, x_cached = _timed(cached, dev)            # one run: the first includes no warm-up to speak of
+            cached_s, x_cached = timed(cached, dev)            # one run: the first includes no warm-up to speak of
             if not quick and dev.type == "cuda":
-                cached_s = min(cached_s, _timed(cached, dev)[0])
+                cached_s = min(cached_s, timed(cached, dev)[0])
             x0 = torch.zeros(n, 3, SIZE, SIZE, dtype=torch.int64, device=dev)
             passes = []
             with torch.no_grad():
                 for r in range(1 + (1 if quick else 3)):
-                    t = _timed(lambda: model.params(x0), dev)[0]
+                    t = timed(lambda: model.params(x0), dev)[0]
                     if r:
                         passes.append(t)
             steps = SIZE * SIZE
@@ -209,7 +197,7 @@ def sampling_rows(device: str, quick: bool = False) -> list[dict]:
             same = None
             if estimate <= NAIVE_BUDGET_S and not quick:
                 run = sampling.prepare(model, n, (SIZE, SIZE), generator=torch.Generator(dev).manual_seed(1))
-                naive_s, x_naive = _timed(lambda: sampling.naive_sample(model, run), dev)
+                naive_s, x_naive = timed(lambda: sampling.naive_sample(model, run), dev)
                 how, same = "full run", bool(torch.equal(x_naive, x_cached))
             else:
                 naive_s, how = estimate, "extrapolated"
@@ -255,7 +243,7 @@ def training_rows(device: str, quick: bool = False) -> list[dict]:
         times = {"fastar": [], "port": []}
         for r in range(1 + (1 if quick else 3)):
             for key, fn in (("fastar", step_ours), ("port", step_port)):
-                t = _timed(fn, dev)[0]
+                t = timed(fn, dev)[0]
                 if r:
                     times[key].append(t)
         a, b = (batch / statistics.median(times[key]) for key in ("fastar", "port"))
@@ -275,7 +263,7 @@ def breakdown_rows(device: str, quick: bool = False) -> list[dict]:
     name, nr, nf, k = CASES[0]
     torch.manual_seed(0)
     model = PixelCNNpp(3, nr, nf, k, dropout=0.0).to(dev).eval()
-    for n in _batches(dev):
+    for n in sampling_batches(dev):
         if quick and n > 1:
             continue
         run_ = sampling.prepare(model, n, (SIZE, SIZE), generator=torch.Generator(dev).manual_seed(1))
@@ -291,16 +279,16 @@ def breakdown_rows(device: str, quick: bool = False) -> list[dict]:
             for t in range(SIZE * SIZE):
                 i, j = divmod(t, W)
                 if j == 0:
-                    dt, _ = _timed(lambda: cache._rows(i), dev)
+                    dt, _ = timed(lambda: cache._rows(i), dev)
                     parts["row work (u streams)"] += dt
                 if cache.fused:
-                    dt, _ = _timed(lambda: cache._op(cache.maps, cache.weights, cache.program, i, j, cache.out_buf,
+                    dt, _ = timed(lambda: cache._op(cache.maps, cache.weights, cache.program, i, j, cache.out_buf,
                                                      check=False), dev)
                     parts[pos] += dt
                     t0 = time.perf_counter()
                     p = cache.out_buf.float()
                 else:
-                    dt, _ = _timed(lambda: cache._position(i, j), dev)
+                    dt, _ = timed(lambda: cache._position(i, j), dev)
                     parts[pos] += dt
                     t0 = time.perf_counter()
                     h = F.elu(cache.final.at(i, j))
@@ -312,7 +300,7 @@ def breakdown_rows(device: str, quick: bool = False) -> list[dict]:
             total = time.perf_counter() - total0
             x0 = torch.zeros(n, 3, SIZE, SIZE, dtype=torch.int64, device=dev)
             model.params(x0)
-            fwd = statistics.median(_timed(lambda: model.params(x0), dev)[0] for _ in range(3))
+            fwd = statistics.median(timed(lambda: model.params(x0), dev)[0] for _ in range(3))
         for what, sec in parts.items():
             rows.append({"case": f"{name} 32x32x3", "batch": n, "what": f"cached image: {what} s",
                          "fastar": sec, "baseline": None, "ratio": sec / total, "how": "share of the cached image",

@@ -19,12 +19,11 @@ level they sit in), and give the step's share of a whole cached sampling step.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from fastar import sampling
-from fastar.bench.timing import sync, time_fn, time_interleaved
+from fastar.bench.timing import sampling_batches, sync, time_fn, time_interleaved, timed
 
 FAMILY = "pixelsnail"
 
@@ -58,18 +57,6 @@ def build(config, device):
     return PixelSNAIL(**config).to(device).eval()
 
 
-def _batches(device):
-    return (1, 16, 256) if device.type == "cuda" else (1, 16)
-
-
-def _timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
 def sampling_rows(device: str, quick: bool = False) -> list[dict]:
     """Naive vs cached sampling rows (the columns of :mod:`fastar.bench.sampling`'s table)."""
     dev = torch.device(device)
@@ -77,7 +64,7 @@ def sampling_rows(device: str, quick: bool = False) -> list[dict]:
     for name, config in CASES:
         model = build(config, dev)
         C = config["in_channels"]
-        for n in _batches(dev):
+        for n in sampling_batches(dev):
             if quick and n > 1:
                 continue
             steps = SIZE * SIZE
@@ -94,16 +81,16 @@ def sampling_rows(device: str, quick: bool = False) -> list[dict]:
             # load reaches both alike; medians over the rounds.
             times, passes, x_cached = [], [], None
             for _ in range(1 if quick else 3):
-                t, x_cached = _timed(cached, dev)
+                t, x_cached = timed(cached, dev)
                 times.append(t)
                 with torch.no_grad():
-                    passes += [_timed(lambda: model(x0), dev)[0] for _ in range(2)]
+                    passes += [timed(lambda: model(x0), dev)[0] for _ in range(2)]
             cached_s, pass_s = statistics.median(times), statistics.median(passes)
             estimate = steps * pass_s
             same = None
             if estimate <= NAIVE_BUDGET_S and not quick:
                 plan = sampling.prepare(model, n, (SIZE, SIZE), generator=torch.Generator(dev).manual_seed(1))
-                naive_s, x_naive = _timed(lambda: sampling.naive_sample(model, plan), dev)
+                naive_s, x_naive = timed(lambda: sampling.naive_sample(model, plan), dev)
                 how = "full run"
                 same = bool(torch.equal(x_naive, x_cached))
             else:
@@ -124,7 +111,7 @@ def attention_rows(device: str, quick: bool = False) -> list[dict]:
     model = build(config, dev)
     layer = model.blocks[0].attn
     L = SIZE * SIZE
-    for n in _batches(dev):
+    for n in sampling_batches(dev):
         if quick and n > 1:
             continue
         g = torch.Generator(dev).manual_seed(0)

@@ -15,12 +15,11 @@ engine without the fused pixel step (``fused=False``), so the fused op's own gai
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 from fastar import _backend, sampling
-from fastar.bench.timing import sync
+from fastar.bench.timing import sampling_batches, sync, timed
 from fastar.models import GatedPixelCNN
 
 FAMILY = "sampling"
@@ -50,18 +49,6 @@ CASES = [
 ]
 
 
-def _batches(device):
-    return (1, 16, 256) if device.type == "cuda" else (1, 16)
-
-
-def _timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
 def run(device: str, quick: bool = False) -> list[dict]:
     dev = torch.device(device)
     rows = []
@@ -70,7 +57,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
             continue
         torch.manual_seed(0)
         model = GatedPixelCNN(cin, levels, layers=15, channels=ch).to(dev).eval()
-        for n in _batches(dev):
+        for n in sampling_batches(dev):
             if quick and n > 16:
                 continue
             steps = cin * size * size
@@ -83,12 +70,12 @@ def run(device: str, quick: bool = False) -> list[dict]:
             reps = 1 if quick else 3
             times, x_cached = [], None
             for _ in range(reps):
-                t, x_cached = _timed(cached, dev)
+                t, x_cached = timed(cached, dev)
                 times.append(t)
             cached_s = statistics.median(times)
             cached(False)  # warm-up of the per-op path
             reps_u = 3 if dev.type == "cuda" and not quick else 1
-            unfused_s = statistics.median(_timed(lambda: cached(False), dev)[0] for _ in range(reps_u))
+            unfused_s = statistics.median(timed(lambda: cached(False), dev)[0] for _ in range(reps_u))
 
             # A naive user's forward pass is plain PyTorch (F.conv2d on weight * mask); the model's default runs
             # the masked_conv2d kernel, slower than that at small batch. The faster of the two, timed
@@ -99,7 +86,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 for r in range(1 + (1 if quick else 5)):
                     for be in passes:
                         with _backend.backend(be):
-                            t = _timed(lambda: model(x0), dev)[0]
+                            t = timed(lambda: model(x0), dev)[0]
                         if r:  # round 0 warms up
                             passes[be].append(t)
             pass_s, naive_backend = min((statistics.median(t), be) for be, t in passes.items())
@@ -108,7 +95,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
             if estimate <= NAIVE_BUDGET_S and not quick:
                 plan = sampling.prepare(model, n, (size, size), generator=torch.Generator(dev).manual_seed(1))
                 with _backend.backend(naive_backend):
-                    naive_s, x_naive = _timed(lambda: sampling.naive_sample(model, plan), dev)
+                    naive_s, x_naive = timed(lambda: sampling.naive_sample(model, plan), dev)
                 how = "full run"
                 same = bool(torch.equal(x_naive, x_cached))
             else:

@@ -21,6 +21,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device) -> tuple[float, object]:
+    """(seconds, fn()) of one call, the device synchronised before and after: the long single runs of
+    the sampling benches (a whole naive or cached sample), where a repeat loop would take minutes."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def sampling_batches(device: torch.device) -> tuple[int, ...]:
+    """The batch sizes of the naive-vs-cached sampling rows: 1 and 16, and 256 on a GPU."""
+    return (1, 16, 256) if device.type == "cuda" else (1, 16)
+
+
 def _call_ms(fn, device) -> float:
     """Milliseconds of one call of fn (CUDA: between events around it)."""
     if device.type == "cuda":
