@@ -173,6 +173,21 @@ class DiscreteImageModel(AutoregressiveModel):
 # ---------------------------------------------------------------------------------------------
 # Helpers for image caches.
 
+def checked_codes(name: str, x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Given values (a prefix, the codec's data) of a model whose head draws bin centres, in the integer
+    codes ``sample`` returns: ValueError naming the codes' range unless they are integers in [0, levels)
+    (the centres' own check would speak of values in [-1, 1] the caller never wrote)."""
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"{name}.sample: prefix must hold integer codes in [0, {levels}), got "
+                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.is_floating_point() and x.numel() and not (bool(torch.isfinite(x).all()) and torch.equal(x, x.round())):
+        raise ValueError(f"{name}.sample: prefix must hold integer codes in [0, {levels}), got non-integer values")
+    if x.numel() and (int(x.min()) < 0 or int(x.max()) >= levels):
+        raise ValueError(f"{name}.sample: prefix codes must lie in [0, {levels}), got range [{int(x.min())}, "
+                         f"{int(x.max())}]")
+    return x
+
+
 def new_cache(x_img: torch.Tensor, channels: int) -> torch.Tensor:
     """A zeroed (N, channels, H, W) input map like ``x_img``, stored channels-last: a step gathers every
     channel of a few positions, which is then one contiguous run per tap instead of one cache line

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastar.models.image import DiscreteImageModel, class_config
+from fastar.models.image import DiscreteImageModel, checked_codes, class_config
 from fastar.models.spec import ModelSpec, register
 from fastar.nn.heads import DiscretizedMixLogistic
 from fastar.nn.shifted import (NIN, DownRightShiftedConv2d, DownRightShiftedConvTranspose2d, DownShiftedConv2d,
@@ -168,7 +168,7 @@ class PixelCNNpp(DiscreteImageModel):
             return per if t is None else per[t]
 
         return Sequence(n=n, steps=D, head=self.dist, forward=forward, slots=slots, shape=(C, H, W), cond=cond,
-                        finish=lambda values: self.codes(values).view(-1, C, H, W), encode=self.centres)
+                        finish=lambda values: self.codes(values).view(-1, C, H, W), encode=lambda x: self.centres(checked_codes(type(self).__name__, x, self.levels)))
 
     def allocate_inference_cache(self, run, fused=None):
         from fastar.models.pixelcnnpp_cache import MultiResolutionCache

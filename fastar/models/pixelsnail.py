@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastar.models.image import DiscreteImageModel
+from fastar.models.image import DiscreteImageModel, checked_codes
 from fastar.models.spec import ModelSpec, register
 from fastar.nn.attention import CausalSelfAttention2d
 from fastar.nn.heads import Categorical, DiscretizedMixLogistic
@@ -294,7 +294,7 @@ class PixelSNAIL(DiscreteImageModel):
             return Sequence(n=n, steps=L, head=self.dist, forward=forward, slots=slots, shape=(C, H, W), cond=cond)
         return Sequence(n=n, steps=L, head=self.dist, forward=forward, slots=slots, shape=(C, H, W), cond=cond,
                         finish=lambda values: self.to_codes(values).view(values.shape[0], C, H, W),
-                        encode=self.centres)
+                        encode=lambda x: self.centres(checked_codes(type(self).__name__, x, self.levels)))
 
     def allocate_inference_cache(self, run, fused=None):
         from fastar.models.pixelsnail_cache import PixelSNAILCache

@@ -84,8 +84,8 @@ def _given(name, seq: Sequence, table, prefix, mask, prime, device):
         except RuntimeError:
             raise ValueError(f"{name}.sample: mask of shape {list(m.shape)} does not broadcast to {want}") from None
         p = prefix.to(device)
-        if seq.encode is not None:
-            p = seq.encode(p)
+        if seq.encode is not None:              # only the given values are the caller's to check: zeros elsewhere
+            p = seq.encode(torch.where(m, p, torch.zeros((), dtype=p.dtype, device=device)))
         p = head.check_values(torch.where(m, p, torch.zeros((), dtype=p.dtype, device=device)), f"{name}.sample: prefix")
         gv = torch.zeros(n, S, dtype=p.dtype, device=device)
         gm = torch.zeros(n, S, dtype=torch.bool, device=device)

@@ -369,3 +369,33 @@ def test_train_and_sample_through_the_cli(capsys, tmp_path):
                          "--no-progress")
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "s.png").size[0] >= 8
+
+
+@pytest.mark.parametrize("family", ["pixelcnnpp", "pixelsnail"])
+def test_prefix_codes_are_checked_in_code_units_where_given(family):
+    """A prefix holds the integer codes sample returns: a code outside [0, 256) or a fraction where the mask
+    gives it is a ValueError in those units (not in the head's [-1, 1] centres); what the mask leaves out
+    is not the caller's to check."""
+    from fastar.models import PixelSNAIL
+
+    torch.manual_seed(0)
+    if family == "pixelcnnpp":
+        model = PixelCNNpp(in_channels=3, nr_resnet=1, nr_filters=4, nr_logistic_mix=2, dropout=0.0).eval()
+    else:
+        model = PixelSNAIL(in_channels=3, channels=8, n_blocks=1, n_res_blocks=1, key_channels=4, value_channels=4,
+                           nr_logistic_mix=2).eval()
+    name = type(model).__name__
+    prefix = torch.randint(0, 256, (2, 3, 3, 4))
+    mask = torch.zeros(2, 3, 3, 4, dtype=torch.bool)
+    mask[:, :, 0] = True                                   # the first row given
+    for bad, msg in ((256, r"codes must lie in \[0, 256\), got range \[.*256\]"), (-1, r"codes must lie in \[0, 256\)")):
+        p = prefix.clone()
+        p[1, 2, 0, 3] = bad
+        with pytest.raises(ValueError, match=f"{name}.sample: prefix {msg}"):
+            model.sample(2, (3, 4), prefix=p, mask=mask, progress=False)
+    with pytest.raises(ValueError, match="integer codes"):
+        model.sample(2, (3, 4), prefix=prefix.float() + mask * 0.5, mask=mask, progress=False)
+    p = prefix.clone()
+    p[:, :, 1:] = -7                                       # garbage where nothing is given
+    out = model.sample(2, (3, 4), prefix=p, mask=mask, generator=torch.Generator().manual_seed(1), progress=False)
+    assert torch.equal(out[:, :, 0], prefix[:, :, 0]) and int(out.min()) >= 0 and int(out.max()) < 256
