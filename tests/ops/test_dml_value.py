@@ -186,3 +186,15 @@ def test_every_bin_and_channel_count_is_covered():
             got = M.dml_value_log_probs(p, p.new_zeros(6, 0), 4, 0, 5)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
     assert list(itertools.product([0], repeat=0)) == [()]
+
+
+def test_reference_gradcheck_and_the_kernel_has_no_gradient():
+    """The twin is differentiable (gradcheck in float64, params and prev); the public op is a coding
+    distribution with no derivative: its output does not require grad, whatever the inputs."""
+    p, prev = _case(3, 3, 2, 2, 3)
+    p.requires_grad_()
+    prev = prev.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: M.dml_value_log_probs_ref(a, b, 2, 2, 3), (p, prev))
+    if fastar._backend.C_LOADED:
+        with fastar.backend("kernel"):
+            assert not M.dml_value_log_probs(p, prev, 2, 2, 3).requires_grad
